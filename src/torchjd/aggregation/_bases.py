@@ -104,7 +104,8 @@ class WeightedAggregator(Aggregator):
 
     def forward(self, matrix: Tensor, /) -> Tensor:
         weights = self.weighting(matrix)
-        return weights @ matrix
+        # A user-given weight vector (Constant, pref_vector) may differ in dtype or device.
+        return weights.to(dtype=matrix.dtype, device=matrix.device) @ matrix
 
 
 class GramianWeightedAggregator(WeightedAggregator):

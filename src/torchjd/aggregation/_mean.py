@@ -14,7 +14,7 @@ class MeanWeighting(Weighting[Matrix]):
     def forward(self, stat: Tensor, /) -> Tensor:
         m = stat.shape[0]
         if m == 0:
-            raise ValueError("The mean of zero rows is undefined: the matrix must have m >= 1 rows.")
+            raise ValueError("The mean of zero rows is undefined: give a matrix with m >= 1 rows.")
         return torch.full((m,), 1.0 / m, dtype=stat.dtype, device=stat.device)
 
 

@@ -1,0 +1,41 @@
+"""The registry of aggregators: one line per class, with the properties it claims.
+
+The shared property tests (``test_registry.py``) are parametrised over ``AGGREGATORS``. Adding an
+aggregator to the library means adding one ``Entry`` here; its own test file then only holds the
+values worked out by hand and the checks against an independent solver.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from torchjd.aggregation import Aggregator, Constant, Mean, Random, Sum
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One aggregator configuration and the guarantees it claims."""
+
+    id: str
+    make: Callable[[], Aggregator]
+    non_conflicting: bool = False  # J @ aggregate >= -conflict_tol * ||J|| * ||aggregate||
+    conflict_tol: float = 1e-6
+    permutation_invariant: bool = False  # row order does not matter
+    stateful: bool = False  # a torchjd.Stateful: reset() and state_dict() round trip
+    randomised: bool = False  # draws from the global RNG: seed before comparing outputs
+    differentiable: bool = False  # output requires grad when the input does
+    min_rows: int = 1  # smallest m it accepts
+    needs_fixed_m: int | None = None  # only works with exactly this many rows (e.g. Constant)
+
+
+def _constant3() -> Aggregator:
+    return Constant(torch.tensor([1.0, 2.0, 0.5]))
+
+
+AGGREGATORS: list[Entry] = [
+    Entry("Mean", Mean, permutation_invariant=True, differentiable=True),
+    Entry("Sum", Sum, permutation_invariant=True, differentiable=True),
+    Entry("Constant", _constant3, differentiable=True, needs_fixed_m=3),
+    Entry("Random", Random, randomised=True, differentiable=True),
+]
