@@ -1,5 +1,6 @@
 """Input checks and small helpers shared by the scalarizers."""
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -8,18 +9,15 @@ from torch import Tensor
 
 def as_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
     """Turn the ``shape`` argument of a scalarizer (``n`` or a sequence of sizes) into a tuple."""
-    if isinstance(shape, bool):
-        raise TypeError(f"`shape` must be an int or a sequence of ints, got {shape!r}.")
-    if isinstance(shape, int):
-        shape = (shape,)
+    items = [shape] if not isinstance(shape, Sequence) else list(shape)
     try:
-        sizes = tuple(shape)
+        if isinstance(shape, str) or any(isinstance(s, bool) for s in items):
+            raise TypeError
+        sizes = tuple(operator.index(s) for s in items)
     except TypeError:
-        raise TypeError(
-            f"`shape` must be an int or a sequence of ints, got {type(shape).__name__}."
-        ) from None
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in sizes):
-        raise ValueError(f"`shape` must contain non-negative ints only, got {sizes!r}.")
+        raise TypeError(f"`shape` must be an int or a sequence of ints, got {shape!r}.") from None
+    if any(s < 0 for s in sizes):
+        raise ValueError(f"`shape` must contain non-negative sizes only, got {shape!r}.")
     return sizes
 
 
