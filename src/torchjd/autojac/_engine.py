@@ -1,0 +1,216 @@
+"""The one place where Jacobians are computed.
+
+Two jobs:
+
+- :func:`infer_leaves` walks the autograd graph (breadth first, iteratively, so graphs of any depth
+  work) to find the leaves that a collection of tensors depends on.
+- :func:`vjp_rows` computes the Jacobian of ``outputs`` w.r.t. ``inputs`` multiplied on the left by
+  initial Jacobians (one per output, ``[m, *output.shape]``). Its ``m`` rows are ``m``
+  vector-Jacobian products of the same graph: they are computed with one batched call of
+  :func:`torch.autograd.grad` (``is_grads_batched=True``, i.e. ``vmap`` over the rows) per chunk of
+  at most ``parallel_chunk_size`` rows. A chunk of one row is a plain ``autograd.grad`` call (no
+  ``vmap``). Every chunk but the last retains the graph, so the graph is freed once, at the end,
+  unless ``retain_graph`` is set.
+
+The initial Jacobians are given by a :class:`Rows` object that produces the rows of one chunk on
+demand, so that the identity (the default: one objective per entry of the outputs) is never
+materialised beyond the chunk being differentiated.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def infer_leaves(roots: Sequence[Tensor], excluded: Sequence[Tensor] = ()) -> list[Tensor]:
+    """Leaves requiring grad reachable from ``roots``, in breadth-first discovery order.
+
+    The walk never enters the ``grad_fn`` of an ``excluded`` tensor (an excluded root is not a
+    start node), so only the paths through them are blocked. Every root and every excluded tensor
+    must have a ``grad_fn`` (the caller checks it). Duplicate-free, ordered by first discovery.
+    """
+    excluded_nodes = {t.grad_fn for t in excluded}
+    visited = set()
+    queue = deque()
+    for root in roots:
+        node = root.grad_fn
+        if node not in excluded_nodes and node not in visited:
+            visited.add(node)
+            queue.append(node)
+
+    leaves: dict[int, Tensor] = {}
+    while queue:
+        node = queue.popleft()
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor) and variable.requires_grad:
+            leaves.setdefault(id(variable), variable)
+        for child, _ in node.next_functions:
+            if child is not None and child not in visited and child not in excluded_nodes:
+                visited.add(child)
+                queue.append(child)
+    return list(leaves.values())
+
+
+class Rows:
+    """Initial Jacobians (one per output, ``[m, *output.shape]``) produced chunk by chunk.
+
+    :meth:`chunk` returns the rows ``start:stop`` of each initial Jacobian, or ``None`` for an
+    output whose rows in that range are known to be all zero (its differentiation may be skipped).
+    """
+
+    def __init__(self, m: int) -> None:
+        self.m = m
+
+    def chunk(self, start: int, stop: int) -> list[Tensor | None]:
+        raise NotImplementedError
+
+
+class GivenRows(Rows):
+    """Initial Jacobians given as tensors: chunks are slices of them (views, no copy)."""
+
+    def __init__(self, jacobians: Sequence[Tensor]) -> None:
+        super().__init__(jacobians[0].shape[0])
+        self.jacobians = jacobians
+
+    def chunk(self, start: int, stop: int) -> list[Tensor | None]:
+        if start == 0 and stop == self.m:
+            return list(self.jacobians)
+        return [j[start:stop] for j in self.jacobians]
+
+
+class IdentityRows(Rows):
+    """The identity ``I_m`` with ``m = Σ numel(outputs)``, split into one block per output.
+
+    Row ``r`` is the objective "entry ``r`` of the flattened concatenation of the outputs".
+    """
+
+    def __init__(self, outputs: Sequence[Tensor]) -> None:
+        numels = [t.numel() for t in outputs]
+        super().__init__(sum(numels))
+        self.outputs = outputs
+        self.offsets = [sum(numels[:i]) for i in range(len(numels))]
+
+    def chunk(self, start: int, stop: int) -> list[Tensor | None]:
+        blocks: list[Tensor | None] = []
+        for t, offset in zip(self.outputs, self.offsets):
+            low, high = max(start, offset), min(stop, offset + t.numel())
+            if low >= high:
+                blocks.append(None)
+                continue
+            block = torch.zeros(stop - start, t.numel(), dtype=t.dtype, device=t.device)
+            block[low - start : high - start, low - offset : high - offset].fill_diagonal_(1)
+            blocks.append(block.reshape(stop - start, *t.shape))
+        return blocks
+
+
+def check_requires_grad(tensors: Sequence[Tensor], name: str) -> None:
+    """Differentiating a tensor that does not require grad is torch's ``RuntimeError``."""
+    for i, t in enumerate(tensors):
+        if not t.requires_grad:
+            raise RuntimeError(
+                f"Element {i} of `{name}` (shape {tuple(t.shape)}) does not require grad, so it "
+                "cannot be differentiated. Make sure it is computed from tensors with "
+                "`requires_grad=True` and outside of `torch.no_grad()`."
+            )
+
+
+def vjp_rows(
+    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    rows: Rows,
+    retain_graph: bool,
+    parallel_chunk_size: int | None,
+) -> list[Tensor]:
+    """Jacobians ``[m, *x.shape]`` of ``outputs`` w.r.t. each input ``x``, ``rows`` on the left.
+
+    Row ``r`` of the result for input ``x`` is ``∂/∂x Σ_i <rows_i[r], outputs[i]>``; an input that
+    the outputs do not depend on gets zeros. With no inputs, nothing is computed (the graph is
+    kept). ``inputs`` must be duplicate-free.
+    """
+    if len(inputs) == 0:
+        return []
+    check_requires_grad(outputs, "outputs")
+    check_requires_grad(inputs, "inputs")
+
+    m = rows.m
+    chunk_size = m if parallel_chunk_size is None else min(parallel_chunk_size, m)
+    bounds = [(start, min(start + chunk_size, m)) for start in range(0, m, chunk_size)]
+    per_input: list[list[Tensor | None]] = [[] for _ in inputs]
+    for index, (start, stop) in enumerate(bounds):
+        is_last = index == len(bounds) - 1
+        retain = retain_graph or not is_last
+        grads = _differentiate_chunk(outputs, inputs, rows.chunk(start, stop), retain, stop - start)
+        for results, g in zip(per_input, grads):
+            results.append(g)
+
+    jacobians = []
+    for x, results in zip(inputs, per_input):
+        if all(g is None for g in results):
+            jacobians.append(torch.zeros((m, *x.shape), dtype=x.dtype, device=x.device))
+            continue
+        parts = [
+            g if g is not None else torch.zeros((b - a, *x.shape), dtype=x.dtype, device=x.device)
+            for g, (a, b) in zip(results, bounds)
+        ]
+        jacobians.append(parts[0] if len(parts) == 1 else torch.cat(parts))
+    return jacobians
+
+
+def _differentiate_chunk(
+    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    blocks: list[Tensor | None],
+    retain_graph: bool,
+    n_rows: int,
+) -> tuple[Tensor | None, ...]:
+    """One (batched if ``n_rows > 1``) ``autograd.grad`` call for the rows of one chunk.
+
+    Outputs whose block is ``None`` (all zero) are left out when the graph is retained anyway;
+    otherwise they get explicit zeros so that the whole graph is traversed and freed.
+    """
+    if retain_graph:
+        kept = [(y, b) for y, b in zip(outputs, blocks) if b is not None]
+    else:
+        kept = [
+            (y, b if b is not None else y.new_zeros((n_rows, *y.shape)))
+            for y, b in zip(outputs, blocks)
+        ]
+    selected_outputs = [y for y, _ in kept]
+    if n_rows == 1:
+        grads = torch.autograd.grad(
+            selected_outputs,
+            inputs,
+            grad_outputs=[b[0] for _, b in kept],
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+        return tuple(None if g is None else g.unsqueeze(0) for g in grads)
+    return torch.autograd.grad(
+        selected_outputs,
+        inputs,
+        grad_outputs=[b for _, b in kept],
+        retain_graph=retain_graph,
+        allow_unused=True,
+        is_grads_batched=True,
+    )
+
+
+def grad(
+    output: Tensor, inputs: Sequence[Tensor], grad_output: Tensor, retain_graph: bool
+) -> list[Tensor]:
+    """Gradient of ``<grad_output, output>`` w.r.t. each input (zeros for unused inputs)."""
+    if len(inputs) == 0:
+        return []
+    check_requires_grad([output], "output")
+    check_requires_grad(inputs, "inputs")
+    grads = torch.autograd.grad(
+        [output], inputs, grad_outputs=[grad_output], retain_graph=retain_graph, allow_unused=True
+    )
+    return [
+        g if g is not None else torch.zeros_like(x, memory_format=torch.contiguous_format)
+        for g, x in zip(grads, inputs)
+    ]
