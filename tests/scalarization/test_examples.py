@@ -31,7 +31,7 @@ def test_famo_training_loop() -> None:
     famo = FAMO(2)
 
     initial = _losses(trunk, heads, x, y1, y2).detach()
-    for _ in range(150):
+    for _ in range(80):
         losses = _losses(trunk, heads, x, y1, y2)
         loss = famo(losses)
         optimizer.zero_grad()
@@ -58,7 +58,7 @@ def test_uw_training_loop() -> None:
     optimizer = torch.optim.Adam(params, lr=0.01)
 
     initial = _losses(trunk, heads, x, y1, y2).detach()
-    for _ in range(200):
+    for _ in range(120):
         losses = _losses(trunk, heads, x, y1, y2)
         loss = uw(losses)
         optimizer.zero_grad()

@@ -285,3 +285,15 @@ def test_state_follows_the_device(entry: Entry) -> None:
     actual = _run(entry, moved, [v.cuda() for v in later])
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a.cpu(), e, rtol=1e-5, atol=1e-6)
+
+
+def test_every_public_scalarizer_is_registered() -> None:
+    import torchjd.scalarization as package
+
+    public = {
+        name
+        for name in package.__all__
+        if isinstance(getattr(package, name), type) and getattr(package, name) is not Scalarizer
+    }
+    registered = {type(entry.make((3,))).__name__ for entry in SCALARIZERS}
+    assert registered == public
