@@ -9,12 +9,13 @@ class RandomWeighting(Weighting[Matrix]):
     r"""Random positive weights summing to one: :math:`w = \mathrm{softmax}(z)`,
     :math:`z \sim \mathcal N(0, I_m)` drawn at every call.
 
-    One call to ``torch.randn(m)`` per forward, on the default generator of the input's device, in
-    the input's dtype (so a seed gives the same weights as TorchJD).
+    One call to ``torch.randn(m)`` per forward, in the input's dtype, on the global CPU generator
+    (so a seed gives the same weights as TorchJD on the CPU, and the same weights on every device);
+    the draw is then moved to the input's device.
     """
 
     def forward(self, stat: Tensor, /) -> Tensor:
-        z = torch.randn(stat.shape[0], device=stat.device, dtype=stat.dtype)
+        z = torch.randn(stat.shape[0], dtype=stat.dtype).to(stat.device)
         return torch.softmax(z, dim=0)
 
 
