@@ -1,5 +1,8 @@
 """Gramian helpers shared by the aggregators, :func:`torchjd.autojac.jac_to_grad` and autogram."""
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -30,3 +33,80 @@ def regularize(gramian: Tensor, eps: float) -> Tensor:
     m = gramian.shape[-1]
     identity = torch.eye(m, dtype=gramian.dtype, device=gramian.device)
     return gramian + eps * identity
+
+
+# Generalised Gramians.
+#
+# A generalised Gramian of "half shape" ``S`` (``k = len(S)`` dims) has shape ``S + reversed(S)``
+# and entries ``G[i_1, ..., i_k, j_k, ..., j_1] = <A[i_1, ..., i_k], A[j_1, ..., j_k]>`` for some
+# tensor ``A`` of shape ``S + [n]``. Storing the second index block reversed makes the flattening
+# to a matrix a plain reshape of ``A``'s rows. The helpers below reshape, move dims of, and flatten
+# such a tensor so that the result is the generalised Gramian of the correspondingly reshaped /
+# moved ``A``; they only permute and view entries (no arithmetic).
+
+
+def _half_ndim(gramian: Tensor) -> int:
+    if gramian.ndim % 2 != 0:
+        raise ValueError(
+            "A generalised Gramian must have an even number of dimensions, got shape "
+            f"{tuple(gramian.shape)}."
+        )
+    return gramian.ndim // 2
+
+
+def _reverse_second_half(gramian: Tensor) -> Tensor:
+    """Reverse the order of the last ``ndim // 2`` dims (an involution)."""
+    k = _half_ndim(gramian)
+    return gramian.permute(*range(k), *reversed(range(k, 2 * k)))
+
+
+def reshape_gramian(gramian: Tensor, half_shape: Sequence[int]) -> Tensor:
+    """Reshape a generalised Gramian to the half shape ``half_shape``.
+
+    The result has shape ``half_shape + reversed(half_shape)`` and equals the generalised Gramian of
+    ``A.reshape(*half_shape, n)`` when ``gramian`` is the one of ``A``. ``half_shape`` may hold one
+    ``-1``. A ``[]`` half shape gives a 0-dim tensor, ``[1]`` a ``[1, 1]`` matrix.
+    """
+    k = _half_ndim(gramian)
+    m = math.prod(gramian.shape[:k])
+    target = torch.empty(m, device="meta").reshape(*half_shape).shape  # resolves a -1
+    plain = _reverse_second_half(gramian).reshape(*target, *target)
+    return _reverse_second_half(plain)
+
+
+def flatten_gramian(gramian: Tensor) -> Tensor:
+    """Flatten a generalised Gramian of half shape ``S`` to an ``[M, M]`` matrix, ``M = prod(S)``.
+
+    Rows follow the row-major order of ``S`` (the order of ``A.reshape(M, n)``).
+    """
+    k = _half_ndim(gramian)
+    return reshape_gramian(gramian, [math.prod(gramian.shape[:k])])
+
+
+def movedim_gramian(
+    gramian: Tensor, half_source: int | Sequence[int], half_destination: int | Sequence[int]
+) -> Tensor:
+    """Move dims of the first half of a generalised Gramian and mirror the move on the second half.
+
+    Equals the generalised Gramian of ``A.movedim(half_source, half_destination)`` when ``gramian``
+    is the one of ``A``. Indices refer to the half shape: they must lie in ``[-k, k)``.
+    """
+    k = _half_ndim(gramian)
+    source = [half_source] if isinstance(half_source, int) else list(half_source)
+    destination = (
+        [half_destination] if isinstance(half_destination, int) else list(half_destination)
+    )
+    for name, dims in (("half_source", source), ("half_destination", destination)):
+        for dim in dims:
+            if not -k <= dim < k:
+                raise IndexError(
+                    f"`{name}` must hold dims in [{-k}, {k}) for a half shape of {k} dims, "
+                    f"got {dim}."
+                )
+    source = [dim % k for dim in source]
+    destination = [dim % k for dim in destination]
+    plain = _reverse_second_half(gramian)
+    moved = plain.movedim(
+        [*source, *(dim + k for dim in source)], [*destination, *(dim + k for dim in destination)]
+    )
+    return _reverse_second_half(moved)
