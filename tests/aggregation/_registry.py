@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from torchjd.aggregation import Aggregator, Constant, Mean, Random, Sum
+from torchjd.aggregation import MGDA, Aggregator, Constant, GradVac, Mean, PCGrad, Random, Sum
 
 
 @dataclass(frozen=True)
@@ -38,4 +38,9 @@ AGGREGATORS: list[Entry] = [
     Entry("Sum", Sum, permutation_invariant=True, differentiable=True),
     Entry("Constant", _constant3, differentiable=True, needs_fixed_m=3),
     Entry("Random", Random, randomised=True, differentiable=True),
+    # MGDA's Frank-Wolfe stops at an approximate min-norm point: its conflict is bounded by
+    # epsilon * max_k ||g_k||^2 (tested in test_mgda.py), not relatively to the output's norm.
+    Entry("MGDA", MGDA, permutation_invariant=True, differentiable=True),
+    Entry("PCGrad", PCGrad, randomised=True),
+    Entry("GradVac", GradVac, randomised=True, stateful=True),
 ]

@@ -10,17 +10,26 @@ from torchjd.aggregation._bases import (
     Weighting,
 )
 from torchjd.aggregation._constant import Constant, ConstantWeighting
+from torchjd.aggregation._gradvac import GradVac, GradVacWeighting
 from torchjd.aggregation._mean import Mean, MeanWeighting
+from torchjd.aggregation._mgda import MGDA, MGDAWeighting
+from torchjd.aggregation._pcgrad import PCGrad, PCGradWeighting
 from torchjd.aggregation._random import Random, RandomWeighting
 from torchjd.aggregation._sum import Sum, SumWeighting
 
 __all__ = [
+    "MGDA",
     "Aggregator",
     "Constant",
     "ConstantWeighting",
+    "GradVac",
+    "GradVacWeighting",
     "GramianWeightedAggregator",
+    "MGDAWeighting",
     "Mean",
     "MeanWeighting",
+    "PCGrad",
+    "PCGradWeighting",
     "Random",
     "RandomWeighting",
     "Sum",

@@ -1,0 +1,339 @@
+"""Gradient Vaccine: move conflicting gradients towards an adaptive cosine-similarity target."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from torchjd._stateful import Stateful
+from torchjd.aggregation._bases import GramianWeightedAggregator, Weighting
+from torchjd.aggregation._pcgrad import _step_indices
+from torchjd.linalg._matrix import PSDMatrix
+
+
+def _draw_orders(n_problems: int, m: int) -> Tensor:
+    """Draw GradVac's visiting orders, shape ``[n_problems, m, m - 1]``, on the CPU.
+
+    For each problem in turn and for ``i = 0, ..., m - 1``, one ``torch.randperm(m - 1)`` on the
+    global CPU generator (TorchJD's order of draws, so a seed gives the same numbers), which orders
+    the other tasks ``[0, ..., i - 1, i + 1, ..., m - 1]``: entry ``k`` is task ``k + (k >= i)``.
+    """
+    permutations = [torch.randperm(m - 1) for _ in range(n_problems * m)]
+    if m <= 1 or n_problems == 0:
+        return torch.zeros(n_problems, m, max(m - 1, 0), dtype=torch.long)
+    stacked = torch.stack(permutations)
+    tasks = torch.arange(m).repeat(n_problems)[:, None]
+    return (stacked + (stacked >= tasks)).view(n_problems, m, m - 1)
+
+
+def _per_task(value: float | Tensor, n_problems: int, m: int, like: Tensor) -> Tensor:
+    """A hyper-parameter as a vector over the ``n_problems * m`` tasks (one value per problem)."""
+    if isinstance(value, Tensor):
+        per_problem = value.to(dtype=like.dtype, device=like.device).reshape(n_problems)
+        return per_problem.repeat_interleave(m)
+    return torch.full((n_problems * m,), value, dtype=like.dtype, device=like.device)
+
+
+def _gradvac_weights(
+    gramian: Tensor,
+    phi_hat: Tensor,
+    orders: Tensor,
+    beta: float | Tensor,
+    eps: float | Tensor,
+) -> tuple[Tensor, Tensor]:
+    r"""GradVac's weights for a batch of Gramians ``[..., m, m]`` and the updated targets.
+
+    Task ``i``'s modified gradient is :math:`g_i^{PC} = \sum_k C_{ik} g_k`, with :math:`C = I` at
+    first. When it visits ``j``, with :math:`a = \|g_i^{PC}\|`, :math:`b = \|g_j\|`,
+    :math:`\phi = g_i^{PC} \cdot g_j / (a b + \epsilon)` and :math:`\hat\phi = \hat\Phi_{ij}`: if
+    :math:`\phi < \hat\phi`, then :math:`C_{ij}` grows by
+
+    .. math::
+
+        \omega = \frac{a \left(\hat\phi \sqrt{1 - \phi^2} - \phi \sqrt{1 - \hat\phi^2}\right)}
+                      {b \sqrt{1 - \hat\phi^2} + \epsilon};
+
+    in every case :math:`\hat\Phi_{ij} \leftarrow (1 - \beta) \hat\phi + \beta \phi`. The weights
+    are the column sums of ``C``. All tasks (of all problems) take their ``s``-th step at once; only
+    the ``m - 1`` steps are sequential. ``P = C G`` and :math:`\|g_i^{PC}\|^2` are updated instead
+    of ``C``, whose only off-diagonal entries are the recorded corrections.
+
+    Where the sequential definition divides by zero (only possible with ``eps = 0``) the quotient is
+    replaced by 0, so the result stays finite.
+
+    :param gramian: the Gramians ``[..., m, m]``.
+    :param phi_hat: the targets ``[..., m, m]`` (same dtype and device; the diagonal is unused).
+    :param orders: the visiting orders ``[..., m, m - 1]``, on any device (moved once).
+    :param beta: the EMA rate, a float or one value per Gramian (shape ``[...]``).
+    :param eps: the stabiliser of the divisions, a float or one value per Gramian.
+    :return: the weights ``[..., m]`` and the new targets ``[..., m, m]``.
+    """
+    *batch, m, _ = gramian.shape
+    n_problems = math.prod(batch)
+    n_tasks = n_problems * m
+    if m <= 1:
+        return torch.ones(*batch, m, dtype=gramian.dtype, device=gramian.device), phi_hat
+    rows, entries = _step_indices(orders.reshape(-1, m, m - 1), gramian.device)
+    stacked = gramian.reshape(n_tasks, m)
+    squared_norms = gramian.diagonal(dim1=-2, dim2=-1).reshape(n_tasks)
+    partner_squared_norms = squared_norms[rows]  # ||g_j||^2 at each step, [m - 1, n_tasks]
+    partner_norms = partner_squared_norms.clamp(min=0.0).sqrt()  # b
+    eps_per_task = _per_task(eps, n_problems, m, gramian)
+    # The targets read at each step: each pair (i, j) is visited once, so they are read up front.
+    targets = phi_hat.reshape(-1)[entries]  # phi_hat
+    target_sines = (1.0 - targets.square()).clamp_(min=0.0).sqrt_()  # sqrt(1 - phi_hat^2)
+    omega_denominators = torch.addcmul(eps_per_task, partner_norms, target_sines)
+    inverse_omega_denominators = torch.where(
+        omega_denominators > 0, omega_denominators.reciprocal(), 0.0
+    )
+    guard_zero_division = not (isinstance(eps, float) and eps > 0.0)
+
+    products = stacked.clone()  # P = C G with C = I
+    flat_products = products.view(-1)
+    norms_pc_squared = squared_norms.clone()  # ||g_i^PC||^2
+    ones = torch.ones(n_tasks, dtype=gramian.dtype, device=gramian.device)
+    zero = torch.zeros((), dtype=gramian.dtype, device=gramian.device)
+    partner_rows = torch.empty_like(stacked)
+    cosines = torch.empty(m - 1, n_tasks, dtype=gramian.dtype, device=gramian.device)
+    corrections = torch.empty_like(cosines)
+    for s in range(m - 1):
+        inner = flat_products.index_select(0, entries[s])  # g_i^PC . g_j
+        norms_pc = norms_pc_squared.clamp(min=0.0).sqrt_()  # a
+        phi_denominator = torch.addcmul(eps_per_task, norms_pc, partner_norms[s])
+        phi = torch.div(inner, phi_denominator, out=cosines[s])
+        if guard_zero_division:
+            phi.copy_(torch.where(phi_denominator > 0, phi, 0.0))
+        sines = torch.addcmul(ones, phi, phi, value=-1.0).clamp_(min=0.0).sqrt_()
+        omega = sines.mul_(targets[s]).addcmul_(phi, target_sines[s], value=-1.0)
+        omega.mul_(norms_pc).mul_(inverse_omega_denominators[s])
+        torch.where(phi < targets[s], omega, zero, out=corrections[s])
+        torch.index_select(stacked, 0, rows[s], out=partner_rows)
+        products.addcmul_(corrections[s][:, None], partner_rows)
+        # ||g + omega g_j||^2 = ||g||^2 + 2 omega (g . g_j + omega ||g_j||^2 / 2)
+        half_update = torch.addcmul(inner, corrections[s], partner_squared_norms[s], value=0.5)
+        norms_pc_squared.addcmul_(corrections[s], half_update, value=2.0)
+
+    weights = torch.ones(n_tasks, dtype=gramian.dtype, device=gramian.device)
+    weights.index_add_(0, rows.reshape(-1), corrections.reshape(-1))
+    beta_per_task = beta if isinstance(beta, float) else _per_task(beta, n_problems, m, gramian)
+    new_targets = targets * (1.0 - beta_per_task) + beta_per_task * cosines
+    new_phi_hat = phi_hat.reshape(-1).clone()
+    new_phi_hat.index_copy_(0, entries.reshape(-1), new_targets.reshape(-1))
+    return weights.view(*batch, m), new_phi_hat.view(phi_hat.shape)
+
+
+def _check_beta(beta: float) -> float:
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"`beta` must be in [0, 1], got {beta!r}.")
+    return beta
+
+
+def _check_eps(eps: float) -> float:
+    if not eps >= 0.0:
+        raise ValueError(f"`eps` must be a non-negative number, got {eps!r}.")
+    return eps
+
+
+class GradVacWeighting(Weighting[PSDMatrix], Stateful):
+    r"""Weighting of :class:`GradVac`: the weights ``w`` such that ``w @ J`` is the sum of the
+    vaccinated gradients.
+
+    The algorithm only needs inner products, so it runs on the Gramian :math:`G = J J^\top`. Each
+    task ``i`` visits the other tasks ``j`` in a random order; with :math:`g_i^{PC}` its current
+    gradient, :math:`\phi = \cos(g_i^{PC}, g_j)` and :math:`\hat\phi_{ij}` the target kept from
+    earlier calls, if :math:`\phi < \hat\phi_{ij}` it adds to :math:`g_i^{PC}`
+
+    .. math::
+
+        \frac{\|g_i^{PC}\| \left(\hat\phi_{ij} \sqrt{1 - \phi^2} - \phi \sqrt{1 -
+        \hat\phi_{ij}^2}\right)}{\|g_j\| \sqrt{1 - \hat\phi_{ij}^2} + \epsilon} \, g_j,
+
+    which moves its cosine with :math:`g_j` up to the target; then (whether or not it corrected)
+    :math:`\hat\phi_{ij} \leftarrow (1 - \beta) \hat\phi_{ij} + \beta \phi`. Cosines use
+    :math:`g_i^{PC} \cdot g_j / (\|g_i^{PC}\| \|g_j\| + \epsilon)`; norms are clamped at 0 before
+    the square root. The weights are the coefficients of :math:`\sum_i g_i^{PC}` on the original
+    gradients. With zero targets (the first call, or ``beta = 0``) a correction is exactly a PCGrad
+    projection up to :math:`\epsilon`.
+
+    State: the targets :math:`\hat\Phi` (``[m, m]``, zeros at first, in the input's dtype, on the
+    input's device). They are re-created as zeros when ``m`` or the dtype changes (with a warning
+    when this discards targets of an earlier call) and follow the input's device. :meth:`reset`
+    forgets them. ``state_dict()`` of a used instance loads into a fresh one.
+
+    Randomness: for ``i = 0, ..., m - 1``, one ``torch.randperm(m - 1)`` on the global CPU
+    generator, whatever the input's device (the order of TorchJD, so a seed gives the same numbers);
+    the drawn indices are moved to the input's device once per call and the computation stays
+    there, without host synchronisation. Not differentiable: runs under :func:`torch.no_grad`.
+
+    :param beta: EMA rate of the targets, the weight of the new cosine, in ``[0, 1]``
+        (default ``0.5``); ``0`` keeps the targets at 0 forever.
+    :param eps: non-negative stabiliser added to the denominators (default ``1e-8``). With
+        ``eps = 0`` a division by zero (zero rows) gives 0 instead of ``nan``.
+    """
+
+    def __init__(self, beta: float = 0.5, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.beta = beta
+        self.eps = eps
+        # Empty (1-D) until the first call; [m, m] afterwards.
+        self.register_buffer("phi_hat", torch.zeros(0), persistent=True)
+
+    @property
+    def beta(self) -> float:
+        return self._beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self._beta = _check_beta(value)
+
+    @property
+    def eps(self) -> float:
+        return self._eps
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        self._eps = _check_eps(value)
+
+    def reset(self) -> None:
+        """Forget the targets: the next call behaves as the first call of a fresh instance."""
+        self.phi_hat = torch.zeros(0, device=self.phi_hat.device)
+
+    @torch.no_grad()
+    def __call__(self, stat: Tensor, /) -> Tensor:
+        return super().__call__(stat)
+
+    def forward(self, stat: Tensor, /) -> Tensor:
+        m = stat.shape[0]
+        phi_hat = self._targets_for(m, stat.dtype, stat.device)
+        weights, new_phi_hat = _gradvac_weights(
+            stat[None], phi_hat[None], _draw_orders(1, m), float(self.beta), float(self.eps)
+        )
+        self.phi_hat = new_phi_hat[0]
+        return weights[0]
+
+    @classmethod
+    @torch.no_grad()
+    def _forward_grouped(cls, weightings: Sequence[GradVacWeighting], gramians: Tensor) -> Tensor:
+        """Weights ``[b, m]`` of Gramians ``[b, m, m]``, the ``k``-th one weighted by the distinct
+        instance ``weightings[k]`` with its own state, as ``b`` successive calls would (random
+        orders drawn Gramian by Gramian); each instance's targets are updated."""
+        n_problems, m = gramians.shape[0], gramians.shape[-1]
+        if len(weightings) != n_problems:
+            raise ValueError(
+                f"Got {len(weightings)} weightings for {n_problems} Gramians: give one weighting "
+                "per Gramian."
+            )
+        if n_problems == 0:
+            return gramians.new_zeros(0, m)
+        states = [w._targets_for(m, gramians.dtype, gramians.device) for w in weightings]
+        weights, new_states = _gradvac_weights(
+            gramians,
+            torch.stack(states),
+            _draw_orders(n_problems, m),
+            _shared_or_stacked([float(w.beta) for w in weightings]),
+            _shared_or_stacked([float(w.eps) for w in weightings]),
+        )
+        for weighting, state in zip(weightings, new_states):
+            weighting.phi_hat = state.clone()
+        return weights
+
+    def _targets_for(self, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The stored targets, re-created as zeros if ``m`` or the dtype changed, on ``device``."""
+        phi_hat = self.phi_hat
+        if phi_hat.ndim != 2 or phi_hat.shape[0] != m or phi_hat.dtype != dtype:
+            if phi_hat.ndim == 2:
+                warnings.warn(
+                    f"{type(self).__name__} received {m} objectives in {dtype} after "
+                    f"{phi_hat.shape[0]} objectives in {phi_hat.dtype}: its targets phi_hat are "
+                    "re-initialised to zeros. Use one instance per stream of matrices, or call "
+                    "reset() to start over on purpose.",
+                    stacklevel=2,
+                )
+            return torch.zeros(m, m, dtype=dtype, device=device)
+        return phi_hat.to(device)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # The targets' shape and dtype depend on the calls made so far: adopt the incoming ones.
+        incoming = state_dict.get(prefix + "phi_hat")
+        if isinstance(incoming, Tensor):
+            self.phi_hat = torch.empty(
+                incoming.shape, dtype=incoming.dtype, device=self.phi_hat.device
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def _shared_or_stacked(values: list[float]) -> float | Tensor:
+    """One float if all groups share the value, else one value per group."""
+    if all(value == values[0] for value in values):
+        return values[0]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+class GradVac(GramianWeightedAggregator, Stateful):
+    r"""Gradient Vaccine, from `Gradient Vaccine: Investigating and Improving Multi-task
+    Optimization in Massively Multilingual Models <https://arxiv.org/abs/2010.05874>`_ (Wang et al.,
+    ICLR 2021), Algorithm 2.
+
+    Like PCGrad, each row :math:`g_i` visits the other rows :math:`g_j` in a random order, but
+    instead of removing the conflict it raises the cosine similarity :math:`\phi` of
+    :math:`g_i^{PC}` and :math:`g_j` to a target :math:`\hat\phi_{ij}` whenever
+    :math:`\phi < \hat\phi_{ij}`, and the targets follow an exponential moving average of the
+    observed cosines across calls: :math:`\hat\phi_{ij} \leftarrow (1 - \beta) \hat\phi_{ij} +
+    \beta \phi`. The result is :math:`\sum_i g_i^{PC}`. Computed from the Gramian by
+    :class:`GradVacWeighting` (see there for the exact update, the state and the random draws);
+    stateful (:meth:`reset` forgets the targets) and not differentiable.
+
+    :param beta: EMA rate of the targets, in ``[0, 1]`` (default ``0.5``).
+    :param eps: non-negative stabiliser of the divisions (default ``1e-8``).
+
+    >>> import torch
+    >>> from torchjd.aggregation import GradVac
+    >>> GradVac()(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
+    tensor([0.5848, 3.8012, 3.8012])
+    """
+
+    def __init__(self, beta: float = 0.5, eps: float = 1e-8) -> None:
+        super().__init__(GradVacWeighting(beta=beta, eps=eps))
+
+    @property
+    def beta(self) -> float:
+        return self.gramian_weighting.beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self.gramian_weighting.beta = value
+
+    @property
+    def eps(self) -> float:
+        return self.gramian_weighting.eps
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        self.gramian_weighting.eps = value
+
+    def reset(self) -> None:
+        """Forget the targets of the weighting."""
+        self.gramian_weighting.reset()
+
+    @torch.no_grad()
+    def __call__(self, matrix: Tensor, /) -> Tensor:
+        return super().__call__(matrix)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(beta={self.beta!r}, eps={self.eps!r})"

@@ -1,0 +1,159 @@
+"""PCGrad: project each gradient onto the normal plane of the gradients it conflicts with."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from torchjd.aggregation._bases import GramianWeightedAggregator, Weighting
+from torchjd.linalg._matrix import PSDMatrix
+
+
+def _draw_orders(n_problems: int, m: int) -> Tensor:
+    """Draw PCGrad's visiting orders, shape ``[n_problems, m, m - 1]``, on the CPU.
+
+    For each problem in turn and for ``i = 0, ..., m - 1``, one ``torch.randperm(m)`` on the global
+    CPU generator (TorchJD's order of draws, so a seed gives TorchJD's numbers); task ``i`` then
+    visits the other tasks in that order, skipping itself.
+    """
+    permutations = [torch.randperm(m) for _ in range(n_problems * m)]
+    if m <= 1 or n_problems == 0:
+        return torch.zeros(n_problems, m, max(m - 1, 0), dtype=torch.long)
+    stacked = torch.stack(permutations)
+    tasks = torch.arange(m).repeat(n_problems)
+    return stacked[stacked != tasks[:, None]].view(n_problems, m, m - 1)
+
+
+def _step_indices(orders: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Flat indices of the partners visited at each step, each of shape ``[m - 1, n_tasks]``.
+
+    The ``n_problems`` problems of size ``m`` are flattened into ``n_tasks = n_problems * m`` tasks
+    ``t = b * m + i``. At step ``s`` task ``t`` visits ``j = orders[b, i, s]``:
+
+    * ``rows[s, t] = b * m + j`` is the row of ``g_j`` in the ``[n_tasks, m]`` stack of Gramians
+      (and the entry of ``j`` in the ``[n_tasks]`` weight vector);
+    * ``entries[s, t] = t * m + j`` is the entry ``(t, j)`` of an ``[n_tasks, m]`` matrix.
+
+    The indices are computed where ``orders`` lives (the CPU for drawn orders) and moved to
+    ``device`` in a single transfer.
+    """
+    n_problems, m, n_steps = orders.shape
+    partners = orders.reshape(n_problems * m, n_steps)
+    tasks = torch.arange(n_problems * m, device=orders.device)[:, None]
+    rows = partners + (tasks // m) * m
+    entries = partners + tasks * m
+    both = torch.stack([rows.T, entries.T]).to(device)
+    return both[0], both[1]
+
+
+def _pcgrad_weights(gramian: Tensor, orders: Tensor) -> Tensor:
+    r"""PCGrad's weights for a batch of Gramians ``[..., m, m]``, given the visiting orders.
+
+    Task ``i``'s modified gradient is :math:`g_i^{PC} = \sum_k C_{ik} g_k` with :math:`C = I` at
+    first; when it visits ``j`` and :math:`g_i^{PC} \cdot g_j < 0` it becomes
+    :math:`g_i^{PC} - \frac{g_i^{PC} \cdot g_j}{\|g_j\|^2} g_j`. The weights are the column sums of
+    ``C``. All tasks (of all problems) take their ``s``-th step at once; only the ``m - 1`` steps
+    are sequential. ``P = C G`` (``P_{ij} = g_i^{PC} \cdot g_j``) is updated instead of ``C``, whose
+    only off-diagonal entries are the recorded corrections.
+
+    :param gramian: the Gramians ``[..., m, m]``.
+    :param orders: the visiting orders ``[..., m, m - 1]``, on any device (moved once).
+    """
+    *batch, m, _ = gramian.shape
+    n_tasks = math.prod(batch) * m
+    if m <= 1:
+        return torch.ones(*batch, m, dtype=gramian.dtype, device=gramian.device)
+    rows, entries = _step_indices(orders.reshape(-1, m, m - 1), gramian.device)
+    stacked = gramian.reshape(n_tasks, m)
+    squared_norms = gramian.diagonal(dim1=-2, dim2=-1).reshape(n_tasks)[rows]
+    # -1 / ||g_j||^2, and 0 for a zero row (it conflicts with nothing in an exact Gramian).
+    neg_inverse = torch.where(squared_norms > 0, -squared_norms.reciprocal(), 0.0)
+
+    products = stacked.clone()  # P = C G with C = I
+    flat_products = products.view(-1)
+    partner_rows = torch.empty_like(stacked)
+    corrections = torch.empty(m - 1, n_tasks, dtype=gramian.dtype, device=gramian.device)
+    for s in range(m - 1):
+        inner = flat_products.index_select(0, entries[s])  # g_i^PC . g_j
+        correction = torch.mul(inner.clamp_(max=0.0), neg_inverse[s], out=corrections[s])
+        torch.index_select(stacked, 0, rows[s], out=partner_rows)
+        products.addcmul_(correction[:, None], partner_rows)
+    weights = torch.ones(n_tasks, dtype=gramian.dtype, device=gramian.device)
+    weights.index_add_(0, rows.reshape(-1), corrections.reshape(-1))
+    return weights.view(*batch, m)
+
+
+class PCGradWeighting(Weighting[PSDMatrix]):
+    r"""Weighting of :class:`PCGrad`: the weights ``w`` such that ``w @ J`` is the sum of the
+    projected gradients.
+
+    The algorithm only needs inner products, so it runs on the Gramian :math:`G = J J^\top`: each
+    task ``i``, visiting the other tasks in a random order, replaces its current gradient
+    :math:`g_i^{PC}` by :math:`g_i^{PC} - \frac{g_i^{PC} \cdot g_j}{\|g_j\|^2} g_j` whenever
+    :math:`g_i^{PC} \cdot g_j < 0` (``g_j`` is always the original gradient). The weights are the
+    coefficients of :math:`\sum_i g_i^{PC}` on the original gradients.
+
+    Randomness: for ``i = 0, ..., m - 1``, one ``torch.randperm(m)`` on the global CPU generator,
+    whatever the input's device (the order of TorchJD, so a seed gives the same numbers); the drawn
+    indices are moved to the input's device once per call and the computation stays there, in the
+    input's dtype, without host synchronisation. A zero row (:math:`\|g_j\|^2 = 0`) is never
+    projected on. Not differentiable: runs under :func:`torch.no_grad`.
+    """
+
+    @torch.no_grad()
+    def __call__(self, stat: Tensor, /) -> Tensor:
+        return super().__call__(stat)
+
+    def forward(self, stat: Tensor, /) -> Tensor:
+        return self._forward_batched(stat[None])[0]
+
+    @torch.no_grad()
+    def _forward_batched(self, gramians: Tensor) -> Tensor:
+        """Weights ``[b, m]`` of a batch of Gramians ``[b, m, m]``; the random orders are drawn
+        problem by problem, as ``b`` successive calls would draw them."""
+        n_problems, m = gramians.shape[0], gramians.shape[-1]
+        return _pcgrad_weights(gramians, _draw_orders(n_problems, m))
+
+    @classmethod
+    @torch.no_grad()
+    def _forward_grouped(cls, weightings: Sequence[PCGradWeighting], gramians: Tensor) -> Tensor:
+        """Weights ``[b, m]`` of Gramians ``[b, m, m]``, the ``k``-th one weighted by
+        ``weightings[k]`` (stateless and parameter-free, so this is :meth:`_forward_batched`)."""
+        if len(weightings) != gramians.shape[0]:
+            raise ValueError(
+                f"Got {len(weightings)} weightings for {gramians.shape[0]} Gramians: give one "
+                "weighting per Gramian."
+            )
+        return _pcgrad_weights(gramians, _draw_orders(gramians.shape[0], gramians.shape[-1]))
+
+
+class PCGrad(GramianWeightedAggregator):
+    r"""PCGrad ("projecting conflicting gradients"), from `Gradient Surgery for Multi-Task Learning
+    <https://arxiv.org/abs/2001.06782>`_ (Yu et al., NeurIPS 2020), Algorithm 1.
+
+    Each row :math:`g_i` of the matrix, visiting the other rows :math:`g_j` in a random order, is
+    projected onto the normal plane of :math:`g_j` whenever they conflict:
+
+    .. math::
+
+        g_i^{PC} \leftarrow g_i^{PC} - \frac{g_i^{PC} \cdot g_j}{\|g_j\|^2} g_j
+        \quad\text{if}\quad g_i^{PC} \cdot g_j < 0,
+
+    and the result is :math:`\sum_i g_i^{PC}`. Computed from the Gramian by
+    :class:`PCGradWeighting` (see there for the random draws); not differentiable.
+
+    >>> import torch
+    >>> from torchjd.aggregation import PCGrad
+    >>> PCGrad()(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
+    tensor([0.5848, 3.8012, 3.8012])
+    """
+
+    def __init__(self) -> None:
+        super().__init__(PCGradWeighting())
+
+    @torch.no_grad()
+    def __call__(self, matrix: Tensor, /) -> Tensor:
+        return super().__call__(matrix)
