@@ -113,8 +113,8 @@ def jac_to_grad(
         otherwise); its own ``forward`` is not called. Default ``False``: the computation is chosen
         automatically.
     :return: The weights of a :class:`~torchjd.aggregation.WeightedAggregator` (shape ``[m]``, as
-        returned by ``aggregator.weighting``, hooks on it included, in the dtype of the
-        Jacobians), ``None`` for other aggregators.
+        returned by ``aggregator.weighting`` on ``J``, hooks on it included), ``None`` for other
+        aggregators.
 
     Non-finite values are not checked (that would synchronise with the device): NaN in, NaN out.
 
