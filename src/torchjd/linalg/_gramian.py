@@ -57,6 +57,8 @@ def _half_ndim(gramian: Tensor) -> int:
 def _reverse_second_half(gramian: Tensor) -> Tensor:
     """Reverse the order of the last ``ndim // 2`` dims (an involution)."""
     k = _half_ndim(gramian)
+    if k == 0:
+        return gramian
     return gramian.permute(*range(k), *reversed(range(k, 2 * k)))
 
 
@@ -69,8 +71,8 @@ def reshape_gramian(gramian: Tensor, half_shape: Sequence[int]) -> Tensor:
     """
     k = _half_ndim(gramian)
     m = math.prod(gramian.shape[:k])
-    target = torch.empty(m, device="meta").reshape(*half_shape).shape  # resolves a -1
-    plain = _reverse_second_half(gramian).reshape(*target, *target)
+    target = tuple(torch.empty(m, device="meta").reshape(tuple(half_shape)).shape)  # resolves -1
+    plain = _reverse_second_half(gramian).reshape(target + target)
     return _reverse_second_half(plain)
 
 
