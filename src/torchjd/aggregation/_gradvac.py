@@ -101,22 +101,35 @@ def _gradvac_weights(
     partner_rows = torch.empty_like(stacked)
     cosines = torch.empty(m - 1, n_tasks, dtype=gramian.dtype, device=gramian.device)
     corrections = torch.empty_like(cosines)
-    for s in range(m - 1):
-        inner = flat_products.index_select(0, entries[s])  # g_i^PC . g_j
-        norms_pc = norms_pc_squared.clamp(min=0.0).sqrt_()  # a
-        phi_denominator = torch.addcmul(eps_per_task, norms_pc, partner_norms[s])
-        phi = torch.div(inner, phi_denominator, out=cosines[s])
+    # One view per step of every per-step tensor, made once (indexing in the loop costs time).
+    steps = zip(
+        entries.unbind(0),
+        rows.unbind(0),
+        partner_norms.unbind(0),
+        partner_squared_norms.unbind(0),
+        targets.unbind(0),
+        target_sines.unbind(0),
+        inverse_omega_denominators.unbind(0),
+        cosines.unbind(0),
+        corrections.unbind(0),
+        corrections.unsqueeze(-1).unbind(0),
+    )
+    for entry, row, b, b_squared, target, target_sine, inverse, phi, omega, omega_column in steps:
+        inner = flat_products.index_select(0, entry)  # g_i^PC . g_j
+        a = norms_pc_squared.clamp(min=0.0).sqrt_()  # ||g_i^PC||
+        phi_denominator = torch.addcmul(eps_per_task, a, b)
+        torch.div(inner, phi_denominator, out=phi)
         if guard_zero_division:
             phi.copy_(torch.where(phi_denominator > 0, phi, 0.0))
-        sines = torch.addcmul(ones, phi, phi, value=-1.0).clamp_(min=0.0).sqrt_()
-        omega = sines.mul_(targets[s]).addcmul_(phi, target_sines[s], value=-1.0)
-        omega.mul_(norms_pc).mul_(inverse_omega_denominators[s])
-        torch.where(phi < targets[s], omega, zero, out=corrections[s])
-        torch.index_select(stacked, 0, rows[s], out=partner_rows)
-        products.addcmul_(corrections[s][:, None], partner_rows)
+        sine = torch.addcmul(ones, phi, phi, value=-1.0).clamp_(min=0.0).sqrt_()
+        candidate = sine.mul_(target).addcmul_(phi, target_sine, value=-1.0)
+        candidate.mul_(a).mul_(inverse)
+        torch.where(phi < target, candidate, zero, out=omega)
+        torch.index_select(stacked, 0, row, out=partner_rows)
+        products.addcmul_(omega_column, partner_rows)
         # ||g + omega g_j||^2 = ||g||^2 + 2 omega (g . g_j + omega ||g_j||^2 / 2)
-        half_update = torch.addcmul(inner, corrections[s], partner_squared_norms[s], value=0.5)
-        norms_pc_squared.addcmul_(corrections[s], half_update, value=2.0)
+        half_update = torch.addcmul(inner, omega, b_squared, value=0.5)
+        norms_pc_squared.addcmul_(omega, half_update, value=2.0)
 
     weights = torch.ones(n_tasks, dtype=gramian.dtype, device=gramian.device)
     weights.index_add_(0, rows.reshape(-1), corrections.reshape(-1))
@@ -219,9 +232,10 @@ class GradVacWeighting(Weighting[PSDMatrix], Stateful):
     @classmethod
     @torch.no_grad()
     def _forward_grouped(cls, weightings: Sequence[GradVacWeighting], gramians: Tensor) -> Tensor:
-        """Weights ``[b, m]`` of Gramians ``[b, m, m]``, the ``k``-th one weighted by the distinct
-        instance ``weightings[k]`` with its own state, as ``b`` successive calls would (random
-        orders drawn Gramian by Gramian); each instance's targets are updated."""
+        """Weights ``[b, m]`` of Gramians ``[b, m, m]``, the ``k``-th one weighted by
+        ``weightings[k]`` with its own state, as ``b`` successive calls would (random orders drawn
+        Gramian by Gramian); each instance's targets are updated. The instances must be distinct
+        (one state per Gramian)."""
         n_problems, m = gramians.shape[0], gramians.shape[-1]
         if len(weightings) != n_problems:
             raise ValueError(
@@ -288,7 +302,7 @@ def _shared_or_stacked(values: list[float]) -> float | Tensor:
 class GradVac(GramianWeightedAggregator, Stateful):
     r"""Gradient Vaccine, from `Gradient Vaccine: Investigating and Improving Multi-task
     Optimization in Massively Multilingual Models <https://arxiv.org/abs/2010.05874>`_ (Wang et al.,
-    ICLR 2021), Algorithm 2.
+    ICLR 2021).
 
     Like PCGrad, each row :math:`g_i` visits the other rows :math:`g_j` in a random order, but
     instead of removing the conflict it raises the cosine similarity :math:`\phi` of

@@ -76,11 +76,18 @@ def _pcgrad_weights(gramian: Tensor, orders: Tensor) -> Tensor:
     flat_products = products.view(-1)
     partner_rows = torch.empty_like(stacked)
     corrections = torch.empty(m - 1, n_tasks, dtype=gramian.dtype, device=gramian.device)
-    for s in range(m - 1):
-        inner = flat_products.index_select(0, entries[s])  # g_i^PC . g_j
-        correction = torch.mul(inner.clamp_(max=0.0), neg_inverse[s], out=corrections[s])
-        torch.index_select(stacked, 0, rows[s], out=partner_rows)
-        products.addcmul_(correction[:, None], partner_rows)
+    steps = zip(
+        entries.unbind(0),
+        rows.unbind(0),
+        neg_inverse.unbind(0),
+        corrections.unbind(0),
+        corrections.unsqueeze(-1).unbind(0),
+    )
+    for entry, row, inverse, correction, correction_column in steps:
+        inner = flat_products.index_select(0, entry)  # g_i^PC . g_j
+        torch.mul(inner.clamp_(max=0.0), inverse, out=correction)
+        torch.index_select(stacked, 0, row, out=partner_rows)
+        products.addcmul_(correction_column, partner_rows)
     weights = torch.ones(n_tasks, dtype=gramian.dtype, device=gramian.device)
     weights.index_add_(0, rows.reshape(-1), corrections.reshape(-1))
     return weights.view(*batch, m)
