@@ -22,9 +22,12 @@ def _draw_orders(n_problems: int, m: int) -> Tensor:
     permutations = [torch.randperm(m) for _ in range(n_problems * m)]
     if m <= 1 or n_problems == 0:
         return torch.zeros(n_problems, m, max(m - 1, 0), dtype=torch.long)
-    stacked = torch.stack(permutations)
-    tasks = torch.arange(m).repeat(n_problems)
-    return stacked[stacked != tasks[:, None]].view(n_problems, m, m - 1)
+    stacked = torch.stack(permutations)  # [n_problems * m, m]
+    tasks = torch.arange(m).repeat(n_problems)[:, None]
+    position = (stacked == tasks).int().argmax(dim=1, keepdim=True)  # where task i sits in its own
+    steps = torch.arange(m - 1)[None, :]
+    kept = torch.gather(stacked, 1, steps + (steps >= position))  # skip that position
+    return kept.view(n_problems, m, m - 1)
 
 
 def _step_indices(orders: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
