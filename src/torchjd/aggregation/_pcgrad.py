@@ -24,7 +24,7 @@ def _draw_orders(n_problems: int, m: int) -> Tensor:
         return torch.zeros(n_problems, m, max(m - 1, 0), dtype=torch.long)
     stacked = torch.stack(permutations)  # [n_problems * m, m]
     tasks = torch.arange(m).repeat(n_problems)[:, None]
-    position = (stacked == tasks).int().argmax(dim=1, keepdim=True)  # where task i sits in its own
+    position = (stacked == tasks).int().argmax(dim=1, keepdim=True)  # column of i in its draw
     steps = torch.arange(m - 1)[None, :]
     kept = torch.gather(stacked, 1, steps + (steps >= position))  # skip that position
     return kept.view(n_problems, m, m - 1)
