@@ -71,9 +71,9 @@ def _pcgrad_weights(gramian: Tensor, orders: Tensor) -> Tensor:
         return torch.ones(*batch, m, dtype=gramian.dtype, device=gramian.device)
     rows, entries = _step_indices(orders.reshape(-1, m, m - 1), gramian.device)
     stacked = gramian.reshape(n_tasks, m)
-    squared_norms = gramian.diagonal(dim1=-2, dim2=-1).reshape(n_tasks)[rows]
+    partner_squared_norms = gramian.diagonal(dim1=-2, dim2=-1).reshape(n_tasks)[rows]
     # -1 / ||g_j||^2, and 0 for a zero row (it conflicts with nothing in an exact Gramian).
-    neg_inverse = torch.where(squared_norms > 0, -squared_norms.reciprocal(), 0.0)
+    neg_inverse = torch.where(partner_squared_norms > 0, -partner_squared_norms.reciprocal(), 0.0)
 
     products = stacked.clone()  # P = C G with C = I
     flat_products = products.view(-1)
