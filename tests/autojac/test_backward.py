@@ -379,3 +379,10 @@ def test_float64_and_dtype_of_each_input(chunk_size: int | None) -> None:
     assert p64.jac.dtype == torch.float64 and p32.jac.dtype == torch.float32
     assert_close(p64.jac, torch.tensor([[3.0, 3.0], [1.0, 0.0]], dtype=torch.float64))
     assert_close(p32.jac, torch.tensor([[3.0], [0.0]]))
+
+
+def test_bare_tensor_as_inputs_is_rejected() -> None:
+    p = torch.ones(2, requires_grad=True)
+    with pytest.raises(ValueError, match="wrap it in a list"):
+        backward(p * 2, inputs=p)  # type: ignore[arg-type]
+    assert not hasattr(p, "jac")

@@ -665,3 +665,11 @@ def test_after_mtl_backward() -> None:
     assert_close(weights, torch.ones(3))
     for i, p in enumerate(trunk.parameters()):
         assert_close(p.grad, sum(g[i] for g in expected))
+
+
+def test_bare_tensor_as_tensors_is_rejected() -> None:
+    p = torch.ones(2, requires_grad=True)
+    p.jac = torch.ones(3, 2)
+    with pytest.raises(ValueError, match="wrap it in a list"):
+        jac_to_grad(p, Mean())  # type: ignore[arg-type]
+    assert hasattr(p, "jac")

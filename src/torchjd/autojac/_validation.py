@@ -42,7 +42,8 @@ def as_tensor_list(tensors: object, name: str) -> list[Tensor]:
 def materialise(tensors: Iterable[Tensor], name: str) -> list[Tensor]:
     """Iterate ``tensors`` exactly once into a list (generators such as ``parameters()`` work)."""
     if isinstance(tensors, Tensor):
-        raise TypeError(
+        # A ValueError, as TorchJD's (which iterates over the slices of the tensor, then fails).
+        raise ValueError(
             f"`{name}` must be an iterable of tensors, got a single tensor of shape "
             f"{tuple(tensors.shape)}: wrap it in a list, e.g. `[t]`."
         )
