@@ -103,7 +103,8 @@ def test_non_conflicting(entry: Entry, m: int, n: int, seed: int, scale: float) 
     )
     out = _call(entry, entry.make(), matrix)
     products = matrix @ out
-    tolerance = entry.conflict_tol * matrix.norm() * out.norm()
+    # The floor absorbs float64 rounding when the aggregation is essentially zero.
+    tolerance = entry.conflict_tol * matrix.norm() * out.norm() + 1e-12 * matrix.norm() ** 2
     assert (products >= -tolerance).all(), products
 
 
