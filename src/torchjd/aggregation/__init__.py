@@ -10,16 +10,20 @@ from torchjd.aggregation._bases import (
     Weighting,
 )
 from torchjd.aggregation._constant import Constant, ConstantWeighting
+from torchjd.aggregation._crmogm import CRMOGMWeighting
 from torchjd.aggregation._gradvac import GradVac, GradVacWeighting
 from torchjd.aggregation._mean import Mean, MeanWeighting
 from torchjd.aggregation._mgda import MGDA, MGDAWeighting
+from torchjd.aggregation._modo import MoDoWeighting
 from torchjd.aggregation._pcgrad import PCGrad, PCGradWeighting
 from torchjd.aggregation._random import Random, RandomWeighting
+from torchjd.aggregation._sdmgrad import SDMGradWeighting
 from torchjd.aggregation._sum import Sum, SumWeighting
 
 __all__ = [
     "MGDA",
     "Aggregator",
+    "CRMOGMWeighting",
     "Constant",
     "ConstantWeighting",
     "GradVac",
@@ -28,10 +32,12 @@ __all__ = [
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
+    "MoDoWeighting",
     "PCGrad",
     "PCGradWeighting",
     "Random",
     "RandomWeighting",
+    "SDMGradWeighting",
     "Sum",
     "SumWeighting",
     "WeightedAggregator",
