@@ -217,7 +217,6 @@ def _choose_route(aggregator: Aggregator, optimize_gramian_computation: bool) ->
     if (
         not isinstance(aggregator, WeightedAggregator)
         or type(aggregator).forward is not WeightedAggregator.forward
-        or type(aggregator).__call__ is not Aggregator.__call__
         or _has_forward_hooks(aggregator)
         or _has_forward_hooks(aggregator.weighting)
         or _has_global_forward_hooks()
