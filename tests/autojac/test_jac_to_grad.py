@@ -364,6 +364,13 @@ def test_routes() -> None:
     assert _choose_route(Doubled(MeanWeighting()), False) is _Route.CONCATENATE
     assert _choose_route(Doubled(MeanWeighting()), True) is _Route.GRAMIAN
 
+    class NoGrad(GramianWeightedAggregator):  # wrapping __call__ does not change the maths
+        @torch.no_grad()
+        def __call__(self, matrix: Tensor, /) -> Tensor:
+            return super().__call__(matrix)
+
+    assert _choose_route(NoGrad(MeanWeighting()), False) is _Route.GRAMIAN
+
     class Uniform(MeanWeighting):  # not exactly one of the row-count weightings
         pass
 
