@@ -11,6 +11,7 @@ from torchjd.aggregation._bases import (
 )
 from torchjd.aggregation._constant import Constant, ConstantWeighting
 from torchjd.aggregation._crmogm import CRMOGMWeighting
+from torchjd.aggregation._excess_mtl import ExcessMTL, ExcessMTLWeighting
 from torchjd.aggregation._gradvac import GradVac, GradVacWeighting
 from torchjd.aggregation._mean import Mean, MeanWeighting
 from torchjd.aggregation._mgda import MGDA, MGDAWeighting
@@ -26,6 +27,8 @@ __all__ = [
     "CRMOGMWeighting",
     "Constant",
     "ConstantWeighting",
+    "ExcessMTL",
+    "ExcessMTLWeighting",
     "GradVac",
     "GradVacWeighting",
     "GramianWeightedAggregator",
