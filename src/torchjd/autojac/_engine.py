@@ -139,24 +139,24 @@ def vjp_rows(
     m = rows.m
     chunk_size = m if parallel_chunk_size is None else min(parallel_chunk_size, m)
     bounds = [(start, min(start + chunk_size, m)) for start in range(0, m, chunk_size)]
-    per_input: list[list[Tensor | None]] = [[] for _ in inputs]
-    for index, (start, stop) in enumerate(bounds):
-        is_last = index == len(bounds) - 1
-        retain = retain_graph or not is_last
-        grads = _differentiate_chunk(outputs, inputs, rows.chunk(start, stop), retain, stop - start)
-        for results, g in zip(per_input, grads):
-            results.append(g)
-
-    jacobians = []
-    for x, results in zip(inputs, per_input):
-        if all(g is None for g in results):
-            jacobians.append(torch.zeros((m, *x.shape), dtype=x.dtype, device=x.device))
-            continue
-        parts = [
-            g if g is not None else torch.zeros((b - a, *x.shape), dtype=x.dtype, device=x.device)
-            for g, (a, b) in zip(results, bounds)
+    if len(bounds) == 1:
+        grads = _differentiate_chunk(outputs, inputs, rows.chunk(0, m), retain_graph, m)
+        return [
+            g if g is not None else torch.zeros((m, *x.shape), dtype=x.dtype, device=x.device)
+            for g, x in zip(grads, inputs)
         ]
-        jacobians.append(parts[0] if len(parts) == 1 else torch.cat(parts))
+
+    # Several chunks: each one is copied into its rows of the result as soon as it is computed,
+    # so that at most one chunk lives beside the result (chunking is there to save memory).
+    jacobians = [torch.empty((m, *x.shape), dtype=x.dtype, device=x.device) for x in inputs]
+    for index, (start, stop) in enumerate(bounds):
+        retain = retain_graph or index < len(bounds) - 1
+        grads = _differentiate_chunk(outputs, inputs, rows.chunk(start, stop), retain, stop - start)
+        for jacobian, g in zip(jacobians, grads):
+            if g is None:
+                jacobian[start:stop].zero_()
+            else:
+                jacobian[start:stop].copy_(g)
     return jacobians
 
 
