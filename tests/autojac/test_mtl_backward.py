@@ -2,6 +2,8 @@ import inspect
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from torchjd.autojac import mtl_backward
@@ -293,3 +295,27 @@ def test_param_not_requiring_grad() -> None:
         mtl_backward([w @ f], features=f, tasks_params=[[w, torch.ones(2)]])
     with pytest.raises(RuntimeError):
         mtl_backward([w @ f], features=f, shared_params=[p0, torch.ones(2)])
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    k=st.integers(1, 6),
+    n_features=st.integers(1, 4),
+    n_shared=st.integers(1, 4),
+    chunk_size=st.one_of(st.none(), st.integers(1, 7)),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_trunk_property(
+    k: int, n_features: int, n_shared: int, chunk_size: int | None, seed: int
+) -> None:
+    """With ``f = J @ p0`` and ``y_i = h_i @ f``: ``p0.jac == H @ J`` and ``h_i.grad == f``."""
+    generator = torch.Generator().manual_seed(seed)
+    J = torch.randn(n_features, n_shared, generator=generator, dtype=torch.float64)
+    H = torch.randn(k, n_features, generator=generator, dtype=torch.float64)
+    p0 = torch.randn(n_shared, generator=generator, dtype=torch.float64, requires_grad=True)
+    heads = [h.clone().requires_grad_() for h in H]
+    f = J @ p0
+    mtl_backward([h @ f for h in heads], features=f, parallel_chunk_size=chunk_size)
+    assert_close(p0.jac, H @ J)
+    for h in heads:
+        assert_close(h.grad, f.detach())
