@@ -10,7 +10,18 @@ from dataclasses import dataclass
 
 import torch
 
-from torchjd.aggregation import MGDA, Aggregator, Constant, GradVac, Mean, PCGrad, Random, Sum
+from torchjd.aggregation import (
+    MGDA,
+    Aggregator,
+    Constant,
+    GradVac,
+    Mean,
+    PCGrad,
+    Random,
+    Sum,
+    UPGrad,
+)
+from torchjd.linalg import BlockPivotingProjector, QuadprogProjector
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,18 @@ def _constant3() -> Aggregator:
     return Constant(torch.tensor([1.0, 2.0, 0.5]))
 
 
+def _upgrad_pref3() -> Aggregator:
+    return UPGrad(pref_vector=torch.tensor([1.0, 2.0, 0.5]))
+
+
+def _upgrad_exact() -> Aggregator:
+    return UPGrad(projector=BlockPivotingProjector(norm_eps=0.0, reg_eps=0.0))
+
+
+def _upgrad_quadprog() -> Aggregator:
+    return UPGrad(projector=QuadprogProjector())
+
+
 AGGREGATORS: list[Entry] = [
     Entry("Mean", Mean, permutation_invariant=True, differentiable=True),
     Entry("Sum", Sum, permutation_invariant=True, differentiable=True),
@@ -43,4 +66,11 @@ AGGREGATORS: list[Entry] = [
     Entry("MGDA", MGDA, permutation_invariant=True, differentiable=True),
     Entry("PCGrad", PCGrad, randomised=True),
     Entry("GradVac", GradVac, randomised=True, stateful=True),
+    # UPGrad conflicts with no row, but the relative check above is meaningless when the exact
+    # output is 0 (rows spanning opposite directions, n < m): the output is then rounding noise.
+    # Its non-conflict is tested in test_upgrad.py on full-row-rank matrices.
+    Entry("UPGrad", UPGrad, permutation_invariant=True),
+    Entry("UPGrad(pref)", _upgrad_pref3, needs_fixed_m=3),
+    Entry("UPGrad(exact)", _upgrad_exact, permutation_invariant=True),
+    Entry("UPGrad(quadprog)", _upgrad_quadprog, permutation_invariant=True),
 ]

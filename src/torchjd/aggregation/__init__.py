@@ -20,6 +20,7 @@ from torchjd.aggregation._pcgrad import PCGrad, PCGradWeighting
 from torchjd.aggregation._random import Random, RandomWeighting
 from torchjd.aggregation._sdmgrad import SDMGradWeighting
 from torchjd.aggregation._sum import Sum, SumWeighting
+from torchjd.aggregation._upgrad import UPGrad, UPGradWeighting
 
 __all__ = [
     "MGDA",
@@ -43,6 +44,8 @@ __all__ = [
     "SDMGradWeighting",
     "Sum",
     "SumWeighting",
+    "UPGrad",
+    "UPGradWeighting",
     "WeightedAggregator",
     "Weighting",
 ]

@@ -1,0 +1,406 @@
+"""Dual-cone projection in torch by block principal pivoting (the default projector)."""
+
+import math
+import warnings
+
+import torch
+from torch import Tensor
+
+from torchjd.linalg._gramian import normalize, regularize
+from torchjd.linalg._matrix import PSDMatrix
+from torchjd.linalg._projector import DualConeProjector
+
+# Extra full exchanges allowed while the number of infeasible indices does not decrease, before
+# switching to single pivots (the ``p`` of Júdice and Pires).
+_PATIENCE = 3
+# An index is infeasible when its value is below ``-_REL_TOL`` times the scale of its problem.
+_REL_TOL = 1e-12
+# Tolerance of the final optimality check, relative to the size of the solution.
+_CHECK_TOL = 1e-8
+# Ridges tried, in order, on the problems whose factorisation failed or that did not converge (only
+# reachable when the regularised Gramian is not numerically positive definite).
+_RESCUE_RIDGES = (1e-9, 1e-6, 1e-3, 1.0)
+# Below m = 32, solved problems leave the batch only when the batch holds this many entries.
+_COMPACT_FROM = 16384
+# From this size on, the first free set is guessed by a few projected Jacobi iterations.
+_GUESS_FROM_M = 48
+_POWER_ITERATIONS = 4
+_JACOBI_ITERATIONS = 8
+# Above this size, the linear systems are gathered down to the largest free set of the batch.
+_REDUCE_FROM_M = 48
+
+
+def _check_eps(name: str, value: float) -> None:
+    if not value >= 0.0:
+        raise ValueError(f"`{name}` must be a non-negative float, got {value!r}.")
+
+
+class BlockPivotingProjector(DualConeProjector):
+    r"""Projects onto the dual cone by solving its quadratic programs in torch.
+
+    For every vector :math:`u` along the last axis of ``U``, returns
+
+    .. math:: w = \arg\min_{v \succeq u} v^\top \hat G v,
+        \qquad \hat G = \mathrm{normalize}(G) + \varepsilon_{\text{reg}} I,
+
+    where :math:`\mathrm{normalize}(G) = G / \operatorname{tr}(G)`, or the zero matrix when
+    :math:`\operatorname{tr}(G) <` ``norm_eps``. These are the steps of
+    :class:`~torchjd.linalg.QuadprogProjector`, done in ``G``'s dtype, so both projectors give the
+    same weights up to solver round-off; this one needs no optional dependency, runs on ``G``'s
+    device, and solves all the vectors of ``U`` at once. By Proposition 1 of `Jacobian Descent for
+    Multi-Objective Optimization <https://arxiv.org/abs/2406.16232>`_, :math:`J^\top w` is the
+    projection of :math:`J^\top u` onto the dual cone :math:`\{x : J x \succeq 0\}` when
+    :math:`G = J J^\top` (exactly so with both epsilons at 0).
+
+    **Algorithm.** With :math:`z = v - u`, the optimality conditions form the linear
+    complementarity problem :math:`y = \hat G z + \hat G u \succeq 0`, :math:`z \succeq 0`,
+    :math:`z^\top y = 0`, whose matrix is positive definite. It is solved by the block principal
+    pivoting method of Júdice and Pires (`A block principal pivoting algorithm for large-scale
+    strictly monotone linear complementarity problems
+    <https://doi.org/10.1016/0305-0548(94)90024-8>`_, Computers & Operations Research, 1994): guess
+    the set :math:`F` of constraints that are not tight (:math:`y_F = 0`, :math:`z_{\bar F} = 0`),
+    solve :math:`\hat G_{FF} z_F = -(\hat G u)_F`, and move every index whose :math:`z` or
+    :math:`y` is negative to the other set. When the number of such indices stops decreasing for
+    three exchanges, only the largest of them is moved (Murty's single-pivot rule), which makes the
+    method terminate. The first guess is :math:`F = \{i : (\hat G u)_i < 0\}`. The problems of the
+    batch are solved together, one batched Cholesky factorisation per iteration of masked systems
+    (:math:`\hat G_{FF}` padded with the identity), in float64: ``G``'s normalised, regularised
+    Gramian and ``U`` are cast to float64 and the result is cast back to ``G``'s dtype (on a device
+    without float64, such as MPS, float32 is used and a warning is issued). Solved problems leave
+    the batch.
+
+    Each iteration reads a few numbers on the host to decide whether to stop: this is a
+    synchronisation with the device that an iterative solver cannot avoid; there are typically two
+    to four iterations.
+
+    **Numerical safeguards** (none of them changes the result of a well-posed problem):
+
+    * a Gramian of trace 0 is mapped to the zero matrix even when ``norm_eps`` is 0 (instead of
+      dividing by zero);
+    * the diagonal of :math:`\hat G` is raised to at least 16 times the machine epsilon of ``G``'s
+      dtype (when ``reg_eps`` is smaller), the size of the rounding error of the normalisation, so
+      that a rank-deficient Gramian with ``reg_eps=0`` still has a unique answer;
+    * if a factorisation fails or a problem does not converge (only possible when :math:`\hat G` is
+      not numerically positive definite, e.g. a float32 Gramian with large rounding errors and
+      ``reg_eps=0``), that problem is solved again with a growing ridge :math:`\tau I` added.
+
+    NaN in ``G`` or ``U`` gives NaN in the result.
+
+    :param norm_eps: non-negative threshold on :math:`\operatorname{tr}(G)` below which the
+        normalised Gramian is the zero matrix (and the result is :math:`\max(u, 0)`). Default
+        ``0.0001``.
+    :param reg_eps: non-negative multiple of the identity added to the normalised Gramian. Default
+        ``0.0001``.
+
+    Besides the public call on ``G`` of shape ``[m, m]``, :meth:`solve_batched` projects for a batch
+    of Gramians ``[b, m, m]`` at once.
+    """
+
+    def __init__(self, *, norm_eps: float = 0.0001, reg_eps: float = 0.0001) -> None:
+        self.norm_eps = norm_eps
+        self.reg_eps = reg_eps
+
+    @property
+    def norm_eps(self) -> float:
+        return self._norm_eps
+
+    @norm_eps.setter
+    def norm_eps(self, value: float) -> None:
+        _check_eps("norm_eps", value)
+        self._norm_eps = value
+
+    @property
+    def reg_eps(self) -> float:
+        return self._reg_eps
+
+    @reg_eps.setter
+    def reg_eps(self, value: float) -> None:
+        _check_eps("reg_eps", value)
+        self._reg_eps = value
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(norm_eps={self.norm_eps}, reg_eps={self.reg_eps})"
+
+    def __call__(self, U: Tensor, G: PSDMatrix) -> Tensor:
+        """Return ``W`` of ``U``'s shape, in ``G``'s dtype and on its device, with ``W[..., :]``
+        the solution of the dual-cone problem for ``U[..., :]``.
+
+        :param U: tensor of shape ``[..., m]``.
+        :param G: symmetric positive semi-definite matrix of shape ``[m, m]``.
+        """
+        if G.ndim != 2 or G.shape[0] != G.shape[1]:
+            raise ValueError(f"`G` must be a square matrix, got shape {tuple(G.shape)}.")
+        _check_last_dim(U, G.shape[-1])
+        m = G.shape[-1]
+        W = self.solve_batched(U.reshape(1, math.prod(U.shape[:-1]), m), G.unsqueeze(0))
+        return W.reshape(U.shape)
+
+    def solve_batched(self, U: Tensor, G: Tensor) -> Tensor:
+        """Project for a batch of Gramians at once.
+
+        :param U: tensor of shape ``[b, k, m]``: ``k`` vectors for each Gramian.
+        :param G: batch of symmetric positive semi-definite matrices, shape ``[b, m, m]``.
+        :return: tensor of shape ``[b, k, m]``, in ``G``'s dtype and on its device, where
+            ``out[i]`` equals ``self(U[i], G[i])``.
+        """
+        if G.ndim != 3 or G.shape[1] != G.shape[2]:
+            raise ValueError(
+                f"`G` must be a batch of square matrices [b, m, m], got shape {tuple(G.shape)}."
+            )
+        if U.ndim != 3 or U.shape[0] != G.shape[0]:
+            raise ValueError(
+                f"`U` must have shape [b, k, m] with b = {G.shape[0]} (the batch size of `G`), "
+                f"got shape {tuple(U.shape)}."
+            )
+        _check_last_dim(U, G.shape[-1])
+        with torch.no_grad():
+            if U.numel() == 0:
+                return torch.zeros(U.shape, dtype=G.dtype, device=G.device)
+            A = self._regularised_gramian(G)
+            V = _solve(A, U.to(dtype=A.dtype, device=A.device))
+            return V.to(dtype=G.dtype)
+
+    def _regularised_gramian(self, G: Tensor) -> Tensor:
+        """The matrix of the quadratic programs, in the solver's dtype."""
+        info = torch.finfo(G.dtype)
+        # normalize() divides when trace >= eps: never let it divide by a zero trace.
+        G_hat = regularize(normalize(G, max(self.norm_eps, info.tiny)), self.reg_eps)
+        A = G_hat.to(dtype=_solver_dtype(G.device))
+        A = 0.5 * (A + A.mT)
+        floor = 16.0 * info.eps
+        if self.reg_eps < floor:
+            A.diagonal(dim1=-2, dim2=-1).add_(floor - self.reg_eps)
+        return A
+
+
+def _check_last_dim(U: Tensor, m: int) -> None:
+    if U.ndim == 0 or U.shape[-1] != m:
+        raise ValueError(
+            f"The last dimension of `U` must be m = {m} (the size of `G`), got shape "
+            f"{tuple(U.shape)}."
+        )
+
+
+def _solver_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "mps":
+        warnings.warn(
+            "BlockPivotingProjector solves in float32 on MPS, which does not support float64.",
+            stacklevel=4,
+        )
+        return torch.float32
+    return torch.float64
+
+
+def _solve(A: Tensor, U: Tensor) -> Tensor:
+    """Solve ``min_v v^T A[i] v`` subject to ``v >= U[i, j]`` for all ``i, j``.
+
+    ``A`` is ``[b, m, m]`` positive definite, ``U`` is ``[b, k, m]``, both in the solver's dtype.
+    """
+    b, k, m = U.shape
+    if m == 1:
+        # min a v^2 subject to v >= u, with a > 0 (the product keeps a NaN of A).
+        return U.clamp(min=0.0) + 0.0 * A
+    u = U.reshape(b * k, m)
+    # One matrix per problem: the shared one, or the one of the problem's batch element.
+    A_problems = A[0] if b == 1 else A.repeat_interleave(k, dim=0)
+    eye = torch.eye(m, dtype=A.dtype, device=A.device)
+    V = _block_pivoting(A_problems, u, eye)
+    # Certificate: keep the solutions that satisfy the optimality conditions (host
+    # synchronisation: which problems failed). The others are rare: see _rescue.
+    failed = (~_is_optimal(A_problems, u, V)).nonzero().squeeze(-1)
+    if failed.numel() > 0:
+        _rescue(A_problems, u, V, failed, eye)
+    return V.reshape(b, k, m)
+
+
+def _rescue(A: Tensor, u: Tensor, V: Tensor, failed: Tensor, eye: Tensor) -> None:
+    """Handle in place the problems whose solution ``V`` failed the optimality check: NaN when the
+    problem holds non-finite values, else solve again with a growing ridge added to ``A``, and
+    warn if even that fails."""
+    shared = A.ndim == 2
+    A_failed = A if shared else A[failed]
+    finite = torch.isfinite(u[failed]).all(dim=-1)
+    finite = finite & (torch.isfinite(A).all() if shared else torch.isfinite(A_failed).all((1, 2)))
+    V[failed[~finite]] = torch.nan
+    failed = failed[finite]
+    if not shared:
+        A_failed = A_failed[finite]
+    for ridge in _RESCUE_RIDGES:
+        if failed.numel() == 0:
+            return
+        A_ridge = A_failed + ridge * eye
+        V_failed = _block_pivoting(A_ridge, u[failed], eye)
+        V[failed] = V_failed
+        still_failed = ~_is_optimal(A_ridge, u[failed], V_failed)
+        failed = failed[still_failed]
+        if not shared:
+            A_failed = A_failed[still_failed]
+    if failed.numel() > 0:
+        warnings.warn(
+            f"BlockPivotingProjector did not solve {failed.numel()} of its {u.shape[0]} problems "
+            "accurately: the Gramian is probably far from positive semi-definite.",
+            stacklevel=5,
+        )
+
+
+def _multiply(v: Tensor, A: Tensor) -> Tensor:
+    """``v @ A`` row by row, for ``A`` shared ``[m, m]`` or one per row ``[P, m, m]``."""
+    return v @ A if A.ndim == 2 else (v.unsqueeze(-2) @ A).squeeze(-2)
+
+
+def _is_optimal(A: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """Whether each ``v`` satisfies ``min(v - u, A v) = 0`` (the optimality conditions) up to a
+    loose tolerance. False for non-finite values."""
+    residual = torch.minimum(v - u, _multiply(v, A)).abs().amax(dim=-1)
+    scale = torch.maximum(u.abs().amax(dim=-1), v.abs().amax(dim=-1))
+    return residual <= _CHECK_TOL * scale
+
+
+def _block_pivoting(A: Tensor, u: Tensor, eye: Tensor) -> Tensor:
+    """Solve ``min_v v^T A_p v s.t. v >= u_p`` for each row ``u_p`` of ``u`` (``[P, m]``), with
+    ``A`` either ``[m, m]`` (shared by all problems) or ``[P, m, m]``. Returns ``[P, m]``."""
+    P, m = u.shape
+    shared = A.ndim == 2
+    max_iterations = 50 + 10 * m
+
+    q = _multiply(u, A)  # A u, as A is symmetric
+    tol_z = _REL_TOL * u.abs().amax(dim=-1, keepdim=True)  # for z = v - u
+    tol_y = tol_z * A.diagonal(dim1=-2, dim2=-1).amax(dim=-1, keepdim=True)  # for y = A v
+
+    # F: the free set (z_F may be positive, y_F = 0).
+    if m >= _GUESS_FROM_M:
+        F = _guess_free_set(A, q)
+        z = _solve_free_set(A, q, F, eye)
+        y = q + _multiply(z, A)
+    else:
+        # F empty (z = 0, y = q): the first exchange gives F = {i : q_i < 0}.
+        F = torch.zeros_like(u, dtype=torch.bool)
+        z = torch.zeros_like(u)
+        y = q
+    V = u.clone()
+    active = None  # indices of the problems still in the batch (None: all of them)
+    # Running minimum of the number of infeasible indices, at each past iteration.
+    best = torch.full((P,), m + 1, dtype=torch.long, device=u.device)
+    best_history = [best]
+
+    for _ in range(max_iterations):
+        infeasible = torch.where(F, z < -tol_z, y < -tol_y)
+        count = infeasible.sum(dim=-1)
+        n_unsolved = int(count.count_nonzero())  # host synchronisation: are we done?
+        n_active = count.shape[0]
+        if n_unsolved == 0:
+            break
+        if n_unsolved <= _compact_below(n_active, m):
+            # The solved problems leave the batch.
+            solved = count == 0
+            solved_index = solved.nonzero().squeeze(-1)
+            if active is not None:
+                solved_index = active[solved_index]
+            V[solved_index] = (u + z)[solved]
+            keep = (~solved).nonzero().squeeze(-1)
+            active = keep if active is None else active[keep]
+            u, q, F, z, infeasible, count, tol_z, tol_y = (
+                t[keep] for t in (u, q, F, z, infeasible, count, tol_z, tol_y)
+            )
+            best_history = [t[keep] for t in best_history[-_PATIENCE - 1 :]]
+            if not shared:
+                A = A[keep]
+
+        # Júdice-Pires: exchange every infeasible index as long as their number reaches new
+        # minima; after _PATIENCE + 1 exchanges without a new minimum, exchange only the largest
+        # infeasible index (Murty's rule, which terminates).
+        best = torch.minimum(best_history[-1], count)
+        best_history.append(best)
+        exchange = infeasible
+        if len(best_history) >= _PATIENCE + 2:  # before, a new minimum is always recent
+            stalled = best == best_history[-_PATIENCE - 2]
+            position = torch.arange(1, m + 1, dtype=torch.int32, device=u.device)
+            largest = (infeasible * position).argmax(dim=-1, keepdim=True)
+            # "& infeasible" leaves the solved problems (no infeasible index) unchanged.
+            single = torch.zeros_like(infeasible).scatter_(-1, largest, True) & infeasible
+            exchange = torch.where(stalled.unsqueeze(-1), single, infeasible)
+            best_history = best_history[-_PATIENCE - 1 :]
+        F = F ^ exchange
+
+        z = _solve_free_set(A, q, F, eye)
+        y = q + _multiply(z, A)
+
+    if active is None:
+        return u + z
+    V[active] = u + z
+    return V
+
+
+def _guess_free_set(A: Tensor, q: Tensor) -> Tensor:
+    """Guess the free set of large problems from a few cheap iterations (one matrix product each)
+    of projected Jacobi, ``z <- max(0, z - omega D^-1 (q + A z))`` with ``D = diag(A)`` and
+    ``omega = 1 / lambda_max(D^-1 A)`` (estimated by power iteration), which decreases the
+    objective. Any guess is valid: a good one saves factorisations."""
+    d = A.diagonal(dim1=-2, dim2=-1)
+    inv_sqrt_d = d.rsqrt()
+    # Power iteration on D^-1/2 A D^-1/2 (same eigenvalues as D^-1 A), from the all-ones vector.
+    x = torch.ones_like(d)
+    for _ in range(_POWER_ITERATIONS):
+        x = _multiply(x * inv_sqrt_d, A) * inv_sqrt_d
+        x = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    lambda_max = torch.linalg.vector_norm(_multiply(x * inv_sqrt_d, A) * inv_sqrt_d, dim=-1)
+    step = 1.0 / (lambda_max.unsqueeze(-1) * d)
+    z = torch.zeros_like(q)
+    for _ in range(_JACOBI_ITERATIONS):
+        z = (z - step * (q + _multiply(z, A))).clamp_(min=0.0)
+    return z > 0
+
+
+def _compact_below(n_active: int, m: int) -> int:
+    """Drop the solved problems when at most this many are unsolved.
+
+    Dropping costs a dozen gathers: worth it for large systems as soon as one problem is solved,
+    for many small ones when half of them are, never for a few small ones.
+    """
+    if m >= 32:
+        return n_active - 1
+    if n_active * m * m >= _COMPACT_FROM:
+        return n_active // 2
+    return -1
+
+
+def _solve_free_set(A: Tensor, q: Tensor, F: Tensor, eye: Tensor) -> Tensor:
+    """Solve ``A_FF z_F = -q_F`` with ``z = 0`` off ``F``, for each row of ``F`` at once.
+
+    ``A_FF`` is padded with the identity to a common size: ``m`` for small systems, the largest
+    free set of the batch for large ones (gathered, which is cheaper than factorising ``m x m``).
+    """
+    m = F.shape[-1]
+    if m >= _REDUCE_FROM_M:
+        return _solve_gathered(A, q, F)
+    M = torch.where(F.unsqueeze(-1) & F.unsqueeze(-2), A, eye)
+    L, _ = torch.linalg.cholesky_ex(M)  # a failure is caught by the final certificate
+    return torch.cholesky_solve(torch.where(F, -q, 0.0).unsqueeze(-1), L).squeeze(-1)
+
+
+def _solve_gathered(A: Tensor, q: Tensor, F: Tensor) -> Tensor:
+    P, m = q.shape
+    n_free = F.sum(dim=-1)
+    size = int(n_free.max())  # host synchronisation: the size of the gathered systems
+    # Position j of problem p holds the j-th index of its free set, or the padding index m + j.
+    order = torch.argsort((~F).to(torch.int8), dim=-1, stable=True)[:, :size]
+    slot = torch.arange(size, device=q.device)
+    valid = slot < n_free.unsqueeze(-1)
+    index = torch.where(valid, order, m + slot)
+    if A.ndim == 2:
+        # [[A, 0], [0, I]]: the padding indices give the identity block directly.
+        A_padded = torch.block_diag(A, torch.eye(size, dtype=A.dtype, device=A.device))
+        flat_index = index.unsqueeze(-1) * (m + size) + index.unsqueeze(-2)
+        M = A_padded.flatten().index_select(0, flat_index.flatten()).view(P, size, size)
+    else:
+        rows = A.gather(-2, order.unsqueeze(-1).expand(P, size, m))
+        M = rows.gather(-1, order.unsqueeze(-2).expand(P, size, size))
+        eye = torch.eye(size, dtype=A.dtype, device=A.device)
+        M = torch.where(valid.unsqueeze(-1) & valid.unsqueeze(-2), M, eye)
+    rhs = torch.where(valid, -q.gather(-1, order), 0.0).unsqueeze(-1)
+    L, _ = torch.linalg.cholesky_ex(M)  # a failure is caught by the final certificate
+    # Two triangular solves: much faster than cholesky_solve on CPU batches.
+    w = torch.linalg.solve_triangular(L, rhs, upper=False)
+    z_small = torch.linalg.solve_triangular(L.mT, w, upper=True).squeeze(-1)
+    z = torch.zeros(P, m + size, dtype=q.dtype, device=q.device)
+    return z.scatter_(-1, index, z_small)[:, :m]

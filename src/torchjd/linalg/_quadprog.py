@@ -1,0 +1,133 @@
+"""Dual-cone projection with the ``quadprog`` solver (optional dependency)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from torchjd._optional import require
+from torchjd.linalg._gramian import normalize, regularize
+from torchjd.linalg._matrix import PSDMatrix
+from torchjd.linalg._projector import DualConeProjector
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+def _check_eps(name: str, value: float) -> None:
+    if not value >= 0.0:
+        raise ValueError(f"`{name}` must be a non-negative float, got {value!r}.")
+
+
+class QuadprogProjector(DualConeProjector):
+    r"""Projects onto the dual cone by solving one quadratic program per vector with ``quadprog``.
+
+    For every vector :math:`u` along the last axis of ``U``, returns
+
+    .. math:: w = \arg\min_{v \succeq u} \tfrac12 v^\top \hat G v,
+        \qquad \hat G = \mathrm{normalize}(G) + \varepsilon_{\text{reg}} I,
+
+    where :math:`\mathrm{normalize}(G) = G / \operatorname{tr}(G)`, or the zero matrix when
+    :math:`\operatorname{tr}(G) <` ``norm_eps`` (then :math:`w = \max(u, 0)`). Normalising makes the
+    weights invariant to the scale of ``G`` (:math:`\operatorname{tr}(J J^\top) = \|J\|_F^2`);
+    regularising makes :math:`\hat G` positive definite, as the solver requires, at the price of an
+    :math:`O(\varepsilon_{\text{reg}})` error. By Proposition 1 of `Jacobian Descent for
+    Multi-Objective Optimization <https://arxiv.org/abs/2406.16232>`_, :math:`J^\top w` is the
+    projection of :math:`J^\top u` onto the dual cone :math:`\{x : J x \succeq 0\}` when
+    :math:`G = J J^\top`.
+
+    :math:`\hat G` is computed in ``G``'s dtype, then each problem is solved on the CPU in float64
+    by ``qpsolvers.solve_qp(..., solver="quadprog")`` with the constraints written
+    :math:`-I v \preceq -u`; the result is returned in ``G``'s dtype and on its device, with
+    ``U``'s shape, and is not differentiable. A problem the solver cannot solve (it happens with
+    huge unnormalised values) raises a ``ValueError``. A Gramian of trace 0 gives the zero matrix
+    even when ``norm_eps`` is 0 (instead of dividing by zero).
+
+    Needs the optional packages ``numpy``, ``qpsolvers`` and ``quadprog``
+    (``pip install "torchjd[quadprog_projector]"``); constructing the projector without them
+    raises an ``ImportError``. :class:`~torchjd.linalg.BlockPivotingProjector` computes the same
+    weights in torch, with no optional dependency.
+
+    :param norm_eps: non-negative threshold on :math:`\operatorname{tr}(G)` below which the
+        normalised Gramian is the zero matrix. Default ``0.0001``.
+    :param reg_eps: non-negative multiple of the identity added to the normalised Gramian. Default
+        ``0.0001``.
+    """
+
+    def __init__(self, *, norm_eps: float = 0.0001, reg_eps: float = 0.0001) -> None:
+        require("QuadprogProjector", ("numpy", "qpsolvers", "quadprog"), "quadprog_projector")
+        self.norm_eps = norm_eps
+        self.reg_eps = reg_eps
+
+    @property
+    def norm_eps(self) -> float:
+        return self._norm_eps
+
+    @norm_eps.setter
+    def norm_eps(self, value: float) -> None:
+        _check_eps("norm_eps", value)
+        self._norm_eps = value
+
+    @property
+    def reg_eps(self) -> float:
+        return self._reg_eps
+
+    @reg_eps.setter
+    def reg_eps(self, value: float) -> None:
+        _check_eps("reg_eps", value)
+        self._reg_eps = value
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(norm_eps={self.norm_eps}, reg_eps={self.reg_eps})"
+
+    def __call__(self, U: Tensor, G: PSDMatrix) -> Tensor:
+        """Return ``W`` of ``U``'s shape, in ``G``'s dtype and on its device, with ``W[..., :]``
+        the solution of the dual-cone problem for ``U[..., :]``.
+
+        :param U: tensor of shape ``[..., m]``.
+        :param G: symmetric positive semi-definite matrix of shape ``[m, m]``.
+        """
+        import numpy as np
+
+        if G.ndim != 2 or G.shape[0] != G.shape[1]:
+            raise ValueError(f"`G` must be a square matrix, got shape {tuple(G.shape)}.")
+        m = G.shape[0]
+        if U.ndim == 0 or U.shape[-1] != m:
+            raise ValueError(
+                f"The last dimension of `U` must be m = {m} (the size of `G`), got shape "
+                f"{tuple(U.shape)}."
+            )
+        with torch.no_grad():
+            eps = max(self.norm_eps, torch.finfo(G.dtype).tiny)  # never divide by a zero trace
+            G_hat = regularize(normalize(G, eps), self.reg_eps)
+            G_np = G_hat.cpu().to(torch.float64).numpy()
+            U_np = U.detach().cpu().to(torch.float64).numpy().reshape(-1, m)
+            W_np = np.zeros_like(U_np)
+            for i, u in enumerate(U_np):
+                W_np[i] = _project_one(G_np, u)
+            W = torch.from_numpy(W_np).to(dtype=G.dtype, device=G.device)
+            return W.reshape(U.shape)
+
+
+def _project_one(G: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Solve ``min_v 1/2 v^T G v`` subject to ``v >= u`` with quadprog (no normalisation)."""
+    import numpy as np
+    from qpsolvers import solve_qp
+    from qpsolvers.exceptions import QPError
+
+    m = G.shape[0]
+    try:
+        v = solve_qp(G, np.zeros(m), -np.eye(m), -u, solver="quadprog")
+    except (QPError, ValueError) as error:
+        raise ValueError(
+            f"quadprog could not project onto the dual cone ({error}): `G` must be positive "
+            "definite; use a positive `reg_eps`."
+        ) from error
+    if v is None:
+        raise ValueError(
+            "quadprog found no solution when projecting onto the dual cone; this happens with "
+            "huge unnormalised Gramians: keep `norm_eps` small so that `G` is normalised."
+        )
+    return v

@@ -1,0 +1,209 @@
+"""BlockPivotingProjector against quadprog (an independent solver), and its own guarantees."""
+
+import warnings
+
+import pytest
+import torch
+
+import torchjd.linalg._block_pivoting as block_pivoting
+from torchjd.linalg import BlockPivotingProjector, QuadprogProjector
+
+_KINDS = ["random", "rank_deficient", "duplicated", "opposite", "zero", "tiny", "huge"]
+
+
+def _jacobian(kind: str, m: int, generator: torch.Generator) -> torch.Tensor:
+    n = max(1, m // 2) if kind == "rank_deficient" else 2 * m + 3
+    J = torch.randn(m, n, generator=generator, dtype=torch.float64)
+    if kind == "duplicated" and m > 1:
+        J[1] = J[0]
+    if kind == "opposite" and m > 1:
+        J[1] = -J[0]
+    scale = {"zero": 0.0, "tiny": 1e-5, "huge": 1e6}.get(kind, 1.0)
+    return scale * J
+
+
+def _vectors(m: int, generator: torch.Generator) -> torch.Tensor:
+    """Random vectors and UPGrad's ``diag(p)`` rows."""
+    p = torch.rand(m, generator=generator, dtype=torch.float64)
+    return torch.cat([torch.randn(3, m, generator=generator, dtype=torch.float64), torch.diag(p)])
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 16, 33, 64])
+def test_matches_quadprog_on_bank(m: int) -> None:
+    generator = torch.Generator().manual_seed(m)
+    ours, reference = BlockPivotingProjector(), QuadprogProjector()
+    for kind in _KINDS:
+        G = (J := _jacobian(kind, m, generator)) @ J.T
+        U = _vectors(m, generator)
+        torch.testing.assert_close(ours(U, G), reference(U, G), rtol=1e-6, atol=1e-6, msg=kind)
+
+
+@pytest.mark.parametrize("m", [2, 7, 20, 50])
+def test_matches_quadprog_without_epsilons(m: int) -> None:
+    generator = torch.Generator().manual_seed(100 + m)
+    J = torch.randn(m, m + 5, generator=generator, dtype=torch.float64)
+    G = J @ J.T
+    U = _vectors(m, generator)
+    ours = BlockPivotingProjector(norm_eps=0.0, reg_eps=0.0)(U, G)
+    reference = QuadprogProjector(norm_eps=0.0, reg_eps=0.0)(U, G)
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+
+
+def _assert_kkt(U: torch.Tensor, W: torch.Tensor, A: torch.Tensor, tol: float) -> None:
+    """w >= u, A w >= 0 and (w - u)^T A w = 0, relative to the size of the problem."""
+    scale = U.abs().amax(dim=-1, keepdim=True) + W.abs().amax(dim=-1, keepdim=True)
+    AW = W @ A
+    assert (-tol * scale <= W - U).all()
+    assert (-tol * scale <= AW).all()
+    assert (torch.minimum(W - U, AW).abs() <= tol * scale).all()
+
+
+@pytest.mark.parametrize("m", [2, 4, 9, 30, 60])
+def test_kkt_conditions_on_bank(m: int) -> None:
+    generator = torch.Generator().manual_seed(200 + m)
+    for kind in _KINDS:
+        G = (J := _jacobian(kind, m, generator)) @ J.T
+        U = _vectors(m, generator)
+        W = BlockPivotingProjector()(U, G)
+        trace = G.trace()
+        G_hat = G / trace if trace >= 1e-4 else torch.zeros_like(G)
+        _assert_kkt(U, W, G_hat + 1e-4 * torch.eye(m, dtype=G.dtype), tol=1e-10)
+
+
+def test_scale_invariance_is_exact_with_zero_epsilons() -> None:
+    generator = torch.Generator().manual_seed(4)
+    for m in (3, 12, 55):
+        G = (J := torch.randn(m, m + 1, generator=generator, dtype=torch.float64)) @ J.T
+        U = _vectors(m, generator)
+        projector = BlockPivotingProjector(norm_eps=0.0, reg_eps=0.0)
+        reference = projector(U, G)
+        for c in (1e-12, 2.0**-4, 2.0**4, 1e12):
+            torch.testing.assert_close(projector(U, c * G), reference, rtol=1e-9, atol=1e-12)
+
+
+def test_tiny_gramian_gives_positive_part() -> None:
+    generator = torch.Generator().manual_seed(5)
+    for m in (1, 4, 50):
+        G = (J := 1e-4 * torch.randn(m, 3, generator=generator, dtype=torch.float64)) @ J.T
+        U = torch.randn(7, m, generator=generator, dtype=torch.float64)
+        W = BlockPivotingProjector()(U, G)
+        torch.testing.assert_close(W, U.clamp(min=0.0), rtol=0, atol=1e-14)
+
+
+def test_zero_gramian_without_epsilons_is_finite() -> None:
+    # The reference divides 0 by the zero trace here; the zero matrix is used instead.
+    U = torch.tensor([[1.0, -2.0, 0.5], [-1.0, 0.0, 3.0]])
+    W = BlockPivotingProjector(norm_eps=0.0, reg_eps=0.0)(U, torch.zeros(3, 3))
+    torch.testing.assert_close(W, U.clamp(min=0.0))
+
+
+def test_batched_entry_point_equals_a_loop() -> None:
+    generator = torch.Generator().manual_seed(6)
+    projector = BlockPivotingProjector()
+    for m in (1, 2, 8, 50):
+        G = torch.stack(
+            [(J := torch.randn(m, m + 3, generator=generator)) @ J.T for _ in range(3)]
+            + [torch.zeros(m, m)]
+        )
+        U = torch.randn(4, 5, m, generator=generator)
+        batched = projector.solve_batched(U, G)
+        looped = torch.stack([projector(U_k, G_k) for U_k, G_k in zip(U, G)])
+        assert batched.shape == U.shape and batched.dtype == torch.float32
+        torch.testing.assert_close(batched, looped, rtol=1e-6, atol=1e-7)
+
+
+def test_batched_entry_point_rejects_bad_shapes() -> None:
+    projector = BlockPivotingProjector()
+    with pytest.raises(ValueError, match="`G`"):
+        projector.solve_batched(torch.ones(1, 2, 2), torch.ones(2, 2))
+    with pytest.raises(ValueError, match="`U`"):
+        projector.solve_batched(torch.ones(2, 2, 2), torch.ones(3, 2, 2))
+    with pytest.raises(ValueError, match="`U`"):
+        projector.solve_batched(torch.ones(3, 2, 4), torch.ones(3, 2, 2))
+
+
+def test_float32_matches_the_float64_solve() -> None:
+    # The normalisation runs in G's dtype, then both projectors solve in float64: on the same
+    # float32 Gramian they agree to float32 rounding, and the float64 Gramian gives the same
+    # weights up to the float32 rounding of G.
+    generator = torch.Generator().manual_seed(7)
+    for m in (3, 10, 50):
+        G = (J := torch.randn(m, 2 * m, generator=generator)) @ J.T
+        U = torch.rand(m, m, generator=generator)
+        W = BlockPivotingProjector()(U, G)
+        assert W.dtype == torch.float32
+        torch.testing.assert_close(W, QuadprogProjector()(U, G), rtol=1e-6, atol=1e-6)
+        W64 = BlockPivotingProjector()(U.double(), G.double())
+        torch.testing.assert_close(W, W64.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_output_dtype_follows_g() -> None:
+    G = torch.tensor([[2.0, -1.0], [-1.0, 2.0]])
+    U = torch.eye(2, dtype=torch.float64)
+    assert BlockPivotingProjector()(U, G).dtype == torch.float32
+    assert BlockPivotingProjector()(U.float(), G.double()).dtype == torch.float64
+    assert BlockPivotingProjector()(U.half(), G.half()).dtype == torch.float16
+
+
+def test_empty_inputs() -> None:
+    projector = BlockPivotingProjector()
+    G = torch.eye(3)
+    assert projector(torch.zeros(0, 3), G).shape == (0, 3)
+    assert projector(torch.zeros(2, 0), torch.zeros(0, 0)).shape == (2, 0)
+
+
+def test_not_differentiable() -> None:
+    J = torch.randn(3, 4, generator=torch.Generator().manual_seed(8), requires_grad=True)
+    W = BlockPivotingProjector()(torch.eye(3), J @ J.T)
+    assert not W.requires_grad
+
+
+def test_nan_gives_nan_without_warning() -> None:
+    G = torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        W = BlockPivotingProjector()(torch.eye(2), G)
+    assert W.isnan().all()
+
+
+def test_not_positive_definite_is_rescued() -> None:
+    # A Gramian with a negative eigenvalue of relative size 1e-8 (e.g. rounding errors) and no
+    # regularisation: some factorisations fail; the solution for a small added ridge is returned.
+    generator = torch.Generator().manual_seed(9)
+    m = 6
+    Q, _ = torch.linalg.qr(torch.randn(m, m, generator=generator, dtype=torch.float64))
+    eigenvalues = torch.tensor([-1e-8, 0.1, 0.3, 0.5, 0.8, 1.0], dtype=torch.float64)
+    G = Q @ torch.diag(eigenvalues) @ Q.T
+    U = _vectors(m, generator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        W = BlockPivotingProjector(norm_eps=0.0, reg_eps=0.0)(U, G)
+    A = G / G.trace() + 1e-6 * torch.eye(m, dtype=G.dtype)
+    _assert_kkt(U, W, A, tol=1e-6)
+
+
+def test_far_from_positive_semi_definite_warns() -> None:
+    G = torch.tensor([[1.0, 0.0], [0.0, -0.9]])
+    with pytest.warns(UserWarning, match="positive semi-definite"):
+        BlockPivotingProjector(norm_eps=0.0, reg_eps=0.0)(torch.tensor([0.0, 1.0]), G)
+
+
+def test_single_pivot_rule_still_solves(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without patience, Murty's single-pivot rule takes over as soon as the number of infeasible
+    # indices stalls; the answers must not change.
+    monkeypatch.setattr(block_pivoting, "_PATIENCE", 0)
+    generator = torch.Generator().manual_seed(10)
+    for m in (5, 12, 40):
+        for kind in _KINDS:
+            G = (J := _jacobian(kind, m, generator)) @ J.T
+            U = _vectors(m, generator)
+            torch.testing.assert_close(
+                BlockPivotingProjector()(U, G), QuadprogProjector()(U, G), rtol=1e-6, atol=1e-6
+            )
+
+
+def test_without_float64_falls_back_to_float32() -> None:
+    with pytest.warns(UserWarning, match="float32"):
+        dtype = block_pivoting._solver_dtype(torch.device("mps"))
+    assert dtype == torch.float32
+    assert block_pivoting._solver_dtype(torch.device("cpu")) == torch.float64
