@@ -12,10 +12,12 @@ from torchjd.aggregation._bases import (
 from torchjd.aggregation._constant import Constant, ConstantWeighting
 from torchjd.aggregation._crmogm import CRMOGMWeighting
 from torchjd.aggregation._excess_mtl import ExcessMTL, ExcessMTLWeighting
+from torchjd.aggregation._fairgrad import FairGrad, FairGradWeighting
 from torchjd.aggregation._gradvac import GradVac, GradVacWeighting
 from torchjd.aggregation._mean import Mean, MeanWeighting
 from torchjd.aggregation._mgda import MGDA, MGDAWeighting
 from torchjd.aggregation._modo import MoDoWeighting
+from torchjd.aggregation._nash_mtl import NashMTL
 from torchjd.aggregation._pcgrad import PCGrad, PCGradWeighting
 from torchjd.aggregation._random import Random, RandomWeighting
 from torchjd.aggregation._sdmgrad import SDMGradWeighting
@@ -30,6 +32,8 @@ __all__ = [
     "ConstantWeighting",
     "ExcessMTL",
     "ExcessMTLWeighting",
+    "FairGrad",
+    "FairGradWeighting",
     "GradVac",
     "GradVacWeighting",
     "GramianWeightedAggregator",
@@ -37,6 +41,7 @@ __all__ = [
     "Mean",
     "MeanWeighting",
     "MoDoWeighting",
+    "NashMTL",
     "PCGrad",
     "PCGradWeighting",
     "Random",

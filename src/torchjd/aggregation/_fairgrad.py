@@ -1,0 +1,213 @@
+import math
+
+import torch
+from torch import Tensor
+
+from torchjd.aggregation._bases import GramianWeightedAggregator, Weighting
+from torchjd.linalg._matrix import PSDMatrix
+
+_DEFAULT_MAX_ITERS = 100
+# Scale (relative to the typical weight) that the weights reach where the system has no root.
+_DEGENERATE_WEIGHT = 1e7
+_MAX_WEIGHT = 100 * _DEGENERATE_WEIGHT
+_RESIDUAL_TOL = 1e-10
+# The line search tries the steps 2^4, 2^3, ..., 2^-11 and 0 at once.
+_N_STEPS = 16
+_FULL_STEP = 4  # index of the step 2^0
+
+
+def _barrier(y: Tensor, p: float) -> Tensor:
+    """Antiderivative of ``y ** -p`` (``log y`` for ``p = 1``), summed over the last axis."""
+    if p == 1.0:
+        return torch.log(y).sum(dim=-1)
+    return (y ** (1.0 - p)).sum(dim=-1) / (1.0 - p)
+
+
+def solve_fair_weights(gramian: Tensor, alpha: float, max_iters: int) -> Tensor:
+    r"""The weights :math:`x > 0` solving :math:`G x = x^{\circ(-1/\alpha)}`, in float64.
+
+    ``G`` is first divided by its mean diagonal :math:`c` (the solution scales as
+    :math:`c^{-\alpha/(\alpha+1)}`) and regularised into :math:`\hat G = G / c + \delta I`, with
+    :math:`\delta = (10^7)^{-(1 + 1/\alpha)}`. This changes each equation by a relative
+    :math:`\delta y_i^{1 + 1/\alpha}`, below :math:`10^{-7}` for weights of the usual size. The
+    root is then the minimiser over :math:`y > 0` of
+
+    .. math:: f(y) = \tfrac12 y^\top \hat G y - \sum_i h(y_i), \qquad h'(y) = y^{-1/\alpha},
+
+    strictly convex (:math:`h` is concave) and with a unique minimiser when :math:`\hat G` is
+    positive definite.
+
+    It is found by Newton's method: the Newton step :math:`s` (an LU solve with the Hessian
+    :math:`\hat G + \mathrm{diag}(\frac1\alpha y^{-1/\alpha - 1})`) is applied multiplicatively,
+    :math:`y \leftarrow y \odot \exp(t\, s \oslash y)`, which keeps :math:`y > 0`, with the step
+    :math:`t \in \{2^4, 2^3, \dots, 2^{-11}, 0\}` giving the lowest :math:`f` (all evaluated at
+    once; long steps let weights grow fast where they must; :math:`t = 1` whenever it is as good up
+    to rounding, which keeps the quadratic convergence near the root). :math:`y` starts from the
+    solution of the diagonal problem, rescaled optimally, and is capped at :math:`10^9`. It stops
+    when every equation holds to a relative :math:`10^{-10}`, when no step decreases :math:`f`, or
+    after ``max_iters`` steps. These tests read values back to the host (every step on CPU, every
+    fifth elsewhere).
+
+    When :math:`G` has no root (a non-negative vector :math:`v \ne 0` with :math:`G v = 0`, e.g. a
+    zero row or two opposite rows), the regularisation keeps the weights along :math:`v` finite
+    (about :math:`10^7` times the usual size); :math:`J^\top v = 0`, so they barely move the
+    aggregate :math:`J^\top x` in exact arithmetic. In low precision (a float32 Gramian of a
+    Jacobian with more rows than columns, whose zero eigenvalues are only zero up to rounding),
+    such large weights amplify rounding errors: the output is then finite but not meaningful.
+    """
+    g = gramian.to(dtype=torch.float64)
+    p = 1.0 / alpha
+    scale = g.diagonal().mean()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    g_hat = g / scale
+    g_hat.diagonal().add_(_DEGENERATE_WEIGHT ** (-(1.0 + p)))
+
+    # Start from the solution of the diagonal problem, rescaled by the best factor along that ray.
+    y = g_hat.diagonal() ** (-1.0 / (1.0 + p))
+    curvature = y @ g_hat @ y
+    y = (y * ((y ** (1.0 - p)).sum() / curvature) ** (1.0 / (1.0 + p))).clamp(max=_MAX_WEIGHT)
+
+    powers = torch.arange(4, 4 - _N_STEPS, -1, dtype=g.dtype, device=g.device)
+    steps = torch.cat([2.0**powers, g.new_zeros(1)]).unsqueeze(-1)
+    check_every = 1 if g.device.type == "cpu" else 5
+    stalled = torch.tensor(False, device=g.device)
+    for iteration in range(max_iters):
+        y_pow = y ** (-p)
+        gradient = g_hat @ y - y_pow
+        if iteration % check_every == 0:
+            converged = (gradient.abs() <= _RESIDUAL_TOL * y_pow) | ~torch.isfinite(gradient)
+            if bool(converged.all() | stalled):
+                break
+        hessian = g_hat.clone()
+        hessian.diagonal().add_(p * y_pow / y)
+        newton, _ = torch.linalg.solve_ex(hessian, -gradient)
+        candidates = (y * torch.exp(steps * (newton / y))).clamp(max=_MAX_WEIGHT)
+        values = 0.5 * ((candidates @ g_hat) * candidates).sum(dim=-1) - _barrier(candidates, p)
+        values = torch.nan_to_num(values, nan=math.inf)
+        best = torch.argmin(values)
+        # Near the root, f cannot tell the steps apart any more: take the full Newton step when it
+        # is as good as the best up to rounding, so that the quadratic convergence goes on.
+        newton_is_as_good = values[_FULL_STEP] <= values[best] + 1e-12 * values[best].abs()
+        best = torch.where(newton_is_as_good, _FULL_STEP, best)
+        stalled = best == _N_STEPS
+        y = candidates[best]
+    return y * scale ** (-alpha / (alpha + 1.0))
+
+
+def _check_alpha(alpha: float) -> None:
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(
+            f"`alpha` must be a finite number >= 0 to compute FairGrad weights, got {alpha!r}."
+        )
+
+
+def _resolve_max_iters(max_iters: int | None) -> int:
+    if max_iters is None:
+        return _DEFAULT_MAX_ITERS
+    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
+        raise ValueError(f"`max_iters` must be None or an integer >= 1, got {max_iters!r}.")
+    return max_iters
+
+
+class FairGradWeighting(Weighting[PSDMatrix]):
+    r"""Weights of FairGrad, the :math:`\alpha`-fair allocation of the update among the tasks.
+
+    From `Fair Resource Allocation in Multi-Task Learning <https://arxiv.org/abs/2402.15638>`_
+    (H. Ban and K. Ji, ICML 2024), Eq. 4 and Algorithm 1. Given the Gramian :math:`G = J J^\top`,
+    the weights :math:`w > 0` solve
+
+    .. math:: G w = w^{\circ(-1/\alpha)} \qquad \text{(element-wise power)},
+
+    i.e. every task's rate of improvement :math:`(G w)_i = g_i^\top J^\top w` equals
+    :math:`w_i^{-1/\alpha}`; hence :math:`J (J^\top w) > 0`: the update conflicts with no task.
+    :math:`\alpha = 0` gives uniform weights :math:`\frac1m \mathbf 1` (the mean);
+    :math:`\alpha = 1` gives the Nash bargaining solution :math:`w \odot G w = \mathbf 1` (see
+    :class:`NashMTL`). :math:`G` is used unnormalised, so the result is not scale-equivariant.
+
+    Solver: TorchJD solves this system with ``scipy.optimize.least_squares``. This implementation
+    needs no optional dependency: it finds the same root with a torch-native damped Newton method
+    in float64 on the :math:`m \times m` system (see ``solve_fair_weights`` in this module), on
+    the Gramian's device, and casts the weights back to the Gramian's dtype. Where a root exists,
+    the two agree to the reference solver's tolerance. Where none exists (:math:`G` has a
+    non-negative null vector: a zero row, two opposite rows, ...) the weights along that null
+    vector are large (about :math:`10^7` times their usual size) but finite and, in exact
+    arithmetic, do not affect :math:`J^\top w`; e.g. the zero matrix gives a zero aggregate and
+    ``[[0, 0], [0, 1]]`` gives ``[0, 1]``, where the reference returns solver artefacts. In float32,
+    such inputs (or a Jacobian with more rows than columns) can give an output that is finite but
+    dominated by rounding errors.
+
+    :param alpha: the fairness parameter :math:`\alpha \ge 0`, required. Any value is accepted
+        at construction (as in TorchJD); a negative or non-finite one raises ``ValueError`` at
+        call time, where the :math:`\alpha`-fair utility is undefined.
+    :param max_iters: the maximum number of Newton steps (``None``: 100; the solver usually
+        converges in fewer than 10). TorchJD passes this value to scipy as its maximum number of
+        function evaluations, so with a tiny budget the two return different unconverged points.
+
+    Stateless, deterministic; runs under :func:`torch.no_grad` (the weights come from an
+    iterative solver).
+    """
+
+    def __init__(self, alpha: float, max_iters: int | None = None) -> None:
+        super().__init__()
+        self.alpha = alpha
+        self.max_iters = max_iters
+
+    @torch.no_grad()
+    def forward(self, stat: Tensor, /) -> Tensor:
+        alpha = self.alpha
+        _check_alpha(alpha)
+        max_iters = _resolve_max_iters(self.max_iters)
+        m = stat.shape[0]
+        if m == 0:
+            return torch.zeros(0, dtype=stat.dtype, device=stat.device)
+        if alpha == 0:
+            return torch.full((m,), 1.0 / m, dtype=stat.dtype, device=stat.device)
+        weights = solve_fair_weights(stat, float(alpha), max_iters)
+        return weights.to(dtype=stat.dtype)
+
+
+class FairGrad(GramianWeightedAggregator):
+    r"""FairGrad: aggregates the rows with the :math:`\alpha`-fair weights of
+    :class:`FairGradWeighting`, from `Fair Resource Allocation in Multi-Task Learning
+    <https://arxiv.org/abs/2402.15638>`_ (H. Ban and K. Ji, ICML 2024). Returns :math:`J^\top w`
+    with :math:`J J^\top w = w^{\circ(-1/\alpha)}`.
+
+    Uses a torch-native Newton solver; scipy is not needed (see :class:`FairGradWeighting`).
+
+    :param alpha: the fairness parameter :math:`\alpha \ge 0` (required; ``0`` gives the mean).
+    :param max_iters: the maximum number of Newton steps, or ``None`` for the default (100).
+
+    >>> import torch
+    >>> from torchjd.aggregation import FairGrad
+    >>> FairGrad(alpha=1.0)(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
+    tensor([0.0766, 0.9985, 0.9985])
+    """
+
+    def __init__(self, alpha: float, max_iters: int | None = None) -> None:
+        super().__init__(FairGradWeighting(alpha, max_iters))
+
+    @property
+    def alpha(self) -> float:
+        return self.gramian_weighting.alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self.gramian_weighting.alpha = value
+
+    @property
+    def max_iters(self) -> int | None:
+        return self.gramian_weighting.max_iters
+
+    @max_iters.setter
+    def max_iters(self, value: int | None) -> None:
+        self.gramian_weighting.max_iters = value
+
+    @torch.no_grad()
+    def forward(self, matrix: Tensor, /) -> Tensor:
+        return super().forward(matrix)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(alpha={self.alpha}, max_iters={self.max_iters})"
+
+    def __str__(self) -> str:
+        return f"{self.alpha}-FairGrad"
