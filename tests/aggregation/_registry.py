@@ -12,14 +12,24 @@ import torch
 
 from torchjd.aggregation import (
     MGDA,
+    PCD,
     Aggregator,
     Constant,
+    CRMOGMWeighting,
+    ExcessMTL,
+    FairGrad,
     GradVac,
+    GramianWeightedAggregator,
     Mean,
+    MeanWeighting,
+    MoDoWeighting,
+    NashMTL,
     PCGrad,
     Random,
+    SDMGradWeighting,
     Sum,
     UPGrad,
+    WeightedAggregator,
 )
 from torchjd.linalg import BlockPivotingProjector, QuadprogProjector
 
@@ -44,6 +54,37 @@ def _constant3() -> Aggregator:
     return Constant(torch.tensor([1.0, 2.0, 0.5]))
 
 
+# Weightings without an aggregator of their own, wrapped as in TorchJD's "expected structure"
+# tests. MoDo and SDMGrad take a cross-batch matrix J1 J2^T: the Gramian J J^T is the case J1 = J2.
+# The wrappers are not Stateful themselves (their weighting is; tested in the weightings' files).
+def _crmogm_mean() -> Aggregator:
+    return WeightedAggregator(CRMOGMWeighting(MeanWeighting()))
+
+
+def _crmogm_modo() -> Aggregator:
+    return GramianWeightedAggregator(CRMOGMWeighting(MoDoWeighting()))
+
+
+def _modo() -> Aggregator:
+    return GramianWeightedAggregator(MoDoWeighting())
+
+
+def _sdmgrad() -> Aggregator:
+    return GramianWeightedAggregator(SDMGradWeighting())
+
+
+def _fairgrad_1() -> Aggregator:
+    return FairGrad(alpha=1.0)
+
+
+def _fairgrad_01() -> Aggregator:
+    return FairGrad(alpha=0.1, max_iters=100)
+
+
+def _nash_mtl3() -> Aggregator:
+    return NashMTL(n_tasks=3)
+
+
 def _upgrad_pref3() -> Aggregator:
     return UPGrad(pref_vector=torch.tensor([1.0, 2.0, 0.5]))
 
@@ -66,6 +107,18 @@ AGGREGATORS: list[Entry] = [
     Entry("MGDA", MGDA, permutation_invariant=True, differentiable=True),
     Entry("PCGrad", PCGrad, randomised=True),
     Entry("GradVac", GradVac, randomised=True, stateful=True),
+    # FairGrad and NashMTL conflict with no row only when the system G w = w^(-1/alpha) has a
+    # root (e.g. full row rank); tested in their own files, not on the registry's rank-deficient
+    # random matrices.
+    Entry("CRMOGM(Mean)", _crmogm_mean, permutation_invariant=True, differentiable=True),
+    Entry("CRMOGM(MoDo)", _crmogm_modo, permutation_invariant=True, differentiable=True),
+    Entry("ExcessMTL", ExcessMTL, permutation_invariant=True, stateful=True),
+    Entry("FairGrad(1)", _fairgrad_1, permutation_invariant=True),
+    Entry("FairGrad(0.1)", _fairgrad_01, permutation_invariant=True),
+    Entry("MoDo", _modo, permutation_invariant=True, differentiable=True),
+    Entry("NashMTL", _nash_mtl3, permutation_invariant=True, stateful=True, needs_fixed_m=3),
+    Entry("PCD", PCD, stateful=True),
+    Entry("SDMGrad", _sdmgrad, permutation_invariant=True, differentiable=True),
     # UPGrad conflicts with no row, but the relative check above is meaningless when the exact
     # output is 0 (rows spanning opposite directions, n < m): the output is then rounding noise.
     # Its non-conflict is tested in test_upgrad.py on full-row-rank matrices.

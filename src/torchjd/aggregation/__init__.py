@@ -18,6 +18,7 @@ from torchjd.aggregation._mean import Mean, MeanWeighting
 from torchjd.aggregation._mgda import MGDA, MGDAWeighting
 from torchjd.aggregation._modo import MoDoWeighting
 from torchjd.aggregation._nash_mtl import NashMTL
+from torchjd.aggregation._pcd import PCD, PCDWeighting
 from torchjd.aggregation._pcgrad import PCGrad, PCGradWeighting
 from torchjd.aggregation._random import Random, RandomWeighting
 from torchjd.aggregation._sdmgrad import SDMGradWeighting
@@ -26,6 +27,7 @@ from torchjd.aggregation._upgrad import UPGrad, UPGradWeighting
 
 __all__ = [
     "MGDA",
+    "PCD",
     "Aggregator",
     "CRMOGMWeighting",
     "Constant",
@@ -42,6 +44,7 @@ __all__ = [
     "MeanWeighting",
     "MoDoWeighting",
     "NashMTL",
+    "PCDWeighting",
     "PCGrad",
     "PCGradWeighting",
     "Random",
