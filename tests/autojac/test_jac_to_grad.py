@@ -292,11 +292,21 @@ def _make_aggregators() -> dict[str, Callable[[], Aggregator]]:
         ),
         "ColumnMax": ColumnMax,
     }
-    # The built-in aggregators that take no argument, as far as they are available.
-    for name in ["UPGrad", "MGDA", "DualProj", "IMTLG", "PCGrad", "AlignedMTL", "GradVac"]:
-        if hasattr(aggregation, name):
-            makers[name] = getattr(aggregation, name)
+    # The built-in aggregators that can be built without arguments (and without a missing
+    # optional dependency).
+    for name in aggregation.__all__:
+        cls = getattr(aggregation, name)
+        if not isinstance(cls, type) or not issubclass(cls, Aggregator) or name in _BASES:
+            continue
+        try:
+            cls()
+        except (TypeError, ImportError):
+            continue
+        makers[name] = cls
     return makers
+
+
+_BASES = {"Aggregator", "WeightedAggregator", "GramianWeightedAggregator"}
 
 
 AGGREGATORS = _make_aggregators()
