@@ -41,3 +41,14 @@ def assert_state_differs_from_fresh(
     for stat in history:
         used(stat)
     assert not torch.equal(used(probe), make()(probe))
+
+
+def assert_outputs_do_not_alias_the_state(
+    make: Callable[[], nn.Module], history: Sequence[Tensor], probe: Tensor
+) -> None:
+    """Writing into a returned tensor does not change the object's later outputs."""
+    touched, untouched = make(), make()
+    for stat in history:
+        touched(stat).mul_(-3.0)
+        untouched(stat)
+    torch.testing.assert_close(touched(probe), untouched(probe), rtol=0, atol=0)

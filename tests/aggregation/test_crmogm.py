@@ -15,6 +15,7 @@ from torchjd.linalg._matrix import PSDMatrix
 
 from ._matrices import J_B, J_B2
 from ._state_checks import (
+    assert_outputs_do_not_alias_the_state,
     assert_reset_restores_fresh_behaviour,
     assert_state_dict_round_trip,
     assert_state_differs_from_fresh,
@@ -167,3 +168,5 @@ def test_state() -> None:
 
     assert_state_differs_from_fresh(make_plain, history, G_B2)
     assert_state_dict_round_trip(make_plain, history, probes)
+    assert_outputs_do_not_alias_the_state(make_plain, history, G_B2)
+    assert_outputs_do_not_alias_the_state(make, history, G_B2)

@@ -9,6 +9,7 @@ from torchjd.aggregation import ExcessMTL, ExcessMTLWeighting
 
 from ._matrices import J_A, J_B, J_B2, ONE, ZERO, ZR
 from ._state_checks import (
+    assert_outputs_do_not_alias_the_state,
     assert_reset_restores_fresh_behaviour,
     assert_state_dict_round_trip,
     assert_state_differs_from_fresh,
@@ -171,6 +172,9 @@ def test_state(n_warmup_steps: int) -> None:
     # During the warm-up, at its end, and after.
     for n_history in range(4):
         assert_state_dict_round_trip(make, history[:n_history], probes)
+    assert_outputs_do_not_alias_the_state(
+        lambda: ExcessMTLWeighting(n_warmup_steps=n_warmup_steps), history, J_B2
+    )
 
 
 def test_reinitialises_when_the_shape_or_dtype_changes() -> None:

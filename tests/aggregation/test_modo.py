@@ -9,6 +9,7 @@ from torchjd.linalg._simplex import project_onto_simplex
 
 from ._matrices import J_B, J_B2
 from ._state_checks import (
+    assert_outputs_do_not_alias_the_state,
     assert_reset_restores_fresh_behaviour,
     assert_state_dict_round_trip,
     assert_state_differs_from_fresh,
@@ -103,6 +104,7 @@ def test_state() -> None:
     assert_state_dict_round_trip(MoDoWeighting, history, probes)
     assert_state_dict_round_trip(MoDoWeighting, [M_AB.double()], [G_B.double()])
     assert_state_dict_round_trip(MoDoWeighting, [], [M_AB])
+    assert_outputs_do_not_alias_the_state(MoDoWeighting, history, G_B)
 
 
 def test_reinitialises_when_m_or_dtype_changes() -> None:

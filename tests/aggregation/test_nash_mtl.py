@@ -9,6 +9,7 @@ from torchjd.aggregation import FairGrad, FairGradWeighting, GramianWeightedAggr
 
 from ._matrices import J_A, J_B, J_B2, ONE, ZERO, ZR
 from ._state_checks import (
+    assert_outputs_do_not_alias_the_state,
     assert_reset_restores_fresh_behaviour,
     assert_state_dict_round_trip,
     assert_state_differs_from_fresh,
@@ -222,6 +223,12 @@ def test_state() -> None:
     for n_history in range(4):
         assert_reset_restores_fresh_behaviour(make, history[:n_history], probes)
         assert_state_dict_round_trip(make, history[:n_history], probes)
+
+    def make_weighting() -> torch.nn.Module:
+        return NashMTL(n_tasks=3, max_norm=0.0, update_weights_every=2).gramian_weighting
+
+    gramians = [(m @ m.T).double() for m in history]
+    assert_outputs_do_not_alias_the_state(make_weighting, gramians, gramians[1])
 
 
 def test_changing_n_tasks_without_reset_reinitialises() -> None:

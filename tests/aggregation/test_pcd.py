@@ -9,6 +9,7 @@ from torchjd.aggregation import PCD, PCDWeighting
 
 from ._matrices import J_A, J_B, J_B2, ONE, ZERO, ZR
 from ._state_checks import (
+    assert_outputs_do_not_alias_the_state,
     assert_reset_restores_fresh_behaviour,
     assert_state_dict_round_trip,
     assert_state_differs_from_fresh,
@@ -216,6 +217,9 @@ def test_state() -> None:
     for n_history in range(4):
         assert_reset_restores_fresh_behaviour(make, history[:n_history], probes)
         assert_state_dict_round_trip(make, history[:n_history], probes)
+    assert_outputs_do_not_alias_the_state(
+        lambda: PCDWeighting(beta=0.5), [J_B @ J_B.T], J_B2 @ J_B2.T
+    )
 
 
 def test_state_restarts_when_m_changes_only() -> None:

@@ -7,6 +7,7 @@ from torchjd.linalg._simplex import project_onto_simplex
 
 from ._matrices import J_B, J_B2
 from ._state_checks import (
+    assert_outputs_do_not_alias_the_state,
     assert_reset_restores_fresh_behaviour,
     assert_state_dict_round_trip,
     assert_state_differs_from_fresh,
@@ -136,6 +137,7 @@ def test_state() -> None:
     assert_reset_restores_fresh_behaviour(make, history, probes)
     assert_state_dict_round_trip(make, history, probes)
     assert_state_dict_round_trip(make, [], probes)
+    assert_outputs_do_not_alias_the_state(make, history, G_B)
 
 
 def test_reinitialises_when_m_or_dtype_changes() -> None:

@@ -93,7 +93,7 @@ class _NashMTLWeighting(LazyStateMixin, Weighting[PSDMatrix], Stateful):
             self._previous = previous
         self._step += 1
 
-        weights = previous.to(dtype=stat.dtype, device=stat.device)
+        weights = previous.to(dtype=stat.dtype, device=stat.device, copy=True)
         if self.max_norm > 0:
             # ||J^T w|| from the Gramian, clipped to max_norm without reading it on the host.
             norm = torch.sqrt(torch.clamp(weights @ stat @ weights, min=0.0))
