@@ -193,8 +193,9 @@ class NashMTL(GramianWeightedAggregator, Stateful):
         self.gramian_weighting.reset()
 
     @torch.no_grad()
-    def forward(self, matrix: Tensor, /) -> Tensor:
-        return super().forward(matrix)
+    def __call__(self, matrix: Tensor, /) -> Tensor:
+        # Wrapping __call__ rather than forward keeps jac_to_grad's route without concatenation.
+        return super().__call__(matrix)
 
     def __repr__(self) -> str:
         return (
