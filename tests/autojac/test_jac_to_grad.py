@@ -690,3 +690,19 @@ def test_bare_tensor_as_tensors_is_rejected() -> None:
     with pytest.raises(ValueError, match="wrap it in a list"):
         jac_to_grad(p, Mean())  # type: ignore[arg-type]
     assert hasattr(p, "jac")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        n
+        for n in aggregation.__all__
+        if n not in _BASES
+        and isinstance(getattr(aggregation, n), type)
+        and issubclass(getattr(aggregation, n), GramianWeightedAggregator)
+    ],
+)
+def test_builtin_gramian_aggregators_take_the_gramian_route(name: str) -> None:
+    """No built-in Gramian-based aggregator forces the concatenation of the Jacobians."""
+    cls = getattr(aggregation, name)
+    assert cls.forward is GramianWeightedAggregator.forward
