@@ -247,19 +247,40 @@ CONV_VARIANTS: dict[str, Callable[[], nn.Module]] = {
 
 
 @pytest.mark.parametrize("variant", list(CONV_VARIANTS))
-@pytest.mark.parametrize("kernel", [True, False])
-def test_convolutions(variant: str, kernel: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(layer_gramians, "_use_kernel", lambda *_: kernel)
+@pytest.mark.parametrize("route", ["kernel", "unfold", "grouped"])
+def test_convolutions(variant: str, route: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(layer_gramians, "_use_kernel", lambda *_: route == "kernel")
+    min_positions = 0 if route == "grouped" else 10**9
+    monkeypatch.setattr(layer_gramians, "_GROUPED_MIN_POSITIONS", min_positions)
     torch.manual_seed(0)
     conv = CONV_VARIANTS[variant]().double()
     shape = (3, 4, 7) if isinstance(conv, nn.Conv1d) else (3, 4, 6, 5)
     _check(conv, torch.randn(shape, dtype=torch.float64))
 
 
-def test_unbatched_convolution_input_without_batch_dim() -> None:
+@pytest.mark.parametrize("min_positions", [0, 10**9])
+def test_unbatched_convolution_input_without_batch_dim(
+    min_positions: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(layer_gramians, "_GROUPED_MIN_POSITIONS", min_positions)
     torch.manual_seed(0)
     conv = nn.Conv2d(2, 3, 2).double()
     _check(conv, torch.randn(2, 4, 4, dtype=torch.float64), batch_dims=(None,))
+
+
+@pytest.mark.parametrize("min_positions", [0, 10**9])
+def test_convolution_called_twice_with_several_rows(
+    min_positions: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(layer_gramians, "_GROUPED_MIN_POSITIONS", min_positions)
+    torch.manual_seed(0)
+    conv = nn.Conv1d(3, 3, 2, groups=3).double()
+    x = torch.randn(4, 3, 6, dtype=torch.float64)
+    for batch_dim in (0, None):
+        engine = Engine(conv, batch_dim=batch_dim)
+        out = conv(torch.tanh(conv(x))).sum(dim=2)  # [4, 3]: several rows per sample
+        assert_gramian_close(engine.compute_gramian(out), autograd_gramian(out, trainable(conv)))
+        del engine
 
 
 def test_linear_on_sequences_and_frozen_parts() -> None:

@@ -186,6 +186,19 @@ def _use_kernel(direct_cost: int, kernel_cost: int, direct_size: int, kernel_siz
     return direct_size > max(4 * kernel_size, _LARGE)
 
 
+def _linear_like_uses_kernel(
+    d: int, n_samples: int, groups: int, positions: int, o: int, n: int, with_ones: bool
+) -> bool:
+    """Route choice for :func:`_linear_like_gramian` (shapes as there; ``n = 0`` without x)."""
+    n_features = n + int(with_ones)
+    r = d * n_samples
+    direct_cost = groups * (r * positions * o * n_features + r * r * o * n_features)
+    kernel_cost = groups * ((n_samples * positions) ** 2 * n + (r * positions) ** 2 * (o + 1))
+    direct_size = r * groups * o * n_features
+    kernel_size = groups * (r * positions) ** 2
+    return _use_kernel(direct_cost, kernel_cost, direct_size, kernel_size)
+
+
 def _linear_like_gramian(x: Tensor | None, delta: Tensor, with_ones: bool) -> Tensor:
     """Gramian of the per-row gradients ``sum_p delta[i,b,g,p] (x) [x[b,g,p], 1]``.
 
@@ -194,13 +207,8 @@ def _linear_like_gramian(x: Tensor | None, delta: Tensor, with_ones: bool) -> Te
     """
     d, n_samples, groups, positions, o = delta.shape
     n = 0 if x is None else x.shape[-1]
-    n_features = n + int(with_ones)
     r = d * n_samples
-    direct_cost = groups * (r * positions * o * n_features + r * r * o * n_features)
-    kernel_cost = groups * ((n_samples * positions) ** 2 * n + (r * positions) ** 2 * (o + 1))
-    direct_size = r * groups * o * n_features
-    kernel_size = groups * (r * positions) ** 2
-    if not _use_kernel(direct_cost, kernel_cost, direct_size, kernel_size):
+    if not _linear_like_uses_kernel(d, n_samples, groups, positions, o, n, with_ones):
         parts = []
         if x is not None:
             parts.append(torch.einsum("ibgpo,bgpn->ibgon", delta, x).reshape(r, -1))
@@ -251,14 +259,19 @@ def _linear_rule(module: nn.Linear, items: Items, rows: Rows) -> Tensor | None:
     return _linear_like_gramian(features, delta.to(dtype).unsqueeze(2), bias_on)
 
 
-def _unfold(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
-    """The patches of ``x`` (``[N, C, *spatial]``) seen by the kernel: ``[N, C * prod(k), L]``."""
+def _pad(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """``x`` padded as the convolution does it, or the zero padding left to the kernel."""
     padding: Any = module.padding
-    if module.padding_mode != "zeros" or isinstance(padding, str):
-        if padding != "valid":
-            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-        padding = (0,) * len(module.kernel_size)
+    if module.padding_mode == "zeros" and not isinstance(padding, str):
+        return x, tuple(padding)
+    if padding != "valid":
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+    return x, (0,) * len(module.kernel_size)
+
+
+def _unfold(module: nn.Conv1d | nn.Conv2d, x: Tensor, padding: tuple[int, ...]) -> Tensor:
+    """The patches of ``x`` (``[N, C, *spatial]``) seen by the kernel: ``[N, C * prod(k), L]``."""
     kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
     if isinstance(module, nn.Conv1d):
         x = x.unsqueeze(2)
@@ -271,13 +284,57 @@ def _unfold(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
     return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
 
 
+def _conv_weight_grads_by_groups(
+    module: nn.Conv1d | nn.Conv2d, x: Tensor, padding: tuple[int, ...], delta: Tensor, rows: Rows
+) -> Tensor:
+    """Per-row weight gradients ``[R, Cout * Cin/G * prod(k)]`` from the weight-gradient kernel of
+    a convolution in which every row is a separate group of channels."""
+    d = rows.d
+    n_images, channels = x.shape[:2]
+    spatial, out_spatial = x.shape[2:], delta.shape[3:]
+    out_channels = delta.shape[2]
+    if rows.batched:  # one image per row: groups over (i, b)
+        inputs = x.unsqueeze(0).expand(d, *x.shape).reshape(1, d * n_images * channels, *spatial)
+        grads = delta.reshape(1, d * n_images * out_channels, *out_spatial)
+        n_rows = d * n_images
+    else:  # every image for every row: groups over i
+        inputs = x.unsqueeze(1).expand(n_images, d, *x.shape[1:])
+        inputs = inputs.reshape(n_images, d * channels, *spatial)
+        grads = delta.transpose(0, 1).reshape(n_images, d * out_channels, *out_spatial)
+        n_rows = d
+    # Only the shape of the weight matters for its gradient.
+    weight = torch.empty(
+        (n_rows * out_channels, *module.weight.shape[1:]), dtype=x.dtype, device=x.device
+    )
+    _, weight_grad, _ = torch.ops.aten.convolution_backward(
+        grads,
+        inputs,
+        weight,
+        None,
+        list(module.stride),
+        list(padding),
+        list(module.dilation),
+        False,
+        [0] * len(spatial),
+        n_rows * module.groups,
+        [False, True, False],
+    )
+    return weight_grad.reshape(n_rows, -1)
+
+
+# Per-row weight gradients of a convolution come from a grouped convolution backward when the
+# output has at least this many positions (it avoids materialising the patches; with fewer
+# positions and many channels it is slower than unfold and batched products).
+_GROUPED_MIN_POSITIONS = 64
+
+
 def _conv_rule(module: nn.Conv1d | nn.Conv2d, items: Items, rows: Rows) -> Tensor | None:
     weight_on = module.weight.requires_grad
     bias_on = module.bias is not None and module.bias.requires_grad
     dtype = module.weight.dtype
     groups = module.groups
     spatial_dims = len(module.kernel_size)
-    xs, deltas = [], []
+    calls = []
     for call, (delta,) in items:
         x = _input(call)
         if x is None:
@@ -289,19 +346,55 @@ def _conv_rule(module: nn.Conv1d | nn.Conv2d, items: Items, rows: Rows) -> Tenso
             delta = delta.unsqueeze(1)
         elif rows.batched and x.shape[0] != rows.n_samples:
             raise _not_batched_error(module, "an input", x.shape, rows)
-        n_images = x.shape[0]
-        cols = _unfold(module, x.to(dtype))
-        n_cols = cols.shape[-1]
-        xg = cols.view(n_images, groups, -1, n_cols).transpose(2, 3)  # [N, G, L, n]
-        dg = delta.to(dtype).reshape(rows.d, n_images, groups, -1, n_cols).transpose(3, 4)
-        if not rows.batched:  # every position of every image belongs to the one "sample"
-            xg = xg.transpose(0, 1).reshape(1, groups, n_images * n_cols, -1)
-            dg = dg.transpose(1, 2).reshape(rows.d, 1, groups, n_images * n_cols, -1)
-        xs.append(xg)
-        deltas.append(dg)
-    x = torch.cat(xs, dim=2) if len(xs) > 1 else xs[0]
-    delta = torch.cat(deltas, dim=3) if len(deltas) > 1 else deltas[0]
-    return _linear_like_gramian(x if weight_on else None, delta, bias_on)
+        x, padding = _pad(module, x.to(dtype))
+        calls.append((x, padding, delta.to(dtype)))
+
+    n_samples = rows.n_samples if rows.batched else 1
+    positions = sum(
+        delta[0, 0, 0].numel() * (1 if rows.batched else delta.shape[1]) for _, _, delta in calls
+    )
+    o = module.out_channels // groups
+    n = module.weight[0].numel() if weight_on else 0
+    if _linear_like_uses_kernel(rows.d, n_samples, groups, positions, o, n, bias_on):
+        xs, deltas = [], []
+        for x, padding, delta in calls:
+            n_images = x.shape[0]
+            cols = _unfold(module, x, padding)
+            n_cols = cols.shape[-1]
+            xg = cols.view(n_images, groups, -1, n_cols).transpose(2, 3)  # [N, G, L, n]
+            dg = delta.reshape(rows.d, n_images, groups, -1, n_cols).transpose(3, 4)
+            if not rows.batched:  # every position of every image belongs to the one "sample"
+                xg = xg.transpose(0, 1).reshape(1, groups, n_images * n_cols, -1)
+                dg = dg.transpose(1, 2).reshape(rows.d, 1, groups, n_images * n_cols, -1)
+            xs.append(xg)
+            deltas.append(dg)
+        x = torch.cat(xs, dim=2) if len(xs) > 1 else xs[0]
+        delta = torch.cat(deltas, dim=3) if len(deltas) > 1 else deltas[0]
+        return _linear_like_gramian(x if weight_on else None, delta, bias_on)
+
+    # Direct route: per-row gradients, summed over the calls.
+    jacobian: Tensor | None = None
+    r = rows.n_rows
+    for x, padding, delta in calls:
+        parts = []
+        if weight_on:
+            if delta[0, 0, 0].numel() >= _GROUPED_MIN_POSITIONS:
+                parts.append(_conv_weight_grads_by_groups(module, x, padding, delta, rows))
+            else:
+                n_images = x.shape[0]
+                cols = _unfold(module, x, padding)
+                n_cols = cols.shape[-1]
+                xg = cols.view(n_images, groups, -1, n_cols)  # [N, G, n, L]
+                dg = delta.reshape(rows.d, n_images, groups, -1, n_cols)  # [d, N, G, o, L]
+                equation = "ibgol,bgnl->ibgon" if rows.batched else "ibgol,bgnl->igon"
+                parts.append(torch.einsum(equation, dg, xg).reshape(r, -1))
+        if bias_on:
+            sum_dims = (*range(3, delta.ndim),) if rows.batched else (1, *range(3, delta.ndim))
+            parts.append(delta.sum(dim=sum_dims).reshape(r, -1))
+        call_jacobian = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        jacobian = call_jacobian if jacobian is None else jacobian + call_jacobian
+    assert jacobian is not None
+    return _gram(jacobian)
 
 
 # ---------------------------------------------------------------------------------------------
