@@ -306,7 +306,9 @@ class Engine:
 
         Consumes the forward calls recorded since the previous call: every grad-enabled forward
         pass through a hooked module must flow into ``output`` (do extra forward passes under
-        :func:`torch.no_grad`), and a second call needs a new forward pass.
+        :func:`torch.no_grad`), and a second call needs a new forward pass. Until then the engine
+        keeps a reference to the arguments of each recorded call (they are needed to form the
+        blocks of the Gramian).
 
         :param output: The tensor whose Jacobian is considered (e.g. the vector of per-sample
             losses). With ``batch_dim`` not ``None`` it must have at least one dimension.

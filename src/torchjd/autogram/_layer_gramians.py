@@ -45,7 +45,8 @@ called several times, so that only its local derivative is used).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -656,6 +657,19 @@ def _functional(module: nn.Module, call: Call) -> tuple[_Pure, tuple[Tensor, ...
     return f, tensors
 
 
+@contextmanager
+def _composite_attention() -> Iterator[None]:
+    """Use the composite ("math") scaled-dot-product attention: the fused kernels have no
+    batching rule, so under ``vmap`` they would run sample by sample."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch: nothing to select
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
 def _per_sample_rule(module: nn.Module, items: Items, rows: Rows) -> Tensor:
     """Per-sample VJPs of the module re-run functionally, vectorised over the samples (and rows)."""
     params = _trainable(module)
@@ -680,7 +694,8 @@ def _per_sample_rule(module: nn.Module, items: Items, rows: Rows) -> Tensor:
             return torch.func.vmap(vjp_fn)(tuple(delta.unsqueeze(1) for delta in sample_deltas))[0]
 
         try:
-            jac = torch.func.vmap(per_sample, in_dims=(0, 1))(tensors, deltas)
+            with _composite_attention():
+                jac = torch.func.vmap(per_sample, in_dims=(0, 1))(tensors, deltas)
         except (RuntimeError, ValueError, TypeError) as error:
             raise _rerun_failed(module, error) from error
         if rows.d > 1:  # [B, d, *shape] -> [d * B, *shape], rows (i, b)
