@@ -448,3 +448,28 @@ def test_module_without_tensor_output_is_ignored() -> None:
     assert other(x) == "nothing"
     out = lin(x).squeeze(1)
     assert_gramian_close(engine.compute_gramian(out), autograd_gramian(out, trainable(lin)))
+
+
+class _ScalarInBackward(torch.autograd.Function):
+    """Doubles its input; its backward reads a Python scalar, which cannot be vectorised."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        factor = float(grad.new_ones(()).item()) * 2
+        return factor * grad
+
+
+@pytest.mark.parametrize("batch_dim", [0, None])
+def test_graph_that_cannot_be_vectorised(batch_dim: int | None) -> None:
+    """The backward passes for several rows are then run one after the other."""
+    torch.manual_seed(0)
+    lin, rnn_like = nn.Linear(3, 4).double(), nn.Linear(4, 2).double()
+    engine = Engine(lin, rnn_like, batch_dim=batch_dim)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    out = rnn_like(_ScalarInBackward.apply(torch.tanh(lin(x))))  # [5, 2]: two rows per sample
+    params = trainable(lin, rnn_like)
+    assert_gramian_close(engine.compute_gramian(out), autograd_gramian(out, params))

@@ -62,6 +62,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
 from torchjd.autogram._layer_gramians import Call, Rows, module_gramian
+from torchjd.autogram._vjp import stacked_vjps
 from torchjd.linalg._gramian import flatten_gramian, movedim_gramian, reshape_gramian
 
 # Number of engines currently computing a Gramian. Forward calls made meanwhile (re-runs of
@@ -366,15 +367,9 @@ class Engine:
             )
 
         edges = [edge for record in records for edge in record.edges]
+        likes = [out for record in records for out in record.call.outputs]
         with _recording_paused():
-            grads = torch.autograd.grad(
-                target,
-                edges,
-                grad_outputs=seed,
-                retain_graph=True,
-                allow_unused=True,
-                is_grads_batched=rows.d > 1,
-            )
+            grads = stacked_vjps([target], edges, [seed], likes)
 
         by_module: dict[nn.Module, list[tuple[Call, tuple[Tensor, ...]]]] = {}
         unused: dict[nn.Module, int] = {}
@@ -439,10 +434,10 @@ class Engine:
 
 
 def _identity_seed(d: int, n_samples: int, like: Tensor) -> Tensor:
-    """Seed of the backward pass for a target viewed as ``[d, n_samples]``: ones when ``d == 1``,
-    else the ``d`` seeds ``e_i (x) 1`` stacked (for a backward vectorised over them)."""
+    """The ``d`` seeds ``e_i (x) 1`` of the backward passes for a target viewed as
+    ``[d, n_samples]``, stacked: ``[d, d, n_samples]``."""
     if d == 1:
-        return torch.ones((1, n_samples), dtype=like.dtype, device=like.device)
+        return torch.ones((1, 1, n_samples), dtype=like.dtype, device=like.device)
     eye = torch.eye(d, dtype=like.dtype, device=like.device)
     return eye.unsqueeze(-1).expand(d, d, n_samples).contiguous()
 
@@ -451,4 +446,4 @@ def _rows_first(grad: Tensor | None, output: Tensor, rows: Rows) -> Tensor:
     """The output-gradient of one module output with the rows of ``J`` first: ``[d, *shape]``."""
     if grad is None:
         return torch.zeros((rows.d, *output.shape), dtype=output.dtype, device=output.device)
-    return grad.unsqueeze(0) if rows.d == 1 else grad
+    return grad

@@ -55,6 +55,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from torchjd.autogram._vjp import stacked_vjps
+
 
 @dataclass(frozen=True)
 class Rows:
@@ -716,21 +718,12 @@ def _batched_vjp_rule(module: nn.Module, items: Items, rows: Rows) -> Tensor:
     if len(items) == 1 and unchanged:
         # Through the recorded graph: with a single call, the parameters reach the outputs only
         # through that call, so the total derivative is the local one.
-        grads = torch.autograd.grad(
-            call.outputs,
-            list(named.values()),
-            grad_outputs=deltas if rows.d > 1 else tuple(delta[0] for delta in deltas),
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=rows.d > 1,
-        )
-        jac = {}
-        for (name, p), g in zip(named.items(), grads):
-            if g is None:
-                g = torch.zeros((rows.d, *p.shape), dtype=p.dtype, device=p.device)
-            elif rows.d == 1:
-                g = g.unsqueeze(0)
-            jac[name] = g
+        params = list(named.values())
+        grads = stacked_vjps(call.outputs, params, deltas, params)
+        jac = {
+            name: p.new_zeros((rows.d, *p.shape)) if g is None else g
+            for (name, p), g in zip(named.items(), grads)
+        }
         return _gramian_of_jacobians(jac, rows.n_rows)
 
     # Several calls (or outputs modified in place): local derivatives through a functional re-run.
