@@ -319,11 +319,14 @@ def test_normalisations(variant: str) -> None:
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_batch_norm_without_batch_dim(training: bool) -> None:
+@pytest.mark.parametrize("track", [True, False])
+def test_batch_norm_without_batch_dim(training: bool, track: bool) -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.BatchNorm2d(3), nn.Tanh()).double()
-    model[1].running_mean.normal_()
-    model[1].running_var.uniform_(0.5, 2.0)
+    norm = nn.BatchNorm2d(3, track_running_stats=track)
+    model = nn.Sequential(nn.Conv2d(2, 3, 2), norm, nn.Tanh()).double()
+    if track:
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
     model.train(training)
     _check(model, torch.randn(4, 2, 4, 4, dtype=torch.float64), batch_dims=(None,))
 

@@ -62,7 +62,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
 from torchjd.autogram._layer_gramians import Call, Rows, module_gramian
-from torchjd.autogram._vjp import stacked_vjps
+from torchjd.autogram._vjp import TensorSpec, stacked_vjps
 from torchjd.linalg._gramian import flatten_gramian, movedim_gramian, reshape_gramian
 
 # Number of engines currently computing a Gramian. Forward calls made meanwhile (re-runs of
@@ -110,8 +110,30 @@ class _Record:
 class _Recorder:
     """Forward hook shared by the hooked modules of one engine; holds the recorded calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_outputs: bool) -> None:
         self.records: list[_Record] = []
+        self.keep_outputs = keep_outputs
+
+    def _call(
+        self,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        outputs: tuple[Tensor, ...],
+        positions: tuple[int, ...],
+    ) -> Call:
+        call = Call(
+            module,
+            args,
+            kwargs,
+            tuple(TensorSpec.of(t) for t in outputs),
+            positions,
+            _versions(args, kwargs),
+        )
+        if self.keep_outputs:
+            call.outputs = outputs
+            call.output_versions = tuple(t._version for t in outputs)
+        return call
 
     def __call__(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
@@ -121,7 +143,7 @@ class _Recorder:
         if isinstance(output, Tensor):
             if not output.requires_grad:
                 return None
-            call = Call(module, args, kwargs, (output,), (0,), _versions(args, kwargs))
+            call = self._call(module, args, kwargs, (output,), (0,))
             self.records.append(_Record(call, (get_gradient_edge(output),)))
             return None
 
@@ -135,7 +157,7 @@ class _Recorder:
         if not positions:
             return None
         raw = tuple(leaves[i] for i in positions)
-        call = Call(module, args, kwargs, raw, tuple(positions), _versions(args, kwargs))
+        call = self._call(module, args, kwargs, raw, tuple(positions))
         if len(raw) == 1:
             self.records.append(_Record(call, (get_gradient_edge(raw[0]),)))
             return None
@@ -288,7 +310,7 @@ class Engine:
             for unit in units:
                 _check_batched_compatibility(unit, batch_dim)
 
-        self._recorder = _Recorder()
+        self._recorder = _Recorder(keep_outputs=batch_dim is None)
         handles = [unit.register_forward_hook(self._recorder, with_kwargs=True) for unit in units]
         weakref.finalize(self, _remove_handles, handles)
 
@@ -367,9 +389,9 @@ class Engine:
             )
 
         edges = [edge for record in records for edge in record.edges]
-        likes = [out for record in records for out in record.call.outputs]
+        specs = [spec for record in records for spec in record.call.output_specs]
         with _recording_paused():
-            grads = stacked_vjps([target], edges, [seed], likes)
+            grads = stacked_vjps([target], edges, [seed], specs)
 
         by_module: dict[nn.Module, list[tuple[Call, tuple[Tensor, ...]]]] = {}
         unused: dict[nn.Module, int] = {}
@@ -384,7 +406,8 @@ class Engine:
                 unused[module] = unused.get(module, 0) + 1
                 continue
             deltas = tuple(
-                _rows_first(g, out, rows) for g, out in zip(call_grads, record.call.outputs)
+                spec.zeros(rows.d) if g is None else g
+                for g, spec in zip(call_grads, record.call.output_specs)
             )
             by_module.setdefault(module, []).append((record.call, deltas))
 
@@ -440,10 +463,3 @@ def _identity_seed(d: int, n_samples: int, like: Tensor) -> Tensor:
         return torch.ones((1, 1, n_samples), dtype=like.dtype, device=like.device)
     eye = torch.eye(d, dtype=like.dtype, device=like.device)
     return eye.unsqueeze(-1).expand(d, d, n_samples).contiguous()
-
-
-def _rows_first(grad: Tensor | None, output: Tensor, rows: Rows) -> Tensor:
-    """The output-gradient of one module output with the rows of ``J`` first: ``[d, *shape]``."""
-    if grad is None:
-        return torch.zeros((rows.d, *output.shape), dtype=output.dtype, device=output.device)
-    return grad

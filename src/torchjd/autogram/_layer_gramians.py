@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from torchjd.autogram._vjp import stacked_vjps
+from torchjd.autogram._vjp import TensorSpec, stacked_vjps
 
 
 @dataclass(frozen=True)
@@ -78,12 +78,13 @@ class Call:
     module: nn.Module
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
-    outputs: tuple[Tensor, ...]  # the distinct output tensors that require grad
+    output_specs: tuple[TensorSpec, ...]  # of the distinct output tensors that require grad
     positions: tuple[int, ...]  # their positions among the flattened output leaves
     versions: tuple[tuple[Tensor, int], ...]  # version counters of the tensor inputs at call time
-
-    def __post_init__(self) -> None:
-        self.output_versions = tuple(t._version for t in self.outputs)
+    # The output tensors themselves and their versions, kept only without batch dimension (to
+    # differentiate through the recorded graph).
+    outputs: tuple[Tensor, ...] | None = None
+    output_versions: tuple[int, ...] = ()
 
 
 Items = list[tuple[Call, tuple[Tensor, ...]]]
@@ -714,12 +715,16 @@ def _batched_vjp_rule(module: nn.Module, items: Items, rows: Rows) -> Tensor:
     """Without a batch: the VJPs of the module with the ``d`` output-gradients of each call."""
     named = {name: p for name, p in module.named_parameters() if p.requires_grad}
     call, deltas = items[0]
-    unchanged = all(t._version == v for t, v in zip(call.outputs, call.output_versions))
-    if len(items) == 1 and unchanged:
+    outputs = call.outputs
+    if (
+        len(items) == 1
+        and outputs is not None
+        and all(t._version == v for t, v in zip(outputs, call.output_versions))
+    ):
         # Through the recorded graph: with a single call, the parameters reach the outputs only
         # through that call, so the total derivative is the local one.
         params = list(named.values())
-        grads = stacked_vjps(call.outputs, params, deltas, params)
+        grads = stacked_vjps(outputs, params, deltas, [TensorSpec.of(p) for p in params])
         jac = {
             name: p.new_zeros((rows.d, *p.shape)) if g is None else g
             for (name, p), g in zip(named.items(), grads)

@@ -1,6 +1,9 @@
 """Several vector-Jacobian products through a recorded graph, one per row of stacked cotangents."""
 
+from __future__ import annotations
+
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -9,11 +12,27 @@ from torch.autograd.graph import GradientEdge
 _Target = Tensor | GradientEdge
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape, dtype and device of a tensor that is not kept."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+    @staticmethod
+    def of(t: Tensor) -> TensorSpec:
+        return TensorSpec(t.shape, t.dtype, t.device)
+
+    def zeros(self, *leading: int) -> Tensor:
+        return torch.zeros((*leading, *self.shape), dtype=self.dtype, device=self.device)
+
+
 def stacked_vjps(
     outputs: Sequence[Tensor],
     inputs: Sequence[_Target],
     cotangents: Sequence[Tensor],
-    input_likes: Sequence[Tensor],
+    input_specs: Sequence[TensorSpec],
 ) -> tuple[Tensor | None, ...]:
     """For ``cotangents`` of shape ``[d, *output.shape]``, the ``d`` gradients of
     ``sum(cotangent[i] * output)`` w.r.t. each input, stacked: ``[d, *input.shape]``, or ``None``
@@ -21,7 +40,7 @@ def stacked_vjps(
 
     The ``d`` backward passes are vectorised (``is_grads_batched``); if some operation of the graph
     cannot be vectorised (or the vectorised pass fails, e.g. for lack of memory), they are run one
-    after the other. The graph is retained. ``input_likes`` give the shape, dtype and device of the
+    after the other. The graph is retained. ``input_specs`` give the shape, dtype and device of the
     gradient of each input (to fill rows that do not reach it with zeros).
     """
     d = cotangents[0].shape[0]
@@ -56,11 +75,11 @@ def stacked_vjps(
         for i in range(d)
     ]
     stacked: list[Tensor | None] = []
-    for j, like in enumerate(input_likes):
+    for j, spec in enumerate(input_specs):
         column = [row[j] for row in per_row]
         if all(g is None for g in column):
             stacked.append(None)
         else:
-            filled = [torch.zeros_like(like) if g is None else g for g in column]
+            filled = [spec.zeros() if g is None else g for g in column]
             stacked.append(torch.stack(filled))
     return tuple(stacked)
