@@ -15,19 +15,18 @@ from torchjd.linalg._projector import DualConeProjector
 _PATIENCE = 3
 # An index is infeasible when its value is below ``-_REL_TOL`` times the scale of its problem.
 _REL_TOL = 1e-12
-# Tolerance of the final optimality check, relative to the size of the solution.
-_CHECK_TOL = 1e-8
 # Ridges tried, in order, on the problems whose factorisation failed or that did not converge (only
 # reachable when the regularised Gramian is not numerically positive definite).
 _RESCUE_RIDGES = (1e-9, 1e-6, 1e-3, 1.0)
 # Below m = 32, solved problems leave the batch only when the batch holds this many entries.
 _COMPACT_FROM = 16384
-# From this size on, the first free set is guessed by a few projected Jacobi iterations.
-_GUESS_FROM_M = 48
+# Large batches (m >= _LARGE_M, or P * m^3 >= _LARGE_BATCH for P problems): the first free set
+# is guessed by a few projected Jacobi iterations, and the linear systems are gathered down to the
+# largest free set of the batch instead of being padded to m x m.
+_LARGE_M = 32
+_LARGE_BATCH = 2**22
 _POWER_ITERATIONS = 4
 _JACOBI_ITERATIONS = 8
-# Above this size, the linear systems are gathered down to the largest free set of the batch.
-_REDUCE_FROM_M = 48
 
 
 def _check_eps(name: str, value: float) -> None:
@@ -60,31 +59,40 @@ class BlockPivotingProjector(DualConeProjector):
     <https://doi.org/10.1016/0305-0548(94)90024-8>`_, Computers & Operations Research, 1994): guess
     the set :math:`F` of constraints that are not tight (:math:`y_F = 0`, :math:`z_{\bar F} = 0`),
     solve :math:`\hat G_{FF} z_F = -(\hat G u)_F`, and move every index whose :math:`z` or
-    :math:`y` is negative to the other set. When the number of such indices stops decreasing for
-    three exchanges, only the largest of them is moved (Murty's single-pivot rule), which makes the
-    method terminate. The first guess is :math:`F = \{i : (\hat G u)_i < 0\}`. The problems of the
-    batch are solved together, one batched Cholesky factorisation per iteration of masked systems
-    (:math:`\hat G_{FF}` padded with the identity), in float64: ``G``'s normalised, regularised
-    Gramian and ``U`` are cast to float64 and the result is cast back to ``G``'s dtype (on a device
-    without float64, such as MPS, float32 is used and a warning is issued). Solved problems leave
-    the batch.
+    :math:`y` is negative to the other set. When the number of such indices has not reached a new
+    minimum for four exchanges, only the largest of them is moved (Murty's single-pivot rule),
+    which makes the method terminate. All the problems (every vector of ``U``, for every Gramian of
+    the batch) are solved together, with one batched Cholesky factorisation per iteration, in
+    float64: the normalised, regularised Gramian (computed in ``G``'s dtype) and ``U`` are cast to
+    float64 and the result is cast back to ``G``'s dtype (on a device without float64, such as MPS,
+    float32 is used and a warning is issued). Solved problems leave the batch.
 
-    Each iteration reads a few numbers on the host to decide whether to stop: this is a
-    synchronisation with the device that an iterative solver cannot avoid; there are typically two
-    to four iterations.
+    For small batches, the systems are padded with the identity to ``m x m`` and the first guess
+    is :math:`F = \{i : (\hat G u)_i < 0\}`. For large ones (``m >= 32`` or many problems), the
+    first guess comes from a few projected Jacobi iterations (a handful of matrix products), and
+    the systems are gathered to the size of the largest free set.
+
+    Each iteration reads a few numbers on the host to decide whether to stop (and, for large
+    batches, how large the gathered systems are): a synchronisation with the device that an
+    iterative solver cannot avoid. Random Gramians take one to three iterations; ill-conditioned
+    ones (rank-deficient Jacobians) can take tens.
 
     **Numerical safeguards** (none of them changes the result of a well-posed problem):
 
     * a Gramian of trace 0 is mapped to the zero matrix even when ``norm_eps`` is 0 (instead of
       dividing by zero);
-    * the diagonal of :math:`\hat G` is raised to at least 16 times the machine epsilon of ``G``'s
-      dtype (when ``reg_eps`` is smaller), the size of the rounding error of the normalisation, so
-      that a rank-deficient Gramian with ``reg_eps=0`` still has a unique answer;
-    * if a factorisation fails or a problem does not converge (only possible when :math:`\hat G` is
-      not numerically positive definite, e.g. a float32 Gramian with large rounding errors and
-      ``reg_eps=0``), that problem is solved again with a growing ridge :math:`\tau I` added.
+    * the diagonal of :math:`\hat G` is raised to at least ``min(16 eps, 1e-6)``, with ``eps`` the
+      machine epsilon of ``G``'s dtype (when ``reg_eps`` is smaller): about the rounding error of
+      the normalisation, so that a rank-deficient Gramian with ``reg_eps=0`` still has a unique
+      answer;
+    * a problem whose last factorisation failed or that did not converge (only possible when
+      :math:`\hat G` is not numerically positive definite, e.g. a float32 Gramian with large
+      rounding errors and ``reg_eps=0``) is solved again with a growing ridge :math:`\tau I`
+      added, :math:`\tau \in \{10^{-9}, 10^{-6}, 10^{-3}, 1\}`; a warning is issued if that
+      fails too.
 
-    NaN in ``G`` or ``U`` gives NaN in the result.
+    ``G`` is assumed symmetric (only its lower triangle is factorised). NaN in ``G`` or ``U`` gives
+    NaN in the result.
 
     :param norm_eps: non-negative threshold on :math:`\operatorname{tr}(G)` below which the
         normalised Gramian is the zero matrix (and the result is :math:`\max(u, 0)`). Default
@@ -166,8 +174,7 @@ class BlockPivotingProjector(DualConeProjector):
         # normalize() divides when trace >= eps: never let it divide by a zero trace.
         G_hat = regularize(normalize(G, max(self.norm_eps, info.tiny)), self.reg_eps)
         A = G_hat.to(dtype=_solver_dtype(G.device))
-        A = 0.5 * (A + A.mT)
-        floor = 16.0 * info.eps
+        floor = min(16.0 * info.eps, 1e-6)
         if self.reg_eps < floor:
             A.diagonal(dim1=-2, dim2=-1).add_(floor - self.reg_eps)
         return A
@@ -203,20 +210,16 @@ def _solve(A: Tensor, U: Tensor) -> Tensor:
     u = U.reshape(b * k, m)
     # One matrix per problem: the shared one, or the one of the problem's batch element.
     A_problems = A[0] if b == 1 else A.repeat_interleave(k, dim=0)
-    eye = torch.eye(m, dtype=A.dtype, device=A.device)
-    V = _block_pivoting(A_problems, u, eye)
-    # Certificate: keep the solutions that satisfy the optimality conditions (host
-    # synchronisation: which problems failed). The others are rare: see _rescue.
-    failed = (~_is_optimal(A_problems, u, V)).nonzero().squeeze(-1)
-    if failed.numel() > 0:
-        _rescue(A_problems, u, V, failed, eye)
+    V, suspicious = _block_pivoting(A_problems, u)
+    if bool(suspicious.any()):  # host synchronisation: did a problem fail?
+        _rescue(A_problems, u, V, suspicious.nonzero().squeeze(-1))
     return V.reshape(b, k, m)
 
 
-def _rescue(A: Tensor, u: Tensor, V: Tensor, failed: Tensor, eye: Tensor) -> None:
-    """Handle in place the problems whose solution ``V`` failed the optimality check: NaN when the
-    problem holds non-finite values, else solve again with a growing ridge added to ``A``, and
-    warn if even that fails."""
+def _rescue(A: Tensor, u: Tensor, V: Tensor, failed: Tensor) -> None:
+    """Handle in place the problems flagged by :func:`_block_pivoting` (failed factorisation or no
+    convergence): NaN when the problem holds non-finite values, else solve again with a growing
+    ridge added to ``A``, and warn if even that fails."""
     shared = A.ndim == 2
     A_failed = A if shared else A[failed]
     finite = torch.isfinite(u[failed]).all(dim=-1)
@@ -225,13 +228,12 @@ def _rescue(A: Tensor, u: Tensor, V: Tensor, failed: Tensor, eye: Tensor) -> Non
     failed = failed[finite]
     if not shared:
         A_failed = A_failed[finite]
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     for ridge in _RESCUE_RIDGES:
         if failed.numel() == 0:
             return
-        A_ridge = A_failed + ridge * eye
-        V_failed = _block_pivoting(A_ridge, u[failed], eye)
+        V_failed, still_failed = _block_pivoting(A_failed + ridge * eye, u[failed])
         V[failed] = V_failed
-        still_failed = ~_is_optimal(A_ridge, u[failed], V_failed)
         failed = failed[still_failed]
         if not shared:
             A_failed = A_failed[still_failed]
@@ -243,111 +245,156 @@ def _rescue(A: Tensor, u: Tensor, V: Tensor, failed: Tensor, eye: Tensor) -> Non
         )
 
 
-def _multiply(v: Tensor, A: Tensor) -> Tensor:
-    """``v @ A`` row by row, for ``A`` shared ``[m, m]`` or one per row ``[P, m, m]``."""
-    return v @ A if A.ndim == 2 else (v.unsqueeze(-2) @ A).squeeze(-2)
+def _add_product(y: Tensor, z: Tensor, A: Tensor, alpha: float = 1.0) -> Tensor:
+    """``y + alpha * z @ A`` row by row, for ``A`` shared ``[m, m]`` or one per row
+    ``[P, m, m]``."""
+    if A.ndim == 2:
+        return torch.addmm(y, z, A, alpha=alpha)
+    return torch.baddbmm(y.unsqueeze(-2), z.unsqueeze(-2), A, alpha=alpha).squeeze(-2)
 
 
-def _is_optimal(A: Tensor, u: Tensor, v: Tensor) -> Tensor:
-    """Whether each ``v`` satisfies ``min(v - u, A v) = 0`` (the optimality conditions) up to a
-    loose tolerance. False for non-finite values."""
-    residual = torch.minimum(v - u, _multiply(v, A)).abs().amax(dim=-1)
-    scale = torch.maximum(u.abs().amax(dim=-1), v.abs().amax(dim=-1))
-    return residual <= _CHECK_TOL * scale
+def _is_large(P: int, m: int) -> bool:
+    """Whether a batch is large enough for the guess of the free set and the gathered systems."""
+    return m >= _LARGE_M or P * m**3 >= _LARGE_BATCH
 
 
-def _block_pivoting(A: Tensor, u: Tensor, eye: Tensor) -> Tensor:
+def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     """Solve ``min_v v^T A_p v s.t. v >= u_p`` for each row ``u_p`` of ``u`` (``[P, m]``), with
-    ``A`` either ``[m, m]`` (shared by all problems) or ``[P, m, m]``. Returns ``[P, m]``."""
+    ``A`` either ``[m, m]`` (shared by all problems) or ``[P, m, m]``.
+
+    Returns the solutions ``[P, m]`` and a boolean ``[P]`` marking the suspicious ones: not
+    converged, or whose last factorisation failed (``A_FF`` not numerically positive definite, or
+    NaN in it). A factorisation that succeeds solves its system accurately (Cholesky is backward
+    stable), so the others satisfy the optimality conditions up to the tolerances. A NaN in ``A``
+    that no factorisation sees gives NaN in the solution.
+    """
     P, m = u.shape
     shared = A.ndim == 2
-    max_iterations = 50 + 10 * m
+    large = _is_large(P, m)
+    eye = None if large else torch.eye(m, dtype=u.dtype, device=u.device)
 
-    q = _multiply(u, A)  # A u, as A is symmetric
-    tol_z = _REL_TOL * u.abs().amax(dim=-1, keepdim=True)  # for z = v - u
-    tol_y = tol_z * A.diagonal(dim1=-2, dim2=-1).amax(dim=-1, keepdim=True)  # for y = A v
+    q = u @ A if shared else _add_product(torch.zeros_like(u), u, A)  # A u
+    neg_q = -q
+    # z = v - u is infeasible on F below neg_tol_z, y = A v off F below neg_tol_y (the diagonal
+    # bounds |A_ij|).
+    neg_tol_z = -_REL_TOL * u.abs().amax(dim=-1, keepdim=True)
+    neg_tol_y = neg_tol_z * A.diagonal(dim1=-2, dim2=-1).amax(dim=-1, keepdim=True)
 
-    # F: the free set (z_F may be positive, y_F = 0).
-    if m >= _GUESS_FROM_M:
-        F = _guess_free_set(A, q)
-        z = _solve_free_set(A, q, F, eye)
-        y = q + _multiply(z, A)
+    # F: the free set (z_F may be positive, y_F = 0); z = 0 off F.
+    if large:
+        F = _guess_free_set(A, neg_q)
+        z, failed = _solve_free_set(A, neg_q, F, eye)
+        y = _add_product(q, z, A)
+        infeasible = torch.where(F, z < neg_tol_z, y < neg_tol_y)
     else:
-        # F empty (z = 0, y = q): the first exchange gives F = {i : q_i < 0}.
-        F = torch.zeros_like(u, dtype=torch.bool)
-        z = torch.zeros_like(u)
-        y = q
-    V = u.clone()
+        F, z, y, failed = None, None, q, None  # F empty, z = 0
+        infeasible = y < neg_tol_y
+    V = None  # the solutions of the problems that left the batch (and whether suspicious)
+    suspicious = None
     active = None  # indices of the problems still in the batch (None: all of them)
-    # Running minimum of the number of infeasible indices, at each past iteration.
-    best = torch.full((P,), m + 1, dtype=torch.long, device=u.device)
-    best_history = [best]
+    # The infeasible indices at each iteration (their numbers are counted only from the first
+    # iteration where the rule below needs them), and the running minimum of those numbers.
+    history: list[Tensor] = []
+    best: list[Tensor] = []
+    converged = False
 
-    for _ in range(max_iterations):
-        infeasible = torch.where(F, z < -tol_z, y < -tol_y)
-        count = infeasible.sum(dim=-1)
-        n_unsolved = int(count.count_nonzero())  # host synchronisation: are we done?
-        n_active = count.shape[0]
+    may_compact = _compact_below(P, m) >= 0
+    for _ in range(50 + 10 * m):
+        # Host synchronisation: are we done?
+        if may_compact:
+            count = infeasible.sum(dim=-1)
+            n_unsolved = int(count.count_nonzero())
+        else:
+            n_unsolved = int(infeasible.any())
+            count = None
         if n_unsolved == 0:
+            converged = True
             break
-        if n_unsolved <= _compact_below(n_active, m):
+        if may_compact and n_unsolved <= _compact_below(count.shape[0], m):
             # The solved problems leave the batch.
+            if V is None:
+                V = torch.empty_like(u)
+                suspicious = torch.zeros(P, dtype=torch.bool, device=u.device)
+            if F is None:
+                F = torch.zeros_like(u, dtype=torch.bool)
+                z = torch.zeros_like(u)
+                failed = torch.zeros(u.shape[0], dtype=torch.bool, device=u.device)
             solved = count == 0
             solved_index = solved.nonzero().squeeze(-1)
-            if active is not None:
-                solved_index = active[solved_index]
-            V[solved_index] = (u + z)[solved]
+            done = solved_index if active is None else active[solved_index]
+            V[done] = _solution(u, z, y)[solved]
+            suspicious[done] = failed[solved]
             keep = (~solved).nonzero().squeeze(-1)
             active = keep if active is None else active[keep]
-            u, q, F, z, infeasible, count, tol_z, tol_y = (
-                t[keep] for t in (u, q, F, z, infeasible, count, tol_z, tol_y)
+            u, q, neg_q, F, z, y, infeasible, failed = (
+                t[keep] for t in (u, q, neg_q, F, z, y, infeasible, failed)
             )
-            best_history = [t[keep] for t in best_history[-_PATIENCE - 1 :]]
+            neg_tol_z, neg_tol_y = neg_tol_z[keep], neg_tol_y[keep]
+            history, best = [t[keep] for t in history], [t[keep] for t in best]
             if not shared:
                 A = A[keep]
 
         # Júdice-Pires: exchange every infeasible index as long as their number reaches new
         # minima; after _PATIENCE + 1 exchanges without a new minimum, exchange only the largest
         # infeasible index (Murty's rule, which terminates).
-        best = torch.minimum(best_history[-1], count)
-        best_history.append(best)
         exchange = infeasible
-        if len(best_history) >= _PATIENCE + 2:  # before, a new minimum is always recent
-            stalled = best == best_history[-_PATIENCE - 2]
+        history.append(infeasible)
+        if len(history) >= _PATIENCE + 2:
+            if not best:
+                counts = torch.stack(history).sum(dim=-1)
+                best = list(counts.cummin(dim=0).values.unbind(0))
+            else:
+                best.append(torch.minimum(best[-1], infeasible.sum(dim=-1)))
+            stalled = best[-1] == best[-_PATIENCE - 2]
             position = torch.arange(1, m + 1, dtype=torch.int32, device=u.device)
             largest = (infeasible * position).argmax(dim=-1, keepdim=True)
             # "& infeasible" leaves the solved problems (no infeasible index) unchanged.
             single = torch.zeros_like(infeasible).scatter_(-1, largest, True) & infeasible
             exchange = torch.where(stalled.unsqueeze(-1), single, infeasible)
-            best_history = best_history[-_PATIENCE - 1 :]
-        F = F ^ exchange
+            history, best = history[-_PATIENCE - 1 :], best[-_PATIENCE - 1 :]
+        F = exchange if F is None else F ^ exchange
 
-        z = _solve_free_set(A, q, F, eye)
-        y = q + _multiply(z, A)
+        z, failed = _solve_free_set(A, neg_q, F, eye)
+        y = _add_product(q, z, A)
+        infeasible = torch.where(F, z < neg_tol_z, y < neg_tol_y)
 
+    if F is None:  # solved without any factorisation: v = u
+        z = torch.zeros_like(u)
+        failed = torch.zeros(u.shape[0], dtype=torch.bool, device=u.device)
+    if not converged:
+        failed = failed | infeasible.any(dim=-1)
     if active is None:
-        return u + z
-    V[active] = u + z
-    return V
+        return _solution(u, z, y), failed
+    V[active] = _solution(u, z, y)
+    suspicious[active] = failed
+    return V, suspicious
 
 
-def _guess_free_set(A: Tensor, q: Tensor) -> Tensor:
+def _solution(u: Tensor, z: Tensor, y: Tensor) -> Tensor:
+    """``v = u + z``, made NaN where ``y = A v`` holds a NaN."""
+    return (u + z).add_(y.sum(dim=-1, keepdim=True), alpha=0.0)
+
+
+def _guess_free_set(A: Tensor, neg_q: Tensor) -> Tensor:
     """Guess the free set of large problems from a few cheap iterations (one matrix product each)
     of projected Jacobi, ``z <- max(0, z - omega D^-1 (q + A z))`` with ``D = diag(A)`` and
     ``omega = 1 / lambda_max(D^-1 A)`` (estimated by power iteration), which decreases the
     objective. Any guess is valid: a good one saves factorisations."""
     d = A.diagonal(dim1=-2, dim2=-1)
+    if A.ndim == 2:
+        d = d.unsqueeze(0)  # one row, as the problems' rows
     inv_sqrt_d = d.rsqrt()
     # Power iteration on D^-1/2 A D^-1/2 (same eigenvalues as D^-1 A), from the all-ones vector.
     x = torch.ones_like(d)
+    zeros = torch.zeros_like(d)
     for _ in range(_POWER_ITERATIONS):
-        x = _multiply(x * inv_sqrt_d, A) * inv_sqrt_d
+        x = _add_product(zeros, x * inv_sqrt_d, A) * inv_sqrt_d
         x = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    lambda_max = torch.linalg.vector_norm(_multiply(x * inv_sqrt_d, A) * inv_sqrt_d, dim=-1)
-    step = 1.0 / (lambda_max.unsqueeze(-1) * d)
-    z = torch.zeros_like(q)
+    x = _add_product(zeros, x * inv_sqrt_d, A) * inv_sqrt_d
+    step = 1.0 / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) * d)
+    z = torch.zeros_like(neg_q)
     for _ in range(_JACOBI_ITERATIONS):
-        z = (z - step * (q + _multiply(z, A))).clamp_(min=0.0)
+        z = (z + step * _add_product(neg_q, z, A, alpha=-1.0)).clamp_(min=0.0)
     return z > 0
 
 
@@ -364,43 +411,53 @@ def _compact_below(n_active: int, m: int) -> int:
     return -1
 
 
-def _solve_free_set(A: Tensor, q: Tensor, F: Tensor, eye: Tensor) -> Tensor:
-    """Solve ``A_FF z_F = -q_F`` with ``z = 0`` off ``F``, for each row of ``F`` at once.
+def _solve_free_set(
+    A: Tensor, neg_q: Tensor, F: Tensor, eye: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Solve ``A_FF z_F = -q_F`` with ``z = 0`` off ``F``, for each row of ``F`` at once; also
+    return whether each factorisation failed.
 
-    ``A_FF`` is padded with the identity to a common size: ``m`` for small systems, the largest
-    free set of the batch for large ones (gathered, which is cheaper than factorising ``m x m``).
+    ``A_FF`` is padded with the identity to a common size: ``m`` for small batches (``eye`` is the
+    identity), the largest free set of the batch for large ones (``eye`` is None; gathering costs
+    less than factorising ``m x m`` systems then).
     """
-    m = F.shape[-1]
-    if m >= _REDUCE_FROM_M:
-        return _solve_gathered(A, q, F)
+    if eye is None:
+        return _solve_gathered(A, neg_q, F)
     M = torch.where(F.unsqueeze(-1) & F.unsqueeze(-2), A, eye)
-    L, _ = torch.linalg.cholesky_ex(M)  # a failure is caught by the final certificate
-    return torch.cholesky_solve(torch.where(F, -q, 0.0).unsqueeze(-1), L).squeeze(-1)
+    L, info = torch.linalg.cholesky_ex(M)
+    return torch.cholesky_solve((neg_q * F).unsqueeze(-1), L).squeeze(-1), info > 0
 
 
-def _solve_gathered(A: Tensor, q: Tensor, F: Tensor) -> Tensor:
-    P, m = q.shape
+def _solve_gathered(A: Tensor, neg_q: Tensor, F: Tensor) -> tuple[Tensor, Tensor]:
+    P, m = neg_q.shape
+    device = neg_q.device
     n_free = F.sum(dim=-1)
     size = int(n_free.max())  # host synchronisation: the size of the gathered systems
     # Position j of problem p holds the j-th index of its free set, or the padding index m + j.
     order = torch.argsort((~F).to(torch.int8), dim=-1, stable=True)[:, :size]
-    slot = torch.arange(size, device=q.device)
+    slot = torch.arange(size, device=device)
     valid = slot < n_free.unsqueeze(-1)
     index = torch.where(valid, order, m + slot)
+    # Flat indices into A: int32 when they fit (much faster to build and to gather with).
+    index_dtype = torch.int32 if P * (m + size) ** 2 < 2**31 else torch.int64
     if A.ndim == 2:
         # [[A, 0], [0, I]]: the padding indices give the identity block directly.
-        A_padded = torch.block_diag(A, torch.eye(size, dtype=A.dtype, device=A.device))
-        flat_index = index.unsqueeze(-1) * (m + size) + index.unsqueeze(-2)
+        A_padded = torch.block_diag(A, torch.eye(size, dtype=A.dtype, device=device))
+        index_ = index.to(index_dtype)
+        flat_index = index_.unsqueeze(-1) * (m + size) + index_.unsqueeze(-2)
         M = A_padded.flatten().index_select(0, flat_index.flatten()).view(P, size, size)
     else:
-        rows = A.gather(-2, order.unsqueeze(-1).expand(P, size, m))
-        M = rows.gather(-1, order.unsqueeze(-2).expand(P, size, size))
-        eye = torch.eye(size, dtype=A.dtype, device=A.device)
+        order_ = order.to(index_dtype)
+        flat_index = order_.unsqueeze(-1) * m + order_.unsqueeze(-2)
+        offsets = torch.arange(P, device=device, dtype=index_dtype) * (m * m)
+        flat_index += offsets.view(P, 1, 1)
+        M = A.flatten().index_select(0, flat_index.flatten()).view(P, size, size)
+        eye = torch.eye(size, dtype=A.dtype, device=device)
         M = torch.where(valid.unsqueeze(-1) & valid.unsqueeze(-2), M, eye)
-    rhs = torch.where(valid, -q.gather(-1, order), 0.0).unsqueeze(-1)
-    L, _ = torch.linalg.cholesky_ex(M)  # a failure is caught by the final certificate
-    # Two triangular solves: much faster than cholesky_solve on CPU batches.
+    rhs = torch.where(valid, neg_q.gather(-1, order), 0.0).unsqueeze(-1)
+    L, info = torch.linalg.cholesky_ex(M)
+    # Two triangular solves: faster than cholesky_solve on large CPU batches.
     w = torch.linalg.solve_triangular(L, rhs, upper=False)
     z_small = torch.linalg.solve_triangular(L.mT, w, upper=True).squeeze(-1)
-    z = torch.zeros(P, m + size, dtype=q.dtype, device=q.device)
-    return z.scatter_(-1, index, z_small)[:, :m]
+    z = torch.zeros(P, m + size, dtype=neg_q.dtype, device=device)
+    return z.scatter_(-1, index, z_small)[:, :m], info > 0
