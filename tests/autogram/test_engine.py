@@ -391,3 +391,13 @@ def test_partial_hooking_with_a_frozen_parameter_as_constant() -> None:
     params = trainable(model[2:])
     assert len(params) == 3
     assert_gramian_close(engine.compute_gramian(out), autograd_gramian(out, params))
+
+
+def test_randomness_inside_a_hooked_module_is_reported() -> None:
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(4, 2, dropout=0.5, batch_first=True)
+    engine = Engine(attention, batch_dim=0)
+    x = torch.randn(3, 5, 4)
+    out = attention(x, x, x, need_weights=False)[0].sum(dim=(1, 2))
+    with pytest.raises(RuntimeError, match="deterministically"):
+        engine.compute_gramian(out)
