@@ -11,15 +11,22 @@ from dataclasses import dataclass
 import torch
 
 from torchjd.aggregation import (
+    IMTLG,
     MGDA,
     PCD,
     Aggregator,
+    AlignedMTL,
+    CAGrad,
+    ConFIG,
     Constant,
     CRMOGMWeighting,
+    DualProj,
     ExcessMTL,
     FairGrad,
+    GradDrop,
     GradVac,
     GramianWeightedAggregator,
+    Krum,
     Mean,
     MeanWeighting,
     MoDoWeighting,
@@ -28,6 +35,7 @@ from torchjd.aggregation import (
     Random,
     SDMGradWeighting,
     Sum,
+    TrimmedMean,
     UPGrad,
     WeightedAggregator,
 )
@@ -97,6 +105,50 @@ def _upgrad_quadprog() -> Aggregator:
     return UPGrad(projector=QuadprogProjector())
 
 
+def _aligned_mtl_median() -> Aggregator:
+    return AlignedMTL(scale_mode="median")
+
+
+def _aligned_mtl_rmse() -> Aggregator:
+    return AlignedMTL(scale_mode="rmse")
+
+
+def _cagrad_05() -> Aggregator:
+    return CAGrad(c=0.5)
+
+
+def _cagrad_2() -> Aggregator:
+    return CAGrad(c=2.0)
+
+
+def _config_pref3() -> Aggregator:
+    return ConFIG(pref_vector=torch.tensor([1.0, 2.0, 0.5]))
+
+
+def _dualproj_exact() -> Aggregator:
+    return DualProj(projector=BlockPivotingProjector(norm_eps=0.0, reg_eps=0.0))
+
+
+def _dualproj_pref3() -> Aggregator:
+    return DualProj(pref_vector=torch.tensor([1.0, 2.0, 0.5]))
+
+
+def _graddrop_leak3() -> Aggregator:
+    return GradDrop(leak=torch.tensor([0.5, 0.0, 1.0]))
+
+
+def _krum_0() -> Aggregator:
+    return Krum(n_byzantine=0)
+
+
+def _krum_1_2() -> Aggregator:
+    return Krum(n_byzantine=1, n_selected=2)
+
+
+def _trimmed_mean_1() -> Aggregator:
+    return TrimmedMean(trim_number=1)
+
+
 AGGREGATORS: list[Entry] = [
     Entry("Mean", Mean, permutation_invariant=True, differentiable=True),
     Entry("Sum", Sum, permutation_invariant=True, differentiable=True),
@@ -126,4 +178,28 @@ AGGREGATORS: list[Entry] = [
     Entry("UPGrad(pref)", _upgrad_pref3, needs_fixed_m=3),
     Entry("UPGrad(exact)", _upgrad_exact, permutation_invariant=True),
     Entry("UPGrad(quadprog)", _upgrad_quadprog, permutation_invariant=True),
+    Entry("AlignedMTL", AlignedMTL, permutation_invariant=True, differentiable=True),
+    Entry("AlignedMTL(median)", _aligned_mtl_median, differentiable=True),
+    Entry("AlignedMTL(rmse)", _aligned_mtl_rmse, differentiable=True),
+    Entry("CAGrad(0.5)", _cagrad_05),
+    Entry("CAGrad(2)", _cagrad_2, non_conflicting=True),
+    Entry("ConFIG", ConFIG, permutation_invariant=True),
+    Entry("ConFIG(pref)", _config_pref3, needs_fixed_m=3),
+    # DualProj's default projector averages a matrix with ||J||_F^2 < norm_eps (as TorchJD) and
+    # conflicts with no row only up to O(reg_eps): its non-conflict is claimed with both at 0.
+    Entry("DualProj", DualProj, permutation_invariant=True),
+    Entry("DualProj(pref)", _dualproj_pref3, needs_fixed_m=3),
+    Entry("DualProj(exact)", _dualproj_exact, non_conflicting=True, permutation_invariant=True),
+    Entry("GradDrop", GradDrop, randomised=True),
+    Entry("GradDrop(leak)", _graddrop_leak3, randomised=True, needs_fixed_m=3),
+    Entry("IMTLG", IMTLG, permutation_invariant=True),
+    Entry("Krum(0)", _krum_0, differentiable=True, min_rows=3),
+    Entry("Krum(1, 2)", _krum_1_2, differentiable=True, min_rows=4),
+    Entry(
+        "TrimmedMean(1)",
+        _trimmed_mean_1,
+        permutation_invariant=True,
+        differentiable=True,
+        min_rows=3,
+    ),
 ]

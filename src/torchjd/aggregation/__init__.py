@@ -3,17 +3,24 @@
 Each algorithm lives in its own module and is re-exported here.
 """
 
+from torchjd.aggregation._aligned_mtl import AlignedMTL, AlignedMTLWeighting
 from torchjd.aggregation._bases import (
     Aggregator,
     GramianWeightedAggregator,
     WeightedAggregator,
     Weighting,
 )
+from torchjd.aggregation._cagrad import CAGrad, CAGradWeighting
+from torchjd.aggregation._config import ConFIG
 from torchjd.aggregation._constant import Constant, ConstantWeighting
 from torchjd.aggregation._crmogm import CRMOGMWeighting
+from torchjd.aggregation._dualproj import DualProj, DualProjWeighting
 from torchjd.aggregation._excess_mtl import ExcessMTL, ExcessMTLWeighting
 from torchjd.aggregation._fairgrad import FairGrad, FairGradWeighting
+from torchjd.aggregation._graddrop import GradDrop
 from torchjd.aggregation._gradvac import GradVac, GradVacWeighting
+from torchjd.aggregation._imtlg import IMTLG, IMTLGWeighting
+from torchjd.aggregation._krum import Krum, KrumWeighting
 from torchjd.aggregation._mean import Mean, MeanWeighting
 from torchjd.aggregation._mgda import MGDA, MGDAWeighting
 from torchjd.aggregation._modo import MoDoWeighting
@@ -23,22 +30,35 @@ from torchjd.aggregation._pcgrad import PCGrad, PCGradWeighting
 from torchjd.aggregation._random import Random, RandomWeighting
 from torchjd.aggregation._sdmgrad import SDMGradWeighting
 from torchjd.aggregation._sum import Sum, SumWeighting
+from torchjd.aggregation._trimmed_mean import TrimmedMean
 from torchjd.aggregation._upgrad import UPGrad, UPGradWeighting
 
 __all__ = [
+    "IMTLG",
     "MGDA",
     "PCD",
     "Aggregator",
+    "AlignedMTL",
+    "AlignedMTLWeighting",
+    "CAGrad",
+    "CAGradWeighting",
     "CRMOGMWeighting",
+    "ConFIG",
     "Constant",
     "ConstantWeighting",
+    "DualProj",
+    "DualProjWeighting",
     "ExcessMTL",
     "ExcessMTLWeighting",
     "FairGrad",
     "FairGradWeighting",
+    "GradDrop",
     "GradVac",
     "GradVacWeighting",
     "GramianWeightedAggregator",
+    "IMTLGWeighting",
+    "Krum",
+    "KrumWeighting",
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
@@ -52,6 +72,7 @@ __all__ = [
     "SDMGradWeighting",
     "Sum",
     "SumWeighting",
+    "TrimmedMean",
     "UPGrad",
     "UPGradWeighting",
     "WeightedAggregator",

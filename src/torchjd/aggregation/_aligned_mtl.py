@@ -1,0 +1,141 @@
+"""Aligned-MTL: align the principal components of the rows, then weight them by preference."""
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from torchjd.aggregation._bases import GramianWeightedAggregator, Weighting
+from torchjd.aggregation._mean import MeanWeighting
+from torchjd.aggregation._utils import pref_vector_str, pref_vector_to_weighting
+from torchjd.linalg._matrix import PSDMatrix
+
+_SCALE_MODES = ("min", "median", "rmse")
+
+
+def _aligned_mtl_weights(gramian: Tensor, prefs: Tensor, scale_mode: str) -> Tensor:
+    """Aligned-MTL's weights ``B p`` of a Gramian ``[m, m]`` (``m >= 1``), differentiable."""
+    m = gramian.shape[0]
+    eigenvalues, eigenvectors = torch.linalg.eigh(gramian, UPLO="U")  # ascending
+    tolerance = eigenvalues.max() * m * torch.finfo(gramian.dtype).eps
+    kept = eigenvalues > tolerance  # a suffix: the r largest eigenvalues
+    rank = kept.sum()
+    if scale_mode not in _SCALE_MODES:
+        # Reading the rank synchronises with the device, but only on this error path.
+        if bool(rank > 0):
+            raise ValueError(
+                f"Invalid scale_mode={scale_mode!r}. Expected one of {list(_SCALE_MODES)}."
+            )
+        return prefs
+    # Masked-out eigenvalues are replaced by 1 so that no inf or NaN appears, even in gradients.
+    safe = torch.where(kept, eigenvalues, torch.ones_like(eigenvalues))
+    if scale_mode == "min":
+        index = m - rank.clamp(min=1)  # the smallest kept eigenvalue
+        scale = safe.gather(0, index.unsqueeze(0)).squeeze(0)
+    elif scale_mode == "median":
+        # Lower median of the r kept values (index (r - 1) // 2 among them, ascending).
+        index = m - rank + torch.div(rank - 1, 2, rounding_mode="floor")
+        scale = safe.gather(0, index.clamp(max=m - 1).unsqueeze(0)).squeeze(0)
+    else:  # "rmse": the mean of the kept eigenvalues
+        scale = torch.where(kept, eigenvalues, 0.0).sum() / rank.clamp(min=1)
+    # B p = sqrt(s) V_r diag(lambda^-1/2) V_r^T p.
+    coefficients = torch.where(kept, (eigenvectors.T @ prefs) / safe.sqrt(), 0.0)
+    weights = scale.clamp(min=0.0).sqrt() * (eigenvectors @ coefficients)
+    return torch.where(rank > 0, weights, prefs)
+
+
+class AlignedMTLWeighting(Weighting[PSDMatrix]):
+    r"""Weighting of :class:`AlignedMTL`: :math:`w = B p` with
+    :math:`B = \sqrt{s}\, V_r \Lambda_r^{-1/2} V_r^\top`.
+
+    :math:`G = V \Lambda V^\top` is the eigendecomposition of the Gramian (upper triangle);
+    :math:`\Lambda_r`, :math:`V_r` keep the :math:`r` eigenvalues above
+    :math:`\lambda_{\max} \cdot m \cdot \varepsilon` (:math:`\varepsilon` the machine epsilon of
+    the Gramian's dtype); when :math:`r = 0`, :math:`B = I`. The scale :math:`s` is the smallest
+    kept eigenvalue (``"min"``), their lower median (``"median"``), or their mean (``"rmse"``).
+    ``p`` are the preference weights, given by the child weighting ``weighting`` applied to the
+    Gramian. Differentiable (through the eigendecomposition). The scale mode is checked at call
+    time, only when :math:`r > 0` (a zero Gramian gives ``p`` whatever the mode).
+
+    :param pref_vector: the preference vector (1-D, one entry per row), or None for
+        :math:`p = \frac1m \mathbf 1`.
+    :param scale_mode: ``"min"`` (default), ``"median"`` or ``"rmse"``.
+    """
+
+    def __init__(
+        self,
+        pref_vector: Tensor | None = None,
+        scale_mode: Literal["min", "median", "rmse"] = "min",
+    ) -> None:
+        super().__init__()
+        self.pref_vector = pref_vector
+        self.scale_mode = scale_mode
+
+    @property
+    def pref_vector(self) -> Tensor | None:
+        return self._pref_vector
+
+    @pref_vector.setter
+    def pref_vector(self, value: Tensor | None) -> None:
+        self.weighting = pref_vector_to_weighting(value, MeanWeighting())
+        self._pref_vector = value
+
+    def forward(self, stat: Tensor, /) -> Tensor:
+        prefs = self.weighting(stat).to(dtype=stat.dtype, device=stat.device)
+        return _aligned_mtl_weights(stat, prefs, self.scale_mode)
+
+
+class AlignedMTL(GramianWeightedAggregator):
+    r"""Aligned multi-task learning, from `Independent Component Alignment for Multi-Task Learning
+    <https://arxiv.org/abs/2305.19000>`_ (Senushkin et al., CVPR 2023), Algorithm 1.
+
+    The rows are made orthogonal with equal norms (the condition number of the result is 1) by
+    :math:`\hat J = B J`, :math:`B = \sqrt{s}\, V_r \Lambda_r^{-1/2} V_r^\top`, where
+    :math:`J J^\top = V \Lambda V^\top` and the :math:`r` numerically non-zero eigenvalues are
+    kept, and the result is :math:`\hat J^\top p = J^\top (B p)`. The scale :math:`s` is the
+    smallest kept eigenvalue (``"min"``), their lower median (``"median"``: the smaller middle one
+    for an even count), or their mean (``"rmse"``, despite its name). See
+    :class:`AlignedMTLWeighting`. Differentiable.
+
+    :param pref_vector: the preference vector :math:`p` (1-D, one entry per row), or None for
+        :math:`p = \frac1m \mathbf 1`.
+    :param scale_mode: ``"min"`` (default), ``"median"`` or ``"rmse"``; another value raises a
+        ``ValueError`` at call time when the matrix is not zero.
+
+    >>> import torch
+    >>> from torchjd.aggregation import AlignedMTL
+    >>> AlignedMTL()(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
+    tensor([0.2133, 0.9673, 0.9673])
+    """
+
+    def __init__(
+        self,
+        pref_vector: Tensor | None = None,
+        scale_mode: Literal["min", "median", "rmse"] = "min",
+    ) -> None:
+        super().__init__(AlignedMTLWeighting(pref_vector, scale_mode))
+
+    @property
+    def pref_vector(self) -> Tensor | None:
+        return self.gramian_weighting.pref_vector
+
+    @pref_vector.setter
+    def pref_vector(self, value: Tensor | None) -> None:
+        self.gramian_weighting.pref_vector = value
+
+    @property
+    def scale_mode(self) -> str:
+        return self.gramian_weighting.scale_mode
+
+    @scale_mode.setter
+    def scale_mode(self, value: Literal["min", "median", "rmse"]) -> None:
+        self.gramian_weighting.scale_mode = value
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(pref_vector={self.pref_vector!r}, "
+            f"scale_mode={self.scale_mode!r})"
+        )
+
+    def __str__(self) -> str:
+        return pref_vector_str(type(self).__name__, self.pref_vector)

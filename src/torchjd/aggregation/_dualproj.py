@@ -1,0 +1,185 @@
+"""DualProj: the projection of the (preference-weighted) mean onto the dual cone of the rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from torchjd.aggregation._bases import GramianWeightedAggregator, Weighting
+from torchjd.aggregation._mean import MeanWeighting
+from torchjd.aggregation._utils import pref_vector_str, pref_vector_to_weighting
+from torchjd.linalg._block_pivoting import BlockPivotingProjector
+from torchjd.linalg._matrix import PSDMatrix
+from torchjd.linalg._projector import DualConeProjector
+
+
+def _dualproj_weights(projector: DualConeProjector, prefs: Tensor, gramians: Tensor) -> Tensor:
+    """Weights ``[b, m]`` for Gramians ``[b, m, m]`` and preference weights ``[b, m]``.
+
+    :class:`BlockPivotingProjector` solves the whole batch at once; any other projector is called
+    once per Gramian, as its contract (a single ``[m, m]`` Gramian) requires.
+    """
+    if isinstance(projector, BlockPivotingProjector):
+        return projector.solve_batched(prefs.unsqueeze(1), gramians).squeeze(1)
+    return torch.stack([projector(p, G) for p, G in zip(prefs, gramians)])
+
+
+class DualProjWeighting(Weighting[PSDMatrix]):
+    r"""Weighting of :class:`DualProj`: :math:`w = \arg\min_{v \succeq p} v^\top G v` (computed by
+    ``projector``).
+
+    ``p`` are the preference weights, given by the child weighting ``weighting`` applied to the
+    Gramian (``MeanWeighting`` when ``pref_vector`` is None, i.e. :math:`p = \frac1m \mathbf 1`,
+    else ``ConstantWeighting``). With :math:`G = J J^\top`, :math:`J^\top w` is the projection of
+    :math:`J^\top p` onto the dual cone of the rows of :math:`J`. Not differentiable: runs under
+    :func:`torch.no_grad`.
+
+    :param pref_vector: the preference vector :math:`p` (1-D, one entry per row), or None for the
+        mean. Its length must equal the number of rows at call time.
+    :param projector: the :class:`~torchjd.linalg.DualConeProjector` that solves the problem, or
+        None for :class:`~torchjd.linalg.BlockPivotingProjector` with its default parameters.
+    """
+
+    def __init__(
+        self, pref_vector: Tensor | None = None, projector: DualConeProjector | None = None
+    ) -> None:
+        super().__init__()
+        self.pref_vector = pref_vector
+        self.projector = projector
+
+    @property
+    def pref_vector(self) -> Tensor | None:
+        return self._pref_vector
+
+    @pref_vector.setter
+    def pref_vector(self, value: Tensor | None) -> None:
+        self.weighting = pref_vector_to_weighting(value, MeanWeighting())
+        self._pref_vector = value
+
+    @property
+    def projector(self) -> DualConeProjector:
+        return self._projector
+
+    @projector.setter
+    def projector(self, value: DualConeProjector | None) -> None:
+        self._projector = BlockPivotingProjector() if value is None else value
+
+    @torch.no_grad()
+    def __call__(self, stat: Tensor, /) -> Tensor:
+        return super().__call__(stat)
+
+    def forward(self, stat: Tensor, /) -> Tensor:
+        prefs = self.weighting(stat).to(dtype=stat.dtype, device=stat.device)
+        return self.projector(prefs, stat)
+
+    @torch.no_grad()
+    def _forward_batched(self, gramians: Tensor) -> Tensor:
+        """Weights ``[b, m]`` of a batch of Gramians ``[b, m, m]``, each weighted by this
+        instance."""
+        b, m = gramians.shape[0], gramians.shape[-1]
+        if b == 0:
+            return gramians.new_zeros(0, m)
+        prefs = self.weighting(gramians[0]).to(dtype=gramians.dtype, device=gramians.device)
+        return _dualproj_weights(self.projector, prefs.expand(b, m), gramians)
+
+    @classmethod
+    @torch.no_grad()
+    def _forward_grouped(cls, weightings: Sequence[DualProjWeighting], gramians: Tensor) -> Tensor:
+        """Weights ``[b, m]`` of Gramians ``[b, m, m]``, the ``k``-th one weighted by
+        ``weightings[k]`` (with its preference vector and projector). Gramians whose weightings
+        hold equal :class:`BlockPivotingProjector` settings are solved in one batch."""
+        b, m = gramians.shape[0], gramians.shape[-1]
+        if len(weightings) != b:
+            raise ValueError(
+                f"Got {len(weightings)} weightings for {b} Gramians: give one weighting per "
+                "Gramian."
+            )
+        if b == 0:
+            return gramians.new_zeros(0, m)
+        dtype, device = gramians.dtype, gramians.device
+        prefs = torch.stack(
+            [w.weighting(G).to(dtype=dtype, device=device) for w, G in zip(weightings, gramians)]
+        )
+        groups: dict[object, list[int]] = {}
+        for k, w in enumerate(weightings):
+            projector = w.projector
+            key: object = (
+                ("block_pivoting", projector.norm_eps, projector.reg_eps)
+                if type(projector) is BlockPivotingProjector
+                else id(projector)
+            )
+            groups.setdefault(key, []).append(k)
+        weights = torch.empty(b, m, dtype=dtype, device=device)
+        for indices in groups.values():
+            index = torch.tensor(indices, device=device)
+            projector = weightings[indices[0]].projector
+            weights[index] = _dualproj_weights(projector, prefs[index], gramians[index])
+        return weights
+
+
+class DualProj(GramianWeightedAggregator):
+    r"""Projection of the mean onto the dual cone, the update of `Gradient Episodic Memory for
+    Continual Learning <https://arxiv.org/abs/1706.08840>`_ (Lopez-Paz and Ranzato, NeurIPS 2017),
+    Equation 11, as an aggregator in `Jacobian Descent for Multi-Objective Optimization
+    <https://arxiv.org/abs/2406.16232>`_ (Quinton and Rey, 2024).
+
+    The preference-weighted average of the rows is projected onto the dual cone
+    :math:`\{x : J x \succeq 0\}`:
+
+    .. math:: \mathcal A_{\text{DualProj}}(J) = \pi_J(J^\top p),
+        \qquad \pi_J(x) = \arg\min_{y :\, J y \succeq 0} \|y - x\|^2 .
+
+    The result does not conflict with any row, and equals :math:`J^\top p` when that already
+    conflicts with none. It is computed from the Gramian (Proposition 1 of the second paper) by
+    :class:`DualProjWeighting`, whose ``projector`` normalises :math:`G` by its trace and adds
+    ``reg_eps * I`` before solving: the guarantees then hold up to :math:`O(\text{reg\_eps})`, and
+    a matrix with :math:`\|J\|_F^2 <` ``norm_eps`` gets :math:`J^\top \max(p, 0)` (the mean, by
+    default). Not differentiable.
+
+    :param pref_vector: the preference vector :math:`p` (1-D, one entry per row), or None for
+        :math:`p = \frac1m \mathbf 1`.
+    :param projector: the :class:`~torchjd.linalg.DualConeProjector` to use, or None for
+        :class:`~torchjd.linalg.BlockPivotingProjector` with its default parameters (TorchJD's
+        default is :class:`~torchjd.linalg.QuadprogProjector`, which gives the same weights up to
+        solver round-off).
+
+    >>> import torch
+    >>> from torchjd.aggregation import DualProj
+    >>> DualProj()(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
+    tensor([0.5563, 1.1109, 1.1109])
+    """
+
+    def __init__(
+        self, pref_vector: Tensor | None = None, projector: DualConeProjector | None = None
+    ) -> None:
+        super().__init__(DualProjWeighting(pref_vector, projector))
+
+    @property
+    def pref_vector(self) -> Tensor | None:
+        return self.gramian_weighting.pref_vector
+
+    @pref_vector.setter
+    def pref_vector(self, value: Tensor | None) -> None:
+        self.gramian_weighting.pref_vector = value
+
+    @property
+    def projector(self) -> DualConeProjector:
+        return self.gramian_weighting.projector
+
+    @projector.setter
+    def projector(self, value: DualConeProjector | None) -> None:
+        self.gramian_weighting.projector = value
+
+    @torch.no_grad()
+    def __call__(self, matrix: Tensor, /) -> Tensor:
+        return super().__call__(matrix)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(pref_vector={self.pref_vector!r}, projector={self.projector!r})"
+        )
+
+    def __str__(self) -> str:
+        return pref_vector_str(type(self).__name__, self.pref_vector)

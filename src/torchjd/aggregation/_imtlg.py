@@ -1,0 +1,74 @@
+"""IMTL-G: the combination of the rows whose projections on every row have equal length."""
+
+import torch
+from torch import Tensor
+
+from torchjd.aggregation._bases import GramianWeightedAggregator, Weighting
+from torchjd.linalg._matrix import PSDMatrix
+
+# Below this absolute value, the sum of the unnormalised weights is treated as zero.
+_SUM_EPS = 1e-12
+
+
+def _imtlg_weights(gramians: Tensor) -> Tensor:
+    """IMTL-G's weights of a batch of Gramians ``[..., m, m]``, in their dtype and on their
+    device."""
+    norms = gramians.diagonal(dim1=-2, dim2=-1).clamp(min=0.0).sqrt()  # d_i = ||g_i||
+    v = (torch.linalg.pinv(gramians) @ norms.unsqueeze(-1)).squeeze(-1)  # v = G^+ d
+    total = v.sum(dim=-1, keepdim=True)
+    usable = total.abs() >= _SUM_EPS
+    safe_total = torch.where(usable, total, torch.ones_like(total))
+    return torch.where(usable, v / safe_total, torch.zeros_like(v))
+
+
+class IMTLGWeighting(Weighting[PSDMatrix]):
+    r"""Weighting of :class:`IMTLG`: :math:`w = v / \mathbf 1^\top v` with
+    :math:`v = G^+ d`, where :math:`d_i = \sqrt{G_{ii}} = \|g_i\|`.
+
+    :math:`G^+` is :func:`torch.linalg.pinv` of the Gramian with its default tolerance (singular
+    values below :math:`m \varepsilon \sigma_{\max}` are dropped, :math:`\varepsilon` the machine
+    epsilon of the Gramian's dtype). When :math:`|\mathbf 1^\top v| < 10^{-12}` (e.g. for a zero
+    Gramian) the weights are all zero. Computed in the Gramian's dtype and on its device, without
+    host synchronisation. Not differentiable: runs under :func:`torch.no_grad`.
+    """
+
+    @torch.no_grad()
+    def __call__(self, stat: Tensor, /) -> Tensor:
+        return super().__call__(stat)
+
+    def forward(self, stat: Tensor, /) -> Tensor:
+        return _imtlg_weights(stat)
+
+    @torch.no_grad()
+    def _forward_batched(self, gramians: Tensor) -> Tensor:
+        """Weights ``[b, m]`` of a batch of Gramians ``[b, m, m]``."""
+        return _imtlg_weights(gramians)
+
+
+class IMTLG(GramianWeightedAggregator):
+    r"""Impartial multi-task learning (gradient part), from `Towards Impartial Multi-task Learning
+    <https://openreview.net/forum?id=IMPnRXEWpvr>`_ (Liu et al., ICLR 2021), in the form of
+    `Jacobian Descent for Multi-Objective Optimization <https://arxiv.org/abs/2406.16232>`_ (Quinton
+    and Rey, 2024), which also covers linearly dependent rows.
+
+    Returns :math:`d = J^\top w` with :math:`w = \frac{v}{\mathbf 1^\top v}`,
+    :math:`v = G^+ (\|g_1\|, \dots, \|g_m\|)^\top` and :math:`G = J J^\top`. When the rows are
+    linearly independent, :math:`d` is the combination of the rows summing to one (in the sense
+    :math:`\mathbf 1^\top w = 1`) whose projection onto every unit row :math:`g_i / \|g_i\|` has the
+    same length, which is IMTL-G's update. The weights are all zero when
+    :math:`|\mathbf 1^\top v| < 10^{-12}` (a zero matrix gives a zero vector); this absolute
+    threshold also zeroes the result when the rows have norms above about :math:`10^{12}`, since
+    :math:`v` scales as the inverse of the norms. Not differentiable.
+
+    >>> import torch
+    >>> from torchjd.aggregation import IMTLG
+    >>> IMTLG()(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
+    tensor([0.0767, 1.0000, 1.0000])
+    """
+
+    def __init__(self) -> None:
+        super().__init__(IMTLGWeighting())
+
+    @torch.no_grad()
+    def __call__(self, matrix: Tensor, /) -> Tensor:
+        return super().__call__(matrix)
