@@ -112,6 +112,16 @@ def test_batched_entry_point_equals_a_loop() -> None:
         torch.testing.assert_close(batched, looped, rtol=1e-6, atol=1e-7)
 
 
+def test_batched_entry_point_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Large batches of Gramians are solved a few Gramians at a time: same results.
+    generator = torch.Generator().manual_seed(11)
+    G = torch.stack([(J := torch.randn(6, 8, generator=generator)) @ J.T for _ in range(7)])
+    U = torch.randn(7, 6, 6, generator=generator)
+    whole = BlockPivotingProjector().solve_batched(U, G)
+    monkeypatch.setattr(block_pivoting, "_MAX_CHUNK_ENTRIES", 2 * 6 * 6 * 6)
+    torch.testing.assert_close(BlockPivotingProjector().solve_batched(U, G), whole)
+
+
 def test_batched_entry_point_rejects_bad_shapes() -> None:
     projector = BlockPivotingProjector()
     with pytest.raises(ValueError, match="`G`"):

@@ -26,6 +26,8 @@ _COMPACT_FROM = 16384
 _LARGE_M = 32
 _LARGE_BATCH = 2**22
 _POWER_ITERATIONS = 4
+# Batches of several Gramians are solved in chunks of at most this many matrix entries.
+_MAX_CHUNK_ENTRIES = 2**24
 _JACOBI_ITERATIONS = 8
 
 
@@ -207,13 +209,25 @@ def _solve(A: Tensor, U: Tensor) -> Tensor:
     if m == 1:
         # min a v^2 subject to v >= u, with a > 0 (the product keeps a NaN of A).
         return U.clamp(min=0.0) + 0.0 * A
-    u = U.reshape(b * k, m)
-    # One matrix per problem: the shared one, or the one of the problem's batch element.
-    A_problems = A[0] if b == 1 else A.repeat_interleave(k, dim=0)
-    V, suspicious = _block_pivoting(A_problems, u)
+    if b == 1:
+        return _solve_problems(A[0], U[0]).unsqueeze(0)
+    # One matrix per problem, the one of its batch element: in chunks of Gramians, to bound the
+    # memory of the repeated matrices.
+    chunk = max(1, _MAX_CHUNK_ENTRIES // (k * m * m))
+    parts = [
+        _solve_problems(A_part.repeat_interleave(k, dim=0), U_part.reshape(-1, m))
+        for A_part, U_part in zip(A.split(chunk), U.split(chunk))
+    ]
+    return torch.cat(parts).reshape(b, k, m)
+
+
+def _solve_problems(A: Tensor, u: Tensor) -> Tensor:
+    """Solve ``min_v v^T A_p v s.t. v >= u_p`` for each row of ``u`` (``[P, m]``), ``A`` shared
+    (``[m, m]``) or one per problem (``[P, m, m]``), and rescue the failed problems."""
+    V, suspicious = _block_pivoting(A, u)
     if bool(suspicious.any()):  # host synchronisation: did a problem fail?
-        _rescue(A_problems, u, V, suspicious.nonzero().squeeze(-1))
-    return V.reshape(b, k, m)
+        _rescue(A, u, V, suspicious.nonzero().squeeze(-1))
+    return V
 
 
 def _rescue(A: Tensor, u: Tensor, V: Tensor, failed: Tensor) -> None:
