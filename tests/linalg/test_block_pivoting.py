@@ -198,6 +198,19 @@ def test_far_from_positive_semi_definite_warns() -> None:
         BlockPivotingProjector(norm_eps=0.0, reg_eps=0.0)(torch.tensor([0.0, 1.0]), G)
 
 
+def test_failures_in_a_batch_stay_in_their_gramian() -> None:
+    # A NaN Gramian, one far from positive semi-definite and a normal one, solved together.
+    G_good = torch.tensor([[2.0, -1.0], [-1.0, 2.0]])
+    G_nan = torch.tensor([[1.0, torch.nan], [torch.nan, 1.0]])
+    G = torch.stack([G_nan, torch.diag(torch.tensor([1.0, -0.9])), G_good])
+    U = torch.tensor([[0.0, 1.0], [1.0, 0.0]]).expand(3, 2, 2)
+    projector = BlockPivotingProjector(norm_eps=0.0, reg_eps=0.0)
+    with pytest.warns(UserWarning, match="1 problems"):
+        W = projector.solve_batched(U, G)
+    assert W[0].isnan().all()
+    torch.testing.assert_close(W[2], projector(U[2], G_good))
+
+
 def test_single_pivot_rule_still_solves(monkeypatch: pytest.MonkeyPatch) -> None:
     # Without patience, Murty's single-pivot rule takes over as soon as the number of infeasible
     # indices stalls; the answers must not change.

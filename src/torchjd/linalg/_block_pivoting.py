@@ -93,8 +93,8 @@ class BlockPivotingProjector(DualConeProjector):
       added, :math:`\tau \in \{10^{-9}, 10^{-6}, 10^{-3}, 1\}`; a warning is issued if that
       fails too.
 
-    ``G`` is assumed symmetric (only its lower triangle is factorised). NaN in ``G`` or ``U`` gives
-    NaN in the result.
+    ``G`` is assumed symmetric (only its lower triangle is factorised). NaN in ``U`` or ``G`` gives
+    NaN in the result, except a NaN trace, which the normalisation treats as below ``norm_eps``.
 
     :param norm_eps: non-negative threshold on :math:`\operatorname{tr}(G)` below which the
         normalised Gramian is the zero matrix (and the result is :math:`\max(u, 0)`). Default
@@ -209,62 +209,69 @@ def _solve(A: Tensor, U: Tensor) -> Tensor:
     if m == 1:
         # min a v^2 subject to v >= u, with a > 0 (the product keeps a NaN of A).
         return U.clamp(min=0.0) + 0.0 * A
-    if b == 1:
-        return _solve_problems(A[0], U[0]).unsqueeze(0)
-    # One matrix per problem, the one of its batch element: in chunks of Gramians, to bound the
-    # memory of the repeated matrices.
+    # In chunks of Gramians, to bound the memory of the per-problem linear systems.
     chunk = max(1, _MAX_CHUNK_ENTRIES // (k * m * m))
+    if chunk >= b:
+        return _solve_problems(A, U.reshape(b * k, m)).reshape(b, k, m)
     parts = [
-        _solve_problems(A_part.repeat_interleave(k, dim=0), U_part.reshape(-1, m))
+        _solve_problems(A_part, U_part.reshape(-1, m))
         for A_part, U_part in zip(A.split(chunk), U.split(chunk))
     ]
     return torch.cat(parts).reshape(b, k, m)
 
 
 def _solve_problems(A: Tensor, u: Tensor) -> Tensor:
-    """Solve ``min_v v^T A_p v s.t. v >= u_p`` for each row of ``u`` (``[P, m]``), ``A`` shared
-    (``[m, m]``) or one per problem (``[P, m, m]``), and rescue the failed problems."""
+    """Solve ``min_v v^T A[p // g] v s.t. v >= u[p]`` for every row ``p`` of ``u`` (``[P, m]``),
+    where ``A`` is ``[c, m, m]`` and ``g = P / c``, and rescue the problems that failed."""
+    c = A.shape[0]
+    if c == 1:
+        A = A[0]  # shared by all problems
     V, suspicious = _block_pivoting(A, u)
     if bool(suspicious.any()):  # host synchronisation: did a problem fail?
-        _rescue(A, u, V, suspicious.nonzero().squeeze(-1))
+        failed = suspicious.nonzero().squeeze(-1)
+        # The shared matrix, or the matrices of the failed problems.
+        A_failed = A if c == 1 else A[failed // (u.shape[0] // c)]
+        V[failed] = _rescue(A_failed, u[failed])
     return V
 
 
-def _rescue(A: Tensor, u: Tensor, V: Tensor, failed: Tensor) -> None:
-    """Handle in place the problems flagged by :func:`_block_pivoting` (failed factorisation or no
-    convergence): NaN when the problem holds non-finite values, else solve again with a growing
-    ridge added to ``A``, and warn if even that fails."""
+def _rescue(A: Tensor, u: Tensor) -> Tensor:
+    """Solve again problems flagged by :func:`_block_pivoting` (failed factorisation or no
+    convergence), ``A`` being ``[m, m]`` (shared) or ``[P, m, m]``: NaN when the problem holds
+    non-finite values, else with a growing ridge added to ``A``; warn if even that fails."""
+    V = torch.full_like(u, torch.nan)
+    finite = torch.isfinite(u).all(dim=-1) & torch.isfinite(A).all(dim=-1).all(dim=-1)
+    todo = finite.nonzero().squeeze(-1)
     shared = A.ndim == 2
-    A_failed = A if shared else A[failed]
-    finite = torch.isfinite(u[failed]).all(dim=-1)
-    finite = finite & (torch.isfinite(A).all() if shared else torch.isfinite(A_failed).all((1, 2)))
-    V[failed[~finite]] = torch.nan
-    failed = failed[finite]
     if not shared:
-        A_failed = A_failed[finite]
+        A = A[todo]
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     for ridge in _RESCUE_RIDGES:
-        if failed.numel() == 0:
-            return
-        V_failed, still_failed = _block_pivoting(A_failed + ridge * eye, u[failed])
-        V[failed] = V_failed
-        failed = failed[still_failed]
+        if todo.numel() == 0:
+            return V
+        V_todo, still_failed = _block_pivoting(A + ridge * eye, u[todo])
+        V[todo] = V_todo
+        todo = todo[still_failed]
         if not shared:
-            A_failed = A_failed[still_failed]
-    if failed.numel() > 0:
+            A = A[still_failed]
+    if todo.numel() > 0:
         warnings.warn(
-            f"BlockPivotingProjector did not solve {failed.numel()} of its {u.shape[0]} problems "
-            "accurately: the Gramian is probably far from positive semi-definite.",
-            stacklevel=5,
+            f"BlockPivotingProjector did not solve {todo.numel()} problems accurately: the "
+            "Gramian is probably far from positive semi-definite.",
+            stacklevel=6,
         )
+    return V
 
 
 def _add_product(y: Tensor, z: Tensor, A: Tensor, alpha: float = 1.0) -> Tensor:
-    """``y + alpha * z @ A`` row by row, for ``A`` shared ``[m, m]`` or one per row
-    ``[P, m, m]``."""
+    """``y + alpha * z @ A[p // g]`` for each row ``p`` of ``y`` and ``z`` (``[P, m]``), with
+    ``A`` of shape ``[c, m, m]`` and ``g = P / c``, or ``[m, m]`` shared (``A`` is symmetric:
+    this is ``A z``)."""
     if A.ndim == 2:
         return torch.addmm(y, z, A, alpha=alpha)
-    return torch.baddbmm(y.unsqueeze(-2), z.unsqueeze(-2), A, alpha=alpha).squeeze(-2)
+    c, m = A.shape[0], A.shape[-1]
+    P = y.shape[0]
+    return torch.baddbmm(y.view(c, P // c, m), z.view(c, P // c, m), A, alpha=alpha).view(P, m)
 
 
 def _is_large(P: int, m: int) -> bool:
@@ -273,8 +280,9 @@ def _is_large(P: int, m: int) -> bool:
 
 
 def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-    """Solve ``min_v v^T A_p v s.t. v >= u_p`` for each row ``u_p`` of ``u`` (``[P, m]``), with
-    ``A`` either ``[m, m]`` (shared by all problems) or ``[P, m, m]``.
+    """Solve ``min_v v^T A[p // g] v s.t. v >= u_p`` for each row ``u_p`` of ``u`` (``[P, m]``),
+    with ``A`` of shape ``[c, m, m]`` and ``g = P / c`` problems per matrix, or ``[m, m]`` shared
+    by all problems.
 
     Returns the solutions ``[P, m]`` and a boolean ``[P]`` marking the suspicious ones: not
     converged, or whose last factorisation failed (``A_FF`` not numerically positive definite, or
@@ -292,7 +300,11 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     # z = v - u is infeasible on F below neg_tol_z, y = A v off F below neg_tol_y (the diagonal
     # bounds |A_ij|).
     neg_tol_z = -_REL_TOL * u.abs().amax(dim=-1, keepdim=True)
-    neg_tol_y = neg_tol_z * A.diagonal(dim1=-2, dim2=-1).amax(dim=-1, keepdim=True)
+    a_scale = A.diagonal(dim1=-2, dim2=-1).amax(dim=-1, keepdim=True)  # [1] or [c, 1]
+    if shared:
+        neg_tol_y = neg_tol_z * a_scale
+    else:
+        neg_tol_y = (neg_tol_z.view(A.shape[0], -1) * a_scale).view(P, 1)
 
     # F: the free set (z_F may be positive, y_F = 0); z = 0 off F.
     if large:
@@ -339,14 +351,15 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
             V[done] = _solution(u, z, y)[solved]
             suspicious[done] = failed[solved]
             keep = (~solved).nonzero().squeeze(-1)
+            if not shared:
+                # One matrix per remaining problem from now on.
+                A = A[keep // (u.shape[0] // A.shape[0])]
             active = keep if active is None else active[keep]
             u, q, neg_q, F, z, y, infeasible, failed = (
                 t[keep] for t in (u, q, neg_q, F, z, y, infeasible, failed)
             )
             neg_tol_z, neg_tol_y = neg_tol_z[keep], neg_tol_y[keep]
             history, best = [t[keep] for t in history], [t[keep] for t in best]
-            if not shared:
-                A = A[keep]
 
         # Júdice-Pires: exchange every infeasible index as long as their number reaches new
         # minima; after _PATIENCE + 1 exchanges without a new minimum, exchange only the largest
@@ -394,18 +407,24 @@ def _guess_free_set(A: Tensor, neg_q: Tensor) -> Tensor:
     of projected Jacobi, ``z <- max(0, z - omega D^-1 (q + A z))`` with ``D = diag(A)`` and
     ``omega = 1 / lambda_max(D^-1 A)`` (estimated by power iteration), which decreases the
     objective. Any guess is valid: a good one saves factorisations."""
+    m = A.shape[-1]
+    P = neg_q.shape[0]
     d = A.diagonal(dim1=-2, dim2=-1)
     if A.ndim == 2:
-        d = d.unsqueeze(0)  # one row, as the problems' rows
+        d = d.unsqueeze(0)  # [c, m], c = 1: one row per matrix
+    c = d.shape[0]
     inv_sqrt_d = d.rsqrt()
-    # Power iteration on D^-1/2 A D^-1/2 (same eigenvalues as D^-1 A), from the all-ones vector.
+    # Power iteration on D^-1/2 A D^-1/2 (same eigenvalues as D^-1 A), from the all-ones vector,
+    # for each matrix.
     x = torch.ones_like(d)
     zeros = torch.zeros_like(d)
     for _ in range(_POWER_ITERATIONS):
         x = _add_product(zeros, x * inv_sqrt_d, A) * inv_sqrt_d
         x = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     x = _add_product(zeros, x * inv_sqrt_d, A) * inv_sqrt_d
-    step = 1.0 / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) * d)
+    step = 1.0 / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) * d)  # [c, m]
+    if c > 1:
+        step = step.unsqueeze(1).expand(c, P // c, m).reshape(P, m)
     z = torch.zeros_like(neg_q)
     for _ in range(_JACOBI_ITERATIONS):
         z = (z + step * _add_product(neg_q, z, A, alpha=-1.0)).clamp_(min=0.0)
@@ -437,13 +456,21 @@ def _solve_free_set(
     """
     if eye is None:
         return _solve_gathered(A, neg_q, F)
-    M = torch.where(F.unsqueeze(-1) & F.unsqueeze(-2), A, eye)
+    free_pairs = F.unsqueeze(-1) & F.unsqueeze(-2)
+    if A.ndim == 2:
+        M = torch.where(free_pairs, A, eye)
+    else:
+        c, m = A.shape[0], A.shape[-1]
+        P = F.shape[0]
+        M = torch.where(free_pairs.view(c, P // c, m, m), A.unsqueeze(1), eye).view(P, m, m)
     L, info = torch.linalg.cholesky_ex(M)
     return torch.cholesky_solve((neg_q * F).unsqueeze(-1), L).squeeze(-1), info > 0
 
 
 def _solve_gathered(A: Tensor, neg_q: Tensor, F: Tensor) -> tuple[Tensor, Tensor]:
-    P, m = neg_q.shape
+    m = A.shape[-1]
+    c = 1 if A.ndim == 2 else A.shape[0]
+    P = neg_q.shape[0]
     device = neg_q.device
     n_free = F.sum(dim=-1)
     size = int(n_free.max())  # host synchronisation: the size of the gathered systems
@@ -453,7 +480,7 @@ def _solve_gathered(A: Tensor, neg_q: Tensor, F: Tensor) -> tuple[Tensor, Tensor
     valid = slot < n_free.unsqueeze(-1)
     index = torch.where(valid, order, m + slot)
     # Flat indices into A: int32 when they fit (much faster to build and to gather with).
-    index_dtype = torch.int32 if P * (m + size) ** 2 < 2**31 else torch.int64
+    index_dtype = torch.int32 if c * (m + size) ** 2 < 2**31 else torch.int64
     if A.ndim == 2:
         # [[A, 0], [0, I]]: the padding indices give the identity block directly.
         A_padded = torch.block_diag(A, torch.eye(size, dtype=A.dtype, device=device))
@@ -463,8 +490,8 @@ def _solve_gathered(A: Tensor, neg_q: Tensor, F: Tensor) -> tuple[Tensor, Tensor
     else:
         order_ = order.to(index_dtype)
         flat_index = order_.unsqueeze(-1) * m + order_.unsqueeze(-2)
-        offsets = torch.arange(P, device=device, dtype=index_dtype) * (m * m)
-        flat_index += offsets.view(P, 1, 1)
+        owner = torch.arange(P, device=device, dtype=index_dtype) // (P // c)
+        flat_index += (owner * (m * m)).view(P, 1, 1)
         M = A.flatten().index_select(0, flat_index.flatten()).view(P, size, size)
         eye = torch.eye(size, dtype=A.dtype, device=device)
         M = torch.where(valid.unsqueeze(-1) & valid.unsqueeze(-2), M, eye)
