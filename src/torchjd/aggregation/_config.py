@@ -10,6 +10,9 @@ from torchjd.linalg._matrix import Matrix
 
 # The direction d is normalised by max(||d||, _NORM_EPS), as torch.nn.functional.normalize does.
 _NORM_EPS = 1e-12
+# Eigenvalues of the matrix of cosines below _NOISE * m * eps (relative to the largest) are not
+# resolved by the Gramian (computed in the input dtype): they are treated as zero.
+_NOISE = 10.0
 
 
 def _solver_dtype(device: torch.device) -> torch.dtype:
@@ -26,10 +29,14 @@ def _config_weights(gramian: Tensor, prefs: Tensor, n: int) -> Tensor:
     :math:`v = D^+ C^+ p` and :math:`\|d\|^2 = c^\top C c` where :math:`c = C^+ p`. The singular
     values of :math:`\hat U` are the square roots of the eigenvalues of :math:`C`; those at most
     ``max(m, n) * eps * sigma_max`` are dropped, as :func:`torch.linalg.pinv` does on
-    :math:`\hat U` (``eps`` of the input dtype).
+    :math:`\hat U` (``eps`` of the input dtype), and so are those whose square is below the
+    accuracy of the eigenvalues, ``_NOISE * m * eps * sigma_max^2``.
     """
     m = gramian.shape[0]
-    rtol = torch.finfo(gramian.dtype).eps * max(m, n)
+    eps = torch.finfo(gramian.dtype).eps
+    rtol = eps * max(m, n)
+    # Relative threshold on the eigenvalues of C = sigma^2.
+    threshold = max(rtol * rtol, _NOISE * m * eps)
     G = gramian.to(dtype=_solver_dtype(gramian.device))
     p = prefs.to(dtype=G.dtype, device=G.device)
     norms = G.diagonal().clamp(min=0.0).sqrt()
@@ -37,8 +44,7 @@ def _config_weights(gramian: Tensor, prefs: Tensor, n: int) -> Tensor:
     inverse_norms = torch.where(nonzero, 1.0 / torch.where(nonzero, norms, 1.0), 0.0)
     cosines = inverse_norms.unsqueeze(1) * G * inverse_norms.unsqueeze(0)  # C
     eigenvalues, eigenvectors = torch.linalg.eigh(cosines)
-    singular_values = eigenvalues.clamp(min=0.0).sqrt()
-    kept = singular_values > rtol * singular_values.max()
+    kept = eigenvalues > threshold * eigenvalues.max().clamp(min=0.0)
     safe = torch.where(kept, eigenvalues, 1.0)
     c = eigenvectors @ torch.where(kept, (eigenvectors.T @ p) / safe, 0.0)  # C^+ p
     v = inverse_norms * c  # d = J^T v
@@ -67,9 +73,12 @@ class ConFIG(Aggregator):
     :math:`J^\top w` for weights :math:`w` computed from :math:`G`, the row norms
     :math:`\sqrt{G_{ii}}` and an eigendecomposition of the ``m x m`` matrix of cosines (in float64,
     then cast back), so the cost is that of ``J @ J.T`` and ``w @ J`` and no ``m x n`` temporary is
-    created. The squared row norms must not overflow the input dtype (in float32, row norms below
-    about :math:`10^{19}`); a row whose squared norm underflows to 0 counts as a zero row.
-    Not differentiable.
+    created. The Gramian cannot resolve singular values below about
+    :math:`\sqrt{10\, m\, \varepsilon}\, \sigma_{\max}`: those are dropped too (TorchJD keeps those
+    above ``max(m, n) * eps * sigma_max``); this only changes the result of nearly rank-deficient
+    matrices with few columns, on which the pseudo-inverse is ill-conditioned. The squared row
+    norms must not overflow the input dtype (in float32, row norms below about :math:`10^{19}`); a
+    row whose squared norm underflows to 0 counts as a zero row. Not differentiable.
 
     :param pref_vector: the preference vector :math:`p` (1-D, one entry per row), or None for
         :math:`p = \mathbf 1`. It is held by the child weighting ``weighting`` (``SumWeighting``
