@@ -225,6 +225,19 @@ def test_single_pivot_rule_still_solves(monkeypatch: pytest.MonkeyPatch) -> None
             )
 
 
+def test_float32_solver_path() -> None:
+    # What runs on a device without float64: the solver itself in float32.
+    generator = torch.Generator().manual_seed(12)
+    for m in (3, 8, 40):
+        for kind in ("random", "rank_deficient", "duplicated"):
+            G = (J := _jacobian(kind, m, generator)) @ J.T
+            U = _vectors(m, generator)
+            A = G / G.trace() + 1e-4 * torch.eye(m, dtype=G.dtype)
+            W = block_pivoting._solve(A.float().unsqueeze(0), U.float().unsqueeze(0))[0]
+            reference = QuadprogProjector()(U, G)
+            torch.testing.assert_close(W.double(), reference, rtol=1e-3, atol=1e-3, msg=kind)
+
+
 def test_without_float64_falls_back_to_float32() -> None:
     with pytest.warns(UserWarning, match="float32"):
         dtype = block_pivoting._solver_dtype(torch.device("mps"))

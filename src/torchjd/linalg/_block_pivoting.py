@@ -13,8 +13,10 @@ from torchjd.linalg._projector import DualConeProjector
 # Extra full exchanges allowed while the number of infeasible indices does not decrease, before
 # switching to single pivots (the ``p`` of Júdice and Pires).
 _PATIENCE = 3
-# An index is infeasible when its value is below ``-_REL_TOL`` times the scale of its problem.
+# An index is infeasible when its value is below ``-_REL_TOL`` times the scale of its problem
+# (``_REL_TOL_FLOAT32`` when the solver runs in float32, on devices without float64).
 _REL_TOL = 1e-12
+_REL_TOL_FLOAT32 = 1e-5
 # Ridges tried, in order, on the problems whose factorisation failed or that did not converge (only
 # reachable when the regularised Gramian is not numerically positive definite).
 _RESCUE_RIDGES = (1e-9, 1e-6, 1e-3, 1.0)
@@ -299,7 +301,8 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     neg_q = -q
     # z = v - u is infeasible on F below neg_tol_z, y = A v off F below neg_tol_y (the diagonal
     # bounds |A_ij|).
-    neg_tol_z = -_REL_TOL * u.abs().amax(dim=-1, keepdim=True)
+    rel_tol = _REL_TOL if u.dtype == torch.float64 else _REL_TOL_FLOAT32
+    neg_tol_z = -rel_tol * u.abs().amax(dim=-1, keepdim=True)
     a_scale = A.diagonal(dim1=-2, dim2=-1).amax(dim=-1, keepdim=True)  # [1] or [c, 1]
     if shared:
         neg_tol_y = neg_tol_z * a_scale
