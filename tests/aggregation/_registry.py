@@ -176,7 +176,7 @@ AGGREGATORS: list[Entry] = [
     # Its non-conflict is tested in test_upgrad.py on full-row-rank matrices.
     Entry("UPGrad", UPGrad, permutation_invariant=True),
     Entry("UPGrad(pref)", _upgrad_pref3, needs_fixed_m=3),
-    Entry("UPGrad(exact)", _upgrad_exact, permutation_invariant=True),
+    Entry("UPGrad(exact)", _upgrad_exact, non_conflicting=True, permutation_invariant=True),
     Entry("UPGrad(quadprog)", _upgrad_quadprog, permutation_invariant=True),
     Entry("AlignedMTL", AlignedMTL, permutation_invariant=True, differentiable=True),
     Entry("AlignedMTL(median)", _aligned_mtl_median, differentiable=True),
