@@ -1,0 +1,78 @@
+"""IMTLG and IMTLGWeighting: worked examples, the impartiality property, edge cases."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from torchjd.aggregation import IMTLG, IMTLGWeighting
+
+from ._matrices import J_A, J_B, ONE, ZERO, ZR
+
+
+def test_worked_examples() -> None:
+    assert_close(IMTLG()(J_A), torch.tensor([0.0767, 1.0, 1.0]), rtol=0, atol=1e-4)
+    assert_close(IMTLGWeighting()(J_A @ J_A.T), torch.tensor([0.5923, 0.4077]), rtol=0, atol=1e-4)
+    assert_close(IMTLG()(J_B), torch.tensor([0.6493, 0.4765, 0.5534, 0.5818]), rtol=0, atol=1e-4)
+    expected = torch.tensor([0.4779, 0.4623, 0.0598])
+    assert_close(IMTLGWeighting()(J_B @ J_B.T), expected, rtol=0, atol=1e-4)
+
+
+def test_duplicated_rows_share_their_weight() -> None:
+    J = torch.tensor([[1.0, 2.0, 0.0], [1.0, 2.0, 0.0], [0.0, -1.0, 1.0]])
+    assert_close(IMTLG()(J), torch.tensor([0.3874, 0.1623, 0.6126]), rtol=0, atol=1e-4)
+    weights = IMTLGWeighting()(J @ J.T)
+    assert_close(weights[0], weights[1])
+
+
+def test_orthogonal_rows_by_hand() -> None:
+    # G = diag(9, 16): v = G^-1 (3, 4) = (1/3, 1/4), w = v / (7/12) = (4/7, 3/7), d = (12/7, 12/7).
+    J = torch.tensor([[3.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    assert_close(IMTLGWeighting()(J @ J.T), torch.tensor([4 / 7, 3 / 7], dtype=torch.float64))
+    assert_close(IMTLG()(J), torch.tensor([12 / 7, 12 / 7], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("m", [2, 3, 5])
+def test_equal_projections_on_the_unit_rows(m: int) -> None:
+    # For linearly independent rows, d = J^T w with 1^T w = 1 has the same projection on every
+    # g_i / ||g_i|| (the defining property of IMTL-G).
+    J = torch.randn(m, m + 2, generator=torch.Generator().manual_seed(m), dtype=torch.float64)
+    weights = IMTLGWeighting()(J @ J.T)
+    assert_close(weights.sum(), torch.tensor(1.0, dtype=torch.float64))
+    projections = (J / J.norm(dim=1, keepdim=True)) @ (weights @ J)
+    assert_close(projections, projections[0].expand(m))
+
+
+def test_edge_cases() -> None:
+    assert torch.equal(IMTLG()(ZERO), torch.zeros(3))
+    assert_close(IMTLG()(ONE), ONE[0])
+    assert_close(IMTLG()(ZR), torch.tensor([1.0, 2.0, -1.0]))
+    assert_close(IMTLGWeighting()(ZR @ ZR.T), torch.tensor([0.0, 1.0]))
+    assert torch.equal(IMTLG()(torch.zeros(0, 3)), torch.zeros(3))
+    assert IMTLG()(torch.zeros(2, 0)).shape == (0,)
+
+
+def test_weights_vanish_when_their_sum_is_below_the_threshold() -> None:
+    # v = G^+ d scales as 1 / ||g||: with rows of norm about 1e13, 1^T v < 1e-12.
+    J = 1e13 * J_B.double()
+    assert torch.equal(IMTLGWeighting()(J @ J.T), torch.zeros(3, dtype=torch.float64))
+    assert_close(IMTLG()(1e5 * J_B.double()), 1e5 * IMTLG()(J_B.double()))
+
+
+def test_batched_matches_single_calls() -> None:
+    J = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gramians = J @ J.mT
+    expected = torch.stack([IMTLGWeighting()(G) for G in gramians])
+    assert_close(IMTLGWeighting()._forward_batched(gramians), expected)
+
+
+def test_dtype_and_no_grad() -> None:
+    assert IMTLG()(J_A.double()).dtype == torch.float64
+    J = J_B.clone().requires_grad_()
+    assert not IMTLG()(J).requires_grad
+    assert not IMTLGWeighting()(J @ J.T).requires_grad
+
+
+def test_repr_and_str() -> None:
+    assert repr(IMTLG()) == "IMTLG()"
+    assert str(IMTLG()) == "IMTLG"
+    assert repr(IMTLGWeighting()) == "IMTLGWeighting()"
