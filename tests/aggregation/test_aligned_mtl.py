@@ -139,3 +139,15 @@ def test_repr_and_str() -> None:
     assert str(aggregator) == "AlignedMTL([0.33, 2.5])"
     assert repr(AlignedMTLWeighting()) == "AlignedMTLWeighting(\n  (weighting): MeanWeighting()\n)"
     assert AlignedMTL(scale_mode="median").scale_mode == "median"
+
+
+def test_batched_matches_single_calls() -> None:
+    J = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    J[1, 2] = J[1, 0]  # a rank-deficient Gramian in the batch
+    J[2] = 0.0  # and a zero one
+    gramians = J @ J.mT
+    for mode in ("min", "median", "rmse"):
+        weighting = AlignedMTLWeighting(pref_vector=torch.tensor([1.0, 2.0, 0.5]), scale_mode=mode)
+        expected = torch.stack([weighting(G) for G in gramians])
+        assert_close(weighting._forward_batched(gramians), expected)
+    assert AlignedMTLWeighting()._forward_batched(torch.zeros(0, 3, 3)).shape == (0, 3)

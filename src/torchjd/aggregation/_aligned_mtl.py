@@ -13,16 +13,18 @@ from torchjd.linalg._matrix import PSDMatrix
 _SCALE_MODES = ("min", "median", "rmse")
 
 
-def _aligned_mtl_weights(gramian: Tensor, prefs: Tensor, scale_mode: str) -> Tensor:
-    """Aligned-MTL's weights ``B p`` of a Gramian ``[m, m]`` (``m >= 1``), differentiable."""
-    m = gramian.shape[0]
-    eigenvalues, eigenvectors = torch.linalg.eigh(gramian, UPLO="U")  # ascending
-    tolerance = eigenvalues.max() * m * torch.finfo(gramian.dtype).eps
+def _aligned_mtl_weights(gramians: Tensor, prefs: Tensor, scale_mode: str) -> Tensor:
+    """Aligned-MTL's weights ``B p`` of Gramians ``[..., m, m]`` (``m >= 1``) with preference
+    weights ``[..., m]``, differentiable."""
+    m = gramians.shape[-1]
+    eigenvalues, eigenvectors = torch.linalg.eigh(gramians, UPLO="U")  # ascending
+    largest = eigenvalues[..., -1:]
+    tolerance = largest * m * torch.finfo(gramians.dtype).eps
     kept = eigenvalues > tolerance  # a suffix: the r largest eigenvalues
-    rank = kept.sum()
+    rank = kept.sum(dim=-1, keepdim=True)
     if scale_mode not in _SCALE_MODES:
         # Reading the rank synchronises with the device, but only on this error path.
-        if bool(rank > 0):
+        if bool((rank > 0).any()):
             raise ValueError(
                 f"Invalid scale_mode={scale_mode!r}. Expected one of {list(_SCALE_MODES)}."
             )
@@ -31,16 +33,17 @@ def _aligned_mtl_weights(gramian: Tensor, prefs: Tensor, scale_mode: str) -> Ten
     safe = torch.where(kept, eigenvalues, torch.ones_like(eigenvalues))
     if scale_mode == "min":
         index = m - rank.clamp(min=1)  # the smallest kept eigenvalue
-        scale = safe.gather(0, index.unsqueeze(0)).squeeze(0)
+        scale = safe.gather(-1, index)
     elif scale_mode == "median":
         # Lower median of the r kept values (index (r - 1) // 2 among them, ascending).
         index = m - rank + torch.div(rank - 1, 2, rounding_mode="floor")
-        scale = safe.gather(0, index.clamp(max=m - 1).unsqueeze(0)).squeeze(0)
+        scale = safe.gather(-1, index.clamp(max=m - 1))
     else:  # "rmse": the mean of the kept eigenvalues
-        scale = torch.where(kept, eigenvalues, 0.0).sum() / rank.clamp(min=1)
+        scale = torch.where(kept, eigenvalues, 0.0).sum(dim=-1, keepdim=True) / rank.clamp(min=1)
     # B p = sqrt(s) V_r diag(lambda^-1/2) V_r^T p.
-    coefficients = torch.where(kept, (eigenvectors.T @ prefs) / safe.sqrt(), 0.0)
-    weights = scale.clamp(min=0.0).sqrt() * (eigenvectors @ coefficients)
+    projections = (eigenvectors.mT @ prefs.unsqueeze(-1)).squeeze(-1)
+    coefficients = torch.where(kept, projections / safe.sqrt(), 0.0)
+    weights = scale.clamp(min=0.0).sqrt() * (eigenvectors @ coefficients.unsqueeze(-1)).squeeze(-1)
     return torch.where(rank > 0, weights, prefs)
 
 
@@ -83,6 +86,15 @@ class AlignedMTLWeighting(Weighting[PSDMatrix]):
     def forward(self, stat: Tensor, /) -> Tensor:
         prefs = self.weighting(stat).to(dtype=stat.dtype, device=stat.device)
         return _aligned_mtl_weights(stat, prefs, self.scale_mode)
+
+    def _forward_batched(self, gramians: Tensor) -> Tensor:
+        """Weights ``[b, m]`` of a batch of Gramians ``[b, m, m]``, each weighted by this
+        instance."""
+        b, m = gramians.shape[0], gramians.shape[-1]
+        if b == 0:
+            return gramians.new_zeros(0, m)
+        prefs = self.weighting(gramians[0]).to(dtype=gramians.dtype, device=gramians.device)
+        return _aligned_mtl_weights(gramians, prefs.expand(b, m), self.scale_mode)
 
 
 class AlignedMTL(GramianWeightedAggregator):
