@@ -269,3 +269,17 @@ def test_repr_and_str() -> None:
     for c, text in [*cases, (10.0, "CAGrad10")]:
         assert str(CAGrad(c)) == text
     assert repr(CAGradWeighting(0.5)) == "CAGradWeighting()"
+
+
+@pytest.mark.parametrize("m", [12, 20])
+def test_large_m_hard_matrices_converge(m: int) -> None:
+    # Rank-deficient, duplicated, opposite and zero rows with m > n, in both dtypes: the
+    # active-set method ends without reaching its iteration limit (which would warn).
+    from ._matrices import hard_matrices
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for J in hard_matrices(m).values():
+            for dtype in (torch.float32, torch.float64):
+                for c in (0.5, 3.0):
+                    assert torch.isfinite(CAGrad(c)(J.to(dtype))).all()

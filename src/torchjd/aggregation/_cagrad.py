@@ -17,8 +17,10 @@ from torchjd.linalg._matrix import PSDMatrix
 _ENUMERATE_UP_TO = 8
 # A candidate of the enumeration is feasible when its entries are >= -_FEASIBILITY_TOL.
 _FEASIBILITY_TOL = 1e-10
-# The active-set method stops when no vertex improves the linearised objective by more than this.
+# The active-set method stops when no vertex improves the linearised objective by more than this,
+# or when a step decreases the objective by less than _PROGRESS_TOL (relative).
 _OPTIMALITY_TOL = 1e-12
+_PROGRESS_TOL = 1e-14
 
 
 def _check_non_negative(name: str, value: float) -> float:
@@ -183,6 +185,11 @@ def _minimise_by_active_set(A: Tensor, s: Tensor) -> Tensor:
     A = A.cpu()
     s = s.cpu()
     m = A.shape[0]
+    # Round-off (e.g. a Gramian computed in float32) can leave slightly negative eigenvalues, which
+    # break the convexity the method relies on: set them to 0.
+    eigenvalues, eigenvectors = torch.linalg.eigh(A)
+    A = (eigenvectors * eigenvalues.clamp(min=0.0)) @ eigenvectors.T
+    A = 0.5 * (A + A.T)
     a = A.mean(dim=1)
     if float(s) == 0.0:  # a linear objective: the best vertex
         w = torch.zeros(m, dtype=A.dtype)
@@ -190,6 +197,7 @@ def _minimise_by_active_set(A: Tensor, s: Tensor) -> Tensor:
         return w.to(device)
     w = _start_point(A, a, s)
     active = w > 0.0
+    previous = math.inf
     for _ in range(20 * m):
         for _ in range(m + 1):  # each pass either ends or drops a vertex
             index = active.nonzero().squeeze(1)
@@ -221,8 +229,12 @@ def _minimise_by_active_set(A: Tensor, s: Tensor) -> Tensor:
             active = w > 0.0
         Aw = A @ w
         norm = float(w @ Aw)
-        if norm <= 0.0:
+        value = float(a @ w) + float(s) * math.sqrt(max(norm, 0.0))
+        if norm <= 0.0 or value > previous - _PROGRESS_TOL * (1.0 + abs(value)):
+            # At w^T A w = 0, see above; no progress: the degenerate steps that remain (ties
+            # between faces) cannot improve the objective beyond round-off.
             break
+        previous = value
         gradient = a + (s / math.sqrt(norm)) * Aw
         j = int(gradient.argmin())
         if bool(active[j]) or float(gradient[j]) >= float(gradient @ w) - _OPTIMALITY_TOL:
