@@ -287,12 +287,13 @@ class CAGradWeighting(Weighting[PSDMatrix]):
     stationarity conditions are solved on every face of the simplex at once (a batch of
     ``2^m - 1`` bordered linear systems, see :func:`_minimise_by_enumeration`), on the Gramian's
     device and without host synchronisation; for larger ``m``, by a primal active-set method on the
-    CPU (:func:`_minimise_by_active_set`), which reads numbers on the host at each step. Both agree
-    with an accurate convex solver to its tolerance; when the minimiser is not unique (degenerate
-    inputs such as duplicated rows), the weights may differ from TorchJD's but the aggregation
-    :math:`J^\top \lambda` does not, except where ties make the problem itself ambiguous. The
-    weights are cast back to the Gramian's dtype. Not differentiable: runs under
-    :func:`torch.no_grad`.
+    CPU (:func:`_minimise_by_active_set`), which reads numbers on the host at each step (it first
+    sets the round-off negative eigenvalues of the normalised Gramian to 0). Both agree with an
+    accurate convex solver to its tolerance (the tests check them against scipy, and against cvxpy
+    when it is installed). When the minimiser is not unique (degenerate inputs such as duplicated
+    rows), the weights may differ from TorchJD's but the aggregation :math:`J^\top \lambda` does
+    not, except where ties make the problem itself ambiguous. The weights are cast back to the
+    Gramian's dtype. Not differentiable: runs under :func:`torch.no_grad`.
 
     :param c: the radius :math:`c \ge 0` of the ball around the mean gradient (required).
     :param norm_eps: threshold ``>= 0`` on the trace of the Gramian and on :math:`\gamma`
