@@ -49,7 +49,9 @@ class GradDrop(Aggregator):
         always kept, or None for zeros. Its length must equal the number of rows at call time.
     """
 
-    def __init__(self, f: Callable[[Tensor], Tensor] = _identity, leak: Tensor | None = None):
+    def __init__(
+        self, f: Callable[[Tensor], Tensor] = _identity, leak: Tensor | None = None
+    ) -> None:
         super().__init__()
         self.f = f
         self.leak = leak
