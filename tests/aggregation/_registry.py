@@ -162,15 +162,19 @@ AGGREGATORS: list[Entry] = [
     # FairGrad and NashMTL conflict with no row only when the system G w = w^(-1/alpha) has a
     # root (e.g. full row rank); tested in their own files, not on the registry's rank-deficient
     # random matrices.
-    Entry("CRMOGM(Mean)", _crmogm_mean, permutation_invariant=True, differentiable=True),
-    Entry("CRMOGM(MoDo)", _crmogm_modo, permutation_invariant=True, differentiable=True),
+    Entry(
+        "CRMOGM(Mean)", _crmogm_mean, permutation_invariant=True, differentiable=True, stateful=True
+    ),
+    Entry(
+        "CRMOGM(MoDo)", _crmogm_modo, permutation_invariant=True, differentiable=True, stateful=True
+    ),
     Entry("ExcessMTL", ExcessMTL, permutation_invariant=True, stateful=True),
     Entry("FairGrad(1)", _fairgrad_1, permutation_invariant=True),
     Entry("FairGrad(0.1)", _fairgrad_01, permutation_invariant=True),
-    Entry("MoDo", _modo, permutation_invariant=True, differentiable=True),
+    Entry("MoDo", _modo, permutation_invariant=True, differentiable=True, stateful=True),
     Entry("NashMTL", _nash_mtl3, permutation_invariant=True, stateful=True, needs_fixed_m=3),
     Entry("PCD", PCD, stateful=True),
-    Entry("SDMGrad", _sdmgrad, permutation_invariant=True, differentiable=True),
+    Entry("SDMGrad", _sdmgrad, permutation_invariant=True, differentiable=True, stateful=True),
     # UPGrad conflicts with no row, but the relative check above is meaningless when the exact
     # output is 0 (rows spanning opposite directions, n < m): the output is then rounding noise.
     # Its non-conflict is tested in test_upgrad.py on full-row-rank matrices.
