@@ -8,7 +8,7 @@ from torch import Tensor
 
 from torchjd.linalg._gramian import normalize, regularize
 from torchjd.linalg._matrix import PSDMatrix
-from torchjd.linalg._projector import DualConeProjector
+from torchjd.linalg._projector import NormalizingProjector, check_projection_shapes
 
 # Extra full exchanges allowed while the number of infeasible indices does not decrease, before
 # switching to single pivots (the ``p`` of Júdice and Pires).
@@ -33,12 +33,7 @@ _MAX_CHUNK_ENTRIES = 2**24
 _JACOBI_ITERATIONS = 8
 
 
-def _check_eps(name: str, value: float) -> None:
-    if not value >= 0.0:
-        raise ValueError(f"`{name}` must be a non-negative float, got {value!r}.")
-
-
-class BlockPivotingProjector(DualConeProjector):
+class BlockPivotingProjector(NormalizingProjector):
     r"""Projects onto the dual cone by solving its quadratic programs in torch.
 
     For every vector :math:`u` along the last axis of ``U``, returns
@@ -108,31 +103,6 @@ class BlockPivotingProjector(DualConeProjector):
     of Gramians ``[b, m, m]`` at once.
     """
 
-    def __init__(self, *, norm_eps: float = 0.0001, reg_eps: float = 0.0001) -> None:
-        self.norm_eps = norm_eps
-        self.reg_eps = reg_eps
-
-    @property
-    def norm_eps(self) -> float:
-        return self._norm_eps
-
-    @norm_eps.setter
-    def norm_eps(self, value: float) -> None:
-        _check_eps("norm_eps", value)
-        self._norm_eps = value
-
-    @property
-    def reg_eps(self) -> float:
-        return self._reg_eps
-
-    @reg_eps.setter
-    def reg_eps(self, value: float) -> None:
-        _check_eps("reg_eps", value)
-        self._reg_eps = value
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(norm_eps={self.norm_eps}, reg_eps={self.reg_eps})"
-
     def __call__(self, U: Tensor, G: PSDMatrix) -> Tensor:
         """Return ``W`` of ``U``'s shape, in ``G``'s dtype and on its device, with ``W[..., :]``
         the solution of the dual-cone problem for ``U[..., :]``.
@@ -140,9 +110,7 @@ class BlockPivotingProjector(DualConeProjector):
         :param U: tensor of shape ``[..., m]``.
         :param G: symmetric positive semi-definite matrix of shape ``[m, m]``.
         """
-        if G.ndim != 2 or G.shape[0] != G.shape[1]:
-            raise ValueError(f"`G` must be a square matrix, got shape {tuple(G.shape)}.")
-        _check_last_dim(U, G.shape[-1])
+        check_projection_shapes(U, G)
         m = G.shape[-1]
         W = self.solve_batched(U.reshape(1, math.prod(U.shape[:-1]), m), G.unsqueeze(0))
         return W.reshape(U.shape)

@@ -10,18 +10,13 @@ from torch import Tensor
 from torchjd._optional import require
 from torchjd.linalg._gramian import normalize, regularize
 from torchjd.linalg._matrix import PSDMatrix
-from torchjd.linalg._projector import DualConeProjector
+from torchjd.linalg._projector import NormalizingProjector, check_projection_shapes
 
 if TYPE_CHECKING:
     import numpy as np
 
 
-def _check_eps(name: str, value: float) -> None:
-    if not value >= 0.0:
-        raise ValueError(f"`{name}` must be a non-negative float, got {value!r}.")
-
-
-class QuadprogProjector(DualConeProjector):
+class QuadprogProjector(NormalizingProjector):
     r"""Projects onto the dual cone by solving one quadratic program per vector with ``quadprog``.
 
     For every vector :math:`u` along the last axis of ``U``, returns
@@ -58,29 +53,7 @@ class QuadprogProjector(DualConeProjector):
 
     def __init__(self, *, norm_eps: float = 0.0001, reg_eps: float = 0.0001) -> None:
         require("QuadprogProjector", ("numpy", "qpsolvers", "quadprog"), "quadprog_projector")
-        self.norm_eps = norm_eps
-        self.reg_eps = reg_eps
-
-    @property
-    def norm_eps(self) -> float:
-        return self._norm_eps
-
-    @norm_eps.setter
-    def norm_eps(self, value: float) -> None:
-        _check_eps("norm_eps", value)
-        self._norm_eps = value
-
-    @property
-    def reg_eps(self) -> float:
-        return self._reg_eps
-
-    @reg_eps.setter
-    def reg_eps(self, value: float) -> None:
-        _check_eps("reg_eps", value)
-        self._reg_eps = value
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(norm_eps={self.norm_eps}, reg_eps={self.reg_eps})"
+        super().__init__(norm_eps=norm_eps, reg_eps=reg_eps)
 
     def __call__(self, U: Tensor, G: PSDMatrix) -> Tensor:
         """Return ``W`` of ``U``'s shape, in ``G``'s dtype and on its device, with ``W[..., :]``
@@ -91,14 +64,8 @@ class QuadprogProjector(DualConeProjector):
         """
         import numpy as np
 
-        if G.ndim != 2 or G.shape[0] != G.shape[1]:
-            raise ValueError(f"`G` must be a square matrix, got shape {tuple(G.shape)}.")
+        check_projection_shapes(U, G)
         m = G.shape[0]
-        if U.ndim == 0 or U.shape[-1] != m:
-            raise ValueError(
-                f"The last dimension of `U` must be m = {m} (the size of `G`), got shape "
-                f"{tuple(U.shape)}."
-            )
         with torch.no_grad():
             eps = max(self.norm_eps, torch.finfo(G.dtype).tiny)  # never divide by a zero trace
             G_hat = regularize(normalize(G, eps), self.reg_eps)
