@@ -32,7 +32,7 @@ extensions = [
     "sphinx.ext.mathjax",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-exclude_patterns = ["_build", "images/README*"]
+exclude_patterns = ["_build", "_static", "images/README*"]
 root_doc = "index"
 
 # Markdown pages: $...$ and $$...$$ maths, and an anchor for every heading down to level 3 so
@@ -61,7 +61,8 @@ nitpick_ignore_regex = [
 
 html_theme = "furo"
 html_title = f"torchjd {release}"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["tables.css"]
 html_show_sourcelink = False
 
 # Pages and API modules that are being written: listed in the navigation, left out of the build

@@ -8,7 +8,8 @@ says so on the line just above it:
     <!-- docs-test: requires=lightning -->
 
 and is skipped (with its line in the reason) when that package cannot be imported; nothing else
-may be skipped. Blocks in other languages are not run, but every fenced block must name one of
+may be skipped. Inside such a block, a ``FutureWarning`` (from the third-party package) is not
+turned into an error. Blocks in other languages are not run, but every fenced block must name one of
 the known languages, so that no Python block escapes by a typo, and the ``pip install`` lines of
 shell blocks may only name extras that ``pyproject.toml`` defines.
 
@@ -20,6 +21,7 @@ import importlib
 import importlib.util
 import pkgutil
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,7 +193,11 @@ def _run(blocks: list[Block], filename: str) -> list[str]:
             continue
         # Pad with empty lines so that tracebacks show the line numbers of the page.
         source = "\n" * (block.line - 1) + block.code
-        exec(compile(source, filename, "exec"), namespace)
+        with warnings.catch_warnings():
+            if block.requires:
+                # The deprecations inside a third-party integration are not ours to fix.
+                warnings.filterwarnings("ignore", category=FutureWarning)
+            exec(compile(source, filename, "exec"), namespace)
     return skipped
 
 
@@ -251,19 +257,33 @@ _TABLE_PAGE = _DOCS / "choosing_an_aggregator.md"
 _BASES = {"Aggregator", "Weighting", "WeightedAggregator", "GramianWeightedAggregator"}
 
 
-def _table_rows() -> list[dict[str, str]]:
-    lines = [line for line in _TABLE_PAGE.read_text().splitlines() if line.startswith("|")]
-    header = [cell.strip().lower() for cell in lines[0].strip("|").split("|")]
-    rows = []
-    for line in lines[2:]:
-        cells = [cell.strip() for cell in line.strip("|").split("|")]
-        if len(cells) == len(header):
-            rows.append(dict(zip(header, cells)))
-    return rows
+def _tables() -> list[list[dict[str, str]]]:
+    """The Markdown tables of the page, each a list of rows keyed by the header's names."""
+    tables: list[list[str]] = []
+    previous_is_table = False
+    for line in _TABLE_PAGE.read_text().splitlines():
+        is_table = line.startswith("|")
+        if is_table and not previous_is_table:
+            tables.append([])
+        if is_table:
+            tables[-1].append(line)
+        previous_is_table = is_table
+    parsed = []
+    for lines in tables:
+        header = [cell.strip().lower() for cell in lines[0].strip("|").split("|")]
+        rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+        assert all(len(cells) == len(header) for cells in rows), lines[0]
+        parsed.append([dict(zip(header, cells)) for cells in rows])
+    return parsed
 
 
 def _names(cell: str) -> list[str]:
     return re.findall(r"`([A-Za-z]+)`", cell)
+
+
+def _table_rows() -> list[dict[str, str]]:
+    """The table of guarantees: the first of the page."""
+    return _tables()[0]
 
 
 def test_choosing_table_lists_every_aggregator_and_weighting() -> None:
@@ -274,6 +294,13 @@ def test_choosing_table_lists_every_aggregator_and_weighting() -> None:
         if isinstance(getattr(aggregation, name), type) and name not in _BASES
     }
     assert sorted(listed) == sorted(public)
+
+
+def test_choosing_cost_table_has_one_row_per_row_of_the_guarantees() -> None:
+    guarantees = [_names(row["aggregator"]) or _names(row["weighting"]) for row in _table_rows()]
+    costs = [_names(row["aggregator"]) for row in _tables()[1]]
+    assert costs == guarantees
+    assert all(row["cost as m and n grow"] for row in _tables()[1])
 
 
 def test_choosing_table_stateful_and_randomised_columns_are_true() -> None:
