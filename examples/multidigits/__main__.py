@@ -67,7 +67,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "Methods: "
             + ", ".join(f"{k} = {m.label}" for k, m in METHODS.items())
             + ". Methods whose aggregator cannot be built here (missing optional dependency) "
-            "are skipped with a note. Delta m: average relative drop (%%) of the test metrics "
+            "are skipped with a note. Delta m: average relative drop (%) of the test metrics "
             "against the single-task models; lower is better."
         ),
     )
@@ -97,7 +97,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--epochs",
         type=int,
         default=None,
-        help=f"training epochs per run (default: {DEFAULT_EPOCHS}; 1 with --quick)",
+        help=f"training epochs per run (default: {DEFAULT_EPOCHS}; {QUICK_EPOCHS} with --quick)",
     )
     parser.add_argument(
         "--seeds",
@@ -139,8 +139,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help=f"smoke run in well under 30 s: {QUICK_EPOCHS} epochs on {QUICK_TRAIN_SIZE} images, "
-        "seed 0, "
-        "every method and grouping (explicit --epochs/--seeds/--train-size still apply)",
+        "seed 0, every method and grouping (explicit --epochs/--seeds/--train-size still apply)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)

@@ -99,7 +99,9 @@ def gramian_cosines(gramians: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(trunk: nn.Module, heads: nn.ModuleList, tasks: tuple[int, ...], split: Split) -> list:
+def evaluate(
+    trunk: nn.Module, heads: nn.ModuleList, tasks: tuple[int, ...], split: Split
+) -> list[float]:
     features = trunk(split.images)
     metrics = []
     for task, head in zip(tasks, heads):
@@ -163,7 +165,9 @@ def train_run(data: MultiDigits, config: RunConfig, progress: bool = True) -> Ru
             losses_log.append(torch.stack([loss.detach() for loss in losses]))
             bar.update()
             if bar.n % 10 == 0:
-                bar.set_postfix_str(" ".join(f"{loss:.3f}" for loss in losses_log[-1].tolist()))
+                bar.set_postfix_str(
+                    " ".join(f"{loss:.3f}" for loss in losses_log[-1].tolist()), refresh=False
+                )
     bar.close()
 
     return RunResult(
