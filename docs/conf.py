@@ -32,7 +32,7 @@ extensions = [
     "sphinx.ext.mathjax",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-exclude_patterns = ["_build", "_static", "images/README*"]
+exclude_patterns = ["_build", "_static"]
 root_doc = "index"
 
 # Markdown pages: $...$ and $$...$$ maths, and an anchor for every heading down to level 3 so
@@ -87,12 +87,20 @@ exclude_patterns += [f"{doc}.rst" for doc in _MISSING] + [f"{doc}.md" for doc in
 
 
 def _drop_missing_from_toctrees(app: Sphinx, docname: str, source: list[str]) -> None:
-    """Drop the toctree entries of optional pages not written yet; unlink the links to them."""
+    """Drop the toctree entries and table rows of optional pages not written yet; unlink links."""
     if not _MISSING:
         return
     folder = docname.rpartition("/")[0]
     relative = {posixpath.relpath(doc, folder or ".") for doc in _MISSING}
-    kept = [line for line in source[0].splitlines(keepends=True) if line.strip() not in relative]
+    links = re.compile(
+        "|".join(rf"\]\({re.escape(rel)}\.(?:md|rst)(?:#[^)]*)?\)" for rel in sorted(relative))
+    )
+    kept = [
+        line
+        for line in source[0].splitlines(keepends=True)
+        if line.strip() not in relative  # a toctree entry
+        and not (line.startswith("|") and links.search(line))  # a table row about the page
+    ]
     text = "".join(kept)
     for rel in relative:
         text = re.sub(rf"\[([^\]]*)\]\({re.escape(rel)}\.(?:md|rst)(?:#[^)]*)?\)", r"\1", text)
