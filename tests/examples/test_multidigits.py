@@ -8,12 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.nn.functional import cosine_similarity
-
-pytest.importorskip("sklearn")
-pytest.importorskip("matplotlib")
-pytest.importorskip("tqdm")
-
 from examples.multidigits import __main__ as cli
 from examples.multidigits import methods
 from examples.multidigits.data import (
@@ -38,6 +32,7 @@ from examples.multidigits.train import (
     group_gramians,
     train_run,
 )
+from torch.nn.functional import cosine_similarity
 
 from torchjd.autojac import mtl_backward
 
