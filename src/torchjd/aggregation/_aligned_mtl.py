@@ -1,5 +1,8 @@
 """Aligned-MTL: align the principal components of the rows, then weight them by preference."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -95,6 +98,46 @@ class AlignedMTLWeighting(Weighting[PSDMatrix]):
             return gramians.new_zeros(0, m)
         prefs = self.weighting(gramians[0]).to(dtype=gramians.dtype, device=gramians.device)
         return _aligned_mtl_weights(gramians, prefs.expand(b, m), self.scale_mode)
+
+    @classmethod
+    def _forward_grouped(
+        cls, weightings: Sequence[AlignedMTLWeighting], gramians: Tensor
+    ) -> Tensor:
+        """Weights ``[b, m]`` of Gramians ``[b, m, m]``, the ``k``-th one weighted by
+        ``weightings[k]`` (with its preference vector and scale mode). Gramians whose weightings
+        have the same scale mode are computed in one batch."""
+        b, m = gramians.shape[0], gramians.shape[-1]
+        if len(weightings) != b:
+            raise ValueError(
+                f"Got {len(weightings)} weightings for {b} Gramians: give one weighting per "
+                "Gramian."
+            )
+        if b == 0:
+            return gramians.new_zeros(0, m)
+        dtype, device = gramians.dtype, gramians.device
+        if all(w.pref_vector is None for w in weightings):
+            prefs = weightings[0].weighting(gramians[0]).to(dtype=dtype, device=device)
+            prefs = prefs.expand(b, m)
+        else:
+            prefs = torch.stack(
+                [
+                    w.weighting(G).to(dtype=dtype, device=device)
+                    for w, G in zip(weightings, gramians)
+                ]
+            )
+        modes: dict[str, list[int]] = {}
+        for k, w in enumerate(weightings):
+            modes.setdefault(w.scale_mode, []).append(k)
+        if len(modes) == 1:
+            return _aligned_mtl_weights(gramians, prefs, weightings[0].scale_mode)
+        parts = []
+        for mode, indices in modes.items():
+            index = torch.tensor(indices, device=device)
+            parts.append((index, _aligned_mtl_weights(gramians[index], prefs[index], mode)))
+        weights = torch.empty(b, m, dtype=parts[0][1].dtype, device=device)
+        for index, part in parts:
+            weights[index] = part
+        return weights
 
 
 class AlignedMTL(GramianWeightedAggregator):

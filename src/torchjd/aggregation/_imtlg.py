@@ -1,5 +1,9 @@
 """IMTL-G: the combination of the rows whose projections on every row have equal length."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -42,6 +46,18 @@ class IMTLGWeighting(Weighting[PSDMatrix]):
     @torch.no_grad()
     def _forward_batched(self, gramians: Tensor) -> Tensor:
         """Weights ``[b, m]`` of a batch of Gramians ``[b, m, m]``."""
+        return _imtlg_weights(gramians)
+
+    @classmethod
+    @torch.no_grad()
+    def _forward_grouped(cls, weightings: Sequence[IMTLGWeighting], gramians: Tensor) -> Tensor:
+        """Weights ``[b, m]`` of Gramians ``[b, m, m]``, the ``k``-th one weighted by
+        ``weightings[k]`` (stateless and parameter-free, so all at once)."""
+        if len(weightings) != gramians.shape[0]:
+            raise ValueError(
+                f"Got {len(weightings)} weightings for {gramians.shape[0]} Gramians: give one "
+                "weighting per Gramian."
+            )
         return _imtlg_weights(gramians)
 
 

@@ -251,12 +251,17 @@ def _weights_without_concatenation(
         gramian = _sum_of_gramians(jacobians, torch.promote_types(dtype, torch.float32))
         weights = aggregator.gramian_weighting(gramian)
         weights = weights.to(dtype=dtype)
+    _check_weights(weights, m, aggregator)
+    return weights
+
+
+def _check_weights(weights: object, m: int, aggregator: Aggregator) -> None:
+    """The weighting of ``aggregator`` must have returned a vector of ``m`` weights."""
     if not isinstance(weights, Tensor) or weights.shape != (m,):
         got = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
         raise ValueError(
             f"The weighting of {aggregator!r} must return one weight per row ({m}), got {got}."
         )
-    return weights
 
 
 def _sum_of_gramians(jacobians: list[Tensor], dtype: torch.dtype) -> Tensor:
