@@ -270,3 +270,33 @@ def test_a_subclass_overriding_forward_is_not_batched() -> None:
     # GradVac's first call on this matrix gives [0.5, 1.5] (spec example), doubled here.
     for t in (p, q):
         torch.testing.assert_close(t.grad, torch.tensor([1.0, 3.0]))
+
+
+def _varied(kind: str) -> list[nn.Module]:
+    """Eight aggregators of one class with different hyper-parameters, for the 8 tensors."""
+    prefs = [None, torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)]
+    if kind == "UPGrad":
+        return [UPGrad(pref_vector=prefs[k % 2]) for k in range(8)]
+    if kind == "DualProj":
+        return [DualProj(pref_vector=prefs[k % 2]) for k in range(8)]
+    if kind == "MGDA":
+        return [MGDA(epsilon=[1e-3, 1e-1][k % 2], max_iters=[100, 3][k % 3 == 0]) for k in range(8)]
+    if kind == "GradVac":
+        return [GradVac(beta=[0.5, 0.1, 1.0][k % 3], eps=[1e-8, 1e-3][k % 2]) for k in range(8)]
+    modes = ["min", "median", "rmse"]
+    return [AlignedMTL(pref_vector=prefs[k % 2], scale_mode=modes[k % 3]) for k in range(8)]
+
+
+@pytest.mark.parametrize("kind", ["UPGrad", "DualProj", "MGDA", "GradVac", "AlignedMTL"])
+def test_different_hyper_parameters_within_one_batch(kind: str) -> None:
+    loop_model, grouped_model = make_model(3), make_model(3)
+    loop_groups = per_tensor(loop_model.encoder, loop_model.decoder)
+    expected = _loop(loop_model, loop_groups, _varied(kind), seed=5)
+    groups = per_tensor(grouped_model.encoder, grouped_model.decoder)
+    actual = _grouped(grouped_model, GroupedAggregator(groups, _varied(kind)), seed=5)
+    assert_same_steps(actual, expected, rtol=1e-6, atol=1e-8)
+    # The hyper-parameters are not all ignored: the uniform configuration differs.
+    uniform_model = make_model(3)
+    uniform_groups = per_tensor(uniform_model.encoder, uniform_model.decoder)
+    uniform = _grouped(uniform_model, GroupedAggregator(uniform_groups, _varied(kind)[0]), seed=5)
+    assert not all(torch.allclose(a, b) for a, b in zip(uniform[-1].grads, actual[-1].grads))
