@@ -68,14 +68,19 @@ html_show_sourcelink = False
 # Pages and API modules that are being written: listed in the navigation, left out of the build
 # (with a note, not a warning) while they are missing, so that the build stays green.
 _OPTIONAL_PAGES = {"grouping": _HERE / "grouping.md"}
-_OPTIONAL_MODULES = {"api/grouping": "torchjd.grouping"}
+_OPTIONAL_MODULES = {
+    "api/grouping": "torchjd.grouping",
+    "api/distributed": "torchjd.distributed",
+}
 
 
 def _module_exists(name: str) -> bool:
+    """Whether ``name`` is a regular module or package (a folder without ``__init__`` is not)."""
     try:
-        return importlib.util.find_spec(name) is not None
+        spec = importlib.util.find_spec(name)
     except ImportError:
         return False
+    return spec is not None and spec.origin is not None
 
 
 _MISSING = {doc for doc, path in _OPTIONAL_PAGES.items() if not path.exists()} | {
