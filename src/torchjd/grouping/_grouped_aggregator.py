@@ -86,8 +86,8 @@ class GroupedAggregator(nn.Module, Stateful):
         self._groups = _check_groups(groups)
         self.aggregators = nn.ModuleList(_make_aggregators(aggregator, len(self._groups)))
         self.compute_gramians = compute_gramians
-        self.last_weights: list[Tensor | None] = []
-        self.last_gramians: list[Tensor | None] = []
+        self._last_weights: list[Tensor | None] = []
+        self._last_gramians: list[Tensor | None] = []
 
     @property
     def groups(self) -> list[list[Tensor]]:
@@ -103,6 +103,20 @@ class GroupedAggregator(nn.Module, Stateful):
         if not isinstance(value, bool):
             raise TypeError(f"`compute_gramians` must be a bool, got {value!r}.")
         self._compute_gramians = value
+
+    @property
+    def last_weights(self) -> list[Tensor | None]:
+        """The weights of each group at the last :meth:`jac_to_grad` call (``None`` for a group
+        whose aggregator is not weighted); empty before the first call and after :meth:`reset`.
+        """
+        return list(self._last_weights)
+
+    @property
+    def last_gramians(self) -> list[Tensor | None]:
+        """The Gramian ``[m, m]`` of each group at the last :meth:`jac_to_grad` call, ``None``
+        for a group whose Gramian was not computed (see ``compute_gramians``); empty before the
+        first call and after :meth:`reset`."""
+        return list(self._last_gramians)
 
     def __len__(self) -> int:
         return len(self._groups)
@@ -131,8 +145,8 @@ class GroupedAggregator(nn.Module, Stateful):
             retain_jac=retain_jac,
             compute_gramians=self.compute_gramians,
         )
-        self.last_weights = weights
-        self.last_gramians = gramians
+        self._last_weights = weights
+        self._last_gramians = gramians
         return list(weights)
 
     def cosine_similarities(self) -> list[Tensor | None]:
@@ -141,7 +155,7 @@ class GroupedAggregator(nn.Module, Stateful):
         ``[m, m]`` matrix per group computed from :attr:`last_gramians`, ``None`` for a group
         whose Gramian was not computed (see ``compute_gramians``). A pair involving a zero gradient
         has cosine 0. Empty before the first call."""
-        return [None if gramian is None else _cosines(gramian) for gramian in self.last_gramians]
+        return [None if gramian is None else _cosines(gramian) for gramian in self._last_gramians]
 
     def reset(self) -> None:
         """Reset the aggregator of every group that is :class:`~torchjd.Stateful`, and forget the
@@ -149,8 +163,8 @@ class GroupedAggregator(nn.Module, Stateful):
         for aggregator in self.aggregators:
             if isinstance(aggregator, Stateful):
                 aggregator.reset()
-        self.last_weights = []
-        self.last_gramians = []
+        self._last_weights = []
+        self._last_gramians = []
 
     def forward(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError(
