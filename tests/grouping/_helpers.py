@@ -26,7 +26,7 @@ class Model:
         return [*self.shared, *self.heads.parameters()]
 
 
-def make_model(n_tasks: int, dtype: torch.dtype = torch.float64) -> Model:
+def make_model(n_tasks: int, dtype: torch.dtype = torch.float64, device: str = "cpu") -> Model:
     """Encoder ``6 -> 5 -> 5``, decoder ``5 -> 4`` with a LayerNorm, one linear head per task:
     4 groups per layer, 8 per tensor. The same numbers for the same ``n_tasks``."""
     generator_state = torch.random.get_rng_state()
@@ -36,7 +36,7 @@ def make_model(n_tasks: int, dtype: torch.dtype = torch.float64) -> Model:
     heads = nn.ModuleList(nn.Linear(4, 1) for _ in range(n_tasks))
     torch.random.set_rng_state(generator_state)
     for module in (encoder, decoder, heads):
-        module.to(dtype)
+        module.to(dtype=dtype, device=device)
     return Model(encoder, decoder, heads)
 
 
@@ -50,11 +50,11 @@ STRATEGIES: dict[str, Callable[[Model], list[list[nn.Parameter]]]] = {
 
 def fill_jacobians(model: Model, step: int) -> None:
     """One ``mtl_backward`` on a batch that depends on ``step`` only (not on the global RNG)."""
-    dtype = model.shared[0].dtype
+    like = model.shared[0]
     data = torch.Generator().manual_seed(100 + step)
     n_tasks = len(model.heads)
-    x = torch.randn(8, 6, generator=data).to(dtype)
-    targets = torch.randn(n_tasks, 8, 1, generator=data).to(dtype)
+    x = torch.randn(8, 6, generator=data).to(like)
+    targets = torch.randn(n_tasks, 8, 1, generator=data).to(like)
     features = model.decoder(model.encoder(x))
     losses = [mse_loss(head(features), t) for head, t in zip(model.heads, targets)]
     mtl_backward(losses, features=features)

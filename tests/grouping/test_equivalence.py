@@ -62,8 +62,10 @@ def _compare(
     n_tasks: int,
     dtype: torch.dtype = torch.float64,
     steps: int = STEPS,
+    device: str = "cpu",
 ) -> None:
-    loop_model, grouped_model = make_model(n_tasks, dtype), make_model(n_tasks, dtype)
+    loop_model = make_model(n_tasks, dtype, device)
+    grouped_model = make_model(n_tasks, dtype, device)
     loop_groups = STRATEGIES[strategy](loop_model)
     expected = _loop(loop_model, loop_groups, [make() for _ in loop_groups], 7, steps)
     grouped = GroupedAggregator(STRATEGIES[strategy](grouped_model), make)
@@ -90,6 +92,13 @@ def test_batched_aggregators_match_the_loop_in_float32(make: type, n_tasks: int)
     # singular one, IMTL-G and Aligned-MTL turn float32 rounding into large changes (a pseudo-
     # inverse keeps or drops a singular value at the threshold), in the loop as well.
     _compare(make, "per_tensor", n_tasks, dtype=torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("make", BATCHED, ids=lambda c: c.__name__)
+def test_batched_aggregators_match_the_loop_on_cuda(make: type, dtype: torch.dtype) -> None:
+    _compare(make, "per_tensor", 3, dtype=dtype, device="cuda")
 
 
 def _count_grouped_calls(monkeypatch: pytest.MonkeyPatch, cls: type) -> list[int]:
