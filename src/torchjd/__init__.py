@@ -10,7 +10,7 @@ from typing import Any
 
 from torchjd._stateful import Stateful
 
-from . import aggregation, autogram, autojac, grouping, linalg, scalarization  # noqa: F401  (make them attributes of the package)
+from . import aggregation, autogram, autojac, distributed, grouping, linalg, scalarization  # noqa: F401  (make them attributes of the package)
 
 __all__ = ["Stateful"]
 __version__ = "0.1.0"

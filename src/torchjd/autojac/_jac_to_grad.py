@@ -21,6 +21,7 @@ from torchjd.aggregation._mean import MeanWeighting
 from torchjd.aggregation._random import RandomWeighting
 from torchjd.aggregation._sum import SumWeighting
 from torchjd.autojac._accumulation import accumulate_grads, check_grad_targets
+from torchjd.autojac._synchronization import warn_if_unsynchronized
 from torchjd.autojac._validation import check_non_empty, check_unique, materialise, rows_shape
 
 # Weightings that only look at the number of rows (and the dtype and device) of their input.
@@ -130,6 +131,7 @@ def jac_to_grad(
     """
     tensors_ = materialise(tensors, "tensors")
     jacobians = _validated_jacobians(tensors_)
+    warn_if_unsynchronized(jacobians, stacklevel=2)
     check_grad_targets(tensors_, "tensors", requires_grad_error=ValueError)
     route = _choose_route(aggregator, optimize_gramian_computation)
 

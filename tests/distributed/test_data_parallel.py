@@ -1,0 +1,180 @@
+"""Two processes (gloo, CPU) train with DistributedDataParallel and torchjd.distributed.
+
+All the scenarios run in one pair of processes (a module-scoped fixture); each test checks one
+property of their results against a single-process run on the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.distributed._scenarios import (
+    BATCH,
+    CONTROLS,
+    N_TASKS,
+    SCENARIOS,
+    UNSHARED_RNG_JACOBIAN,
+    UNSHARED_RNG_UPDATE,
+    UNSYNCED,
+    Scenario,
+    reference,
+    worker,
+)
+
+WORLD_SIZE = 2
+TIMEOUT_S = 120
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="needs torch.distributed with the gloo backend",
+)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    directory = tmp_path_factory.mktemp("ddp")
+    init_file = str(directory / "store")
+    context = mp.spawn(
+        worker, args=(WORLD_SIZE, init_file, str(directory)), nprocs=WORLD_SIZE, join=False
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail(f"The {WORLD_SIZE} processes did not finish within {TIMEOUT_S} s.")
+    return [torch.load(Path(directory, f"rank{r}.pt")) for r in range(WORLD_SIZE)]
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, torch.Tensor]:
+    return {s.name: reference(s) for s in [*SCENARIOS, *CONTROLS]}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
+def test_every_rank_ends_with_the_same_parameters(
+    results: list[dict[str, Any]], scenario: Scenario
+) -> None:
+    first = results[0][scenario.name]["params"]
+    for other in results[1:]:
+        assert torch.equal(other[scenario.name]["params"], first)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
+def test_parameters_equal_the_single_process_run(
+    results: list[dict[str, Any]], references: dict[str, torch.Tensor], scenario: Scenario
+) -> None:
+    expected = references[scenario.name]
+    initial = reference_initial(scenario)
+    assert not torch.allclose(expected, initial, atol=1e-4)  # the training moved the parameters
+    for result in results:
+        torch.testing.assert_close(result[scenario.name]["params"], expected, rtol=0, atol=1e-5)
+
+
+def reference_initial(scenario: Scenario) -> torch.Tensor:
+    from tests.distributed._scenarios import flat_params, make_model
+
+    return flat_params(make_model(scenario.kind))
+
+
+# Controls of the sharing of the generator state: the processes' generators are seeded differently.
+def test_unshared_generators_make_replicas_diverge(results: list[dict[str, Any]]) -> None:
+    # Each process aggregates the same global Jacobian with its own random weights.
+    params = [r[UNSHARED_RNG_JACOBIAN.name]["params"] for r in results]
+    assert not torch.allclose(params[0], params[1], atol=1e-4)
+
+
+def test_unshared_generators_miss_the_single_process_run(
+    results: list[dict[str, Any]], references: dict[str, torch.Tensor]
+) -> None:
+    # With the "update" strategy, the sum of w_rᵀ J_r is the same everywhere, but the weights
+    # differ from process to process, so it is not the single-process update.
+    expected = references[UNSHARED_RNG_UPDATE.name]
+    for result in results:
+        assert not torch.allclose(result[UNSHARED_RNG_UPDATE.name]["params"], expected, atol=1e-4)
+
+
+def test_unsynchronised_jac_to_grad_warns_and_diverges(results: list[dict[str, Any]]) -> None:
+    for result in results:
+        assert result[UNSYNCED.name]["warnings"] == ["UnsynchronizedJacobianWarning"] * 3
+    params = [r[UNSYNCED.name]["params"] for r in results]
+    assert not torch.allclose(params[0], params[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
+def test_synchronised_aggregation_does_not_warn(
+    results: list[dict[str, Any]], scenario: Scenario
+) -> None:
+    for result in results:
+        assert result[scenario.name]["warnings"] == []
+
+
+def test_sync_jac_marks_the_jacobians(results: list[dict[str, Any]]) -> None:
+    for result in results:
+        assert result["synced-no-warning"] == []
+
+
+def test_ddp_leaves_head_gradients_of_mtl_backward_local(results: list[dict[str, Any]]) -> None:
+    # The reason for `grad_params`: the gradients that mtl_backward gives the heads come from
+    # torch.autograd.grad, which does not run the reducer hooks of DistributedDataParallel.
+    first, second = (r["mtl-upgrad-auto"]["local_head_grads"] for r in results)
+    assert not torch.allclose(first, second)
+
+
+# Sizes of the models of the scenarios, for the expected payloads of the collectives.
+_MTL_SHARED = 5 * 8 + 8 + 8 * 6 + 6  # trunk
+_MTL_HEADS = N_TASKS * (6 + 1)
+_IWRM_PARAMS = 5 * 8 + 8 + 8 * 3 + 3
+_RNG = torch.get_rng_state().numel()
+
+
+def _expected_calls(name: str) -> list[tuple[str, int]]:
+    n, h, r = _MTL_SHARED, _MTL_HEADS, WORLD_SIZE
+    m = N_TASKS
+    c, hh = math.ceil(n / r), math.ceil(h / r)
+    if name == "mtl-mean-auto":  # the traffic of DistributedDataParallel: N + H
+        return [("all_reduce", n + h)]
+    if name == "mtl-upgrad-jacobian":
+        return [("all_reduce", m * n + h + _RNG)]
+    if name == "mtl-upgrad-auto":
+        return [
+            ("reduce_scatter", r * (m * c + hh)),
+            ("all_reduce", m * m + _RNG),
+            ("all_gather", c + hh),
+        ]
+    if name == "mtl-random-auto":
+        return [("all_reduce", _RNG), ("all_reduce", n + h)]
+    n, m_all = _IWRM_PARAMS, BATCH
+    c = math.ceil(n / r)
+    m_local = BATCH // r
+    if name == "iwrm-upgrad-auto":
+        return [("all_to_all", r * m_local * c), ("all_reduce", m_all**2 + _RNG), ("all_gather", c)]
+    if name == "iwrm-upgrad-jacobian":
+        return [("all_gather", m_local * n + _RNG)]
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mtl-mean-auto",
+        "mtl-upgrad-jacobian",
+        "mtl-upgrad-auto",
+        "mtl-random-auto",
+        "iwrm-upgrad-auto",
+        "iwrm-upgrad-jacobian",
+    ],
+)
+def test_collectives_per_step(results: list[dict[str, Any]], name: str) -> None:
+    expected = _expected_calls(name)
+    for result in results:
+        for calls in result[name]["calls"]:
+            assert calls == expected
