@@ -20,6 +20,7 @@ Usage: ``python benchmarks/bench_grouping.py [--repeats N] [--m 2 8]``.
 """
 
 import argparse
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -68,13 +69,18 @@ def interleaved_median_ms(
     variants: dict[str, Callable[[], None]], repeats: int, warmup: int = 3
 ) -> dict[str, float]:
     """Median wall time of each variant in milliseconds, timed round by round (one call of each
-    variant per round), so that a slower period of a shared machine affects all of them."""
+    variant per round, in a new random order each round), so that a slower period of a shared
+    machine, or the state of the caches left by the previous variant, affects all of them."""
     for _ in range(warmup):
         for fn in variants.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    shuffler = random.Random(0)
     for _ in range(repeats):
-        for name, fn in variants.items():
+        shuffler.shuffle(order)
+        for name in order:
+            fn = variants[name]
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -130,15 +136,25 @@ def main() -> None:
     parser.add_argument("--m", type=int, nargs="+", default=[2, 8])
     args = parser.parse_args()
     single_thread()
+    print("Median step time in ms; ratios to the whole-model step (one jac_to_grad call).")
+    print("| aggregator | m | strategy (groups) | loop | grouped | loop ratio | grouped ratio |")
+    print("|---|---|---|---|---|---|---|")
     for name, make in (("GradVac", GradVac), ("UPGrad", UPGrad)):
         for m in args.m:
             results = bench(m, make, args.repeats)
+            floor = results.pop("floor (mtl_backward, no aggregation)")
             whole = results["together (1) loop"]
-            print(f"\n{name}, m = {m} (ratio: to the whole-model jac_to_grad step)")
-            print(f"| {'step':<38} | {'ms':>8} | {'ratio':>6} |")
-            print(f"|{'-' * 40}|{'-' * 10}|{'-' * 8}|")
-            for label, ms in results.items():
-                print(f"| {label:<38} | {ms:8.2f} | {ms / whole:6.2f} |")
+            ratio = floor / whole
+            print(f"| {name} | {m} | floor: mtl_backward only | {floor:.2f} | | {ratio:.2f} | |")
+            for label in results:
+                if not label.endswith(" loop"):
+                    continue
+                strategy = label.removesuffix(" loop")
+                loop, grouped = results[label], results[f"{strategy} grouped"]
+                print(
+                    f"| {name} | {m} | {strategy} | {loop:.2f} | {grouped:.2f} | "
+                    f"{loop / whole:.2f} | {grouped / whole:.2f} |"
+                )
 
 
 if __name__ == "__main__":

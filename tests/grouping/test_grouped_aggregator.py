@@ -148,6 +148,8 @@ def test_malformed_groups_are_refused() -> None:
         GroupedAggregator([{"params": [a]}], Mean)
     with pytest.raises(TypeError, match="`groups` must be an iterable"):
         GroupedAggregator(a, Mean)
+    with pytest.raises(TypeError, match=r"groups\[1\] is a module \(Sequential\)"):
+        GroupedAggregator([[a], nn.Sequential(nn.Linear(2, 2))], Mean)
 
 
 def test_malformed_aggregators_are_refused() -> None:

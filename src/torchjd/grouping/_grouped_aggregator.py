@@ -203,6 +203,12 @@ def _check_groups(groups: object) -> tuple[tuple[Tensor, ...], ...]:
                 f"Each element of `groups` must be a collection of tensors, but groups[{k}] is a "
                 f"single tensor of shape {tuple(group.shape)}: wrap it in a list, e.g. `[t]`."
             )
+        if isinstance(group, nn.Module):
+            raise TypeError(
+                f"groups[{k}] is a module ({type(group).__name__}), not a collection of tensors: "
+                "give its parameters, e.g. `list(module.parameters())`, or build the groups with "
+                "a strategy of torchjd.grouping (`per_network(encoder, decoder)`...)."
+            )
         if isinstance(group, (set, frozenset)):
             raise ValueError(
                 f"groups[{k}] is a set: each group must be ordered (a list or a tuple), since the "

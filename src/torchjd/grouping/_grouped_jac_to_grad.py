@@ -49,6 +49,7 @@ class _Group:
     aggregator: nn.Module
     route: _Route
     dtype: torch.dtype  # the promoted dtype of the Jacobians: the dtype of the weights
+    gramian_weighting: nn.Module | None = None  # for the Gramian route
     gramian: Tensor | None = None
     weights: Tensor | None = None
     gradients: list[Tensor] = field(default_factory=list)
@@ -117,16 +118,21 @@ def _prepare(groups: Sequence[Sequence[Tensor]], aggregators: Sequence[nn.Module
         for group in groups:
             per_group.append(flat_jacobians[start : start + len(group)])
             start += len(group)
-    return [
-        _Group(
-            list(group),
-            jacobians,
-            aggregator,
-            _choose_route(aggregator, optimize_gramian_computation=False),  # type: ignore[arg-type]
-            _promoted_dtype(jacobians),
+    prepared = []
+    for group, jacobians, aggregator in zip(groups, per_group, aggregators):
+        route = _choose_route(aggregator, optimize_gramian_computation=False)  # type: ignore[arg-type]
+        gramian_weighting = aggregator.gramian_weighting if route is _Route.GRAMIAN else None
+        prepared.append(
+            _Group(
+                list(group),
+                jacobians,
+                aggregator,
+                route,
+                _promoted_dtype(jacobians),
+                gramian_weighting,
+            )
         )
-        for group, jacobians, aggregator in zip(groups, per_group, aggregators)
-    ]
+    return prepared
 
 
 def _validated_group(index: int, tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -151,8 +157,8 @@ def _batch_key(group: _Group) -> Hashable | None:
         if type(weighting) in _SHARED_ROW_COUNT_WEIGHTINGS:
             return ("row count", type(weighting), group.m, group.dtype, device)
         return None
-    assert group.gramian is not None
-    weighting = group.aggregator.gramian_weighting
+    assert group.gramian is not None and group.gramian_weighting is not None
+    weighting = group.gramian_weighting
     # Only the class that defines the batched entry point (not a subclass that may override
     # forward), and only when no hook is waiting to see this group's Gramian or weights.
     if "_forward_grouped" not in vars(type(weighting)):
@@ -196,7 +202,7 @@ def _weigh(run: list[_Group]) -> None:
                 first.jacobians, first.aggregator, _Route.ROW_COUNT
             )
         else:
-            weights = first.aggregator.gramian_weighting(first.gramian).to(dtype=first.dtype)
+            weights = first.gramian_weighting(first.gramian).to(dtype=first.dtype)  # type: ignore[misc]
             _check_weights(weights, first.m, first.aggregator)
             first.weights = weights
         return
@@ -206,7 +212,7 @@ def _weigh(run: list[_Group]) -> None:
         weights = _weights_without_concatenation(first.jacobians, first.aggregator, first.route)
         batch = weights.expand(len(run), -1).clone()
     else:
-        weightings = [group.aggregator.gramian_weighting for group in run]
+        weightings = [group.gramian_weighting for group in run]
         gramians = torch.stack([group.gramian for group in run])  # type: ignore[misc]
         batch = type(weightings[0])._forward_grouped(weightings, gramians).to(dtype=first.dtype)
         expected = (len(run), first.m)
