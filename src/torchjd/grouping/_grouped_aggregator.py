@@ -41,7 +41,8 @@ class GroupedAggregator(nn.Module, Stateful):
     :func:`~torchjd.autojac.jac_to_grad`.
 
     Every group has its own aggregator instance, hence its own state (GradVac's targets, for
-    example), held as a submodule: ``state_dict()`` saves the state of all the groups and loads
+    example), held as a submodule in ``aggregators`` (a :class:`~torch.nn.ModuleList`, in the
+    order of the groups): ``state_dict()`` saves the state of all the groups and loads
     (strict) into a fresh ``GroupedAggregator`` built the same way, and :meth:`reset` resets them
     all. The groups themselves (references to the parameters) are not part of the state.
 

@@ -120,7 +120,7 @@ def _prepare(groups: Sequence[Sequence[Tensor]], aggregators: Sequence[nn.Module
             start += len(group)
     prepared = []
     for group, jacobians, aggregator in zip(groups, per_group, aggregators):
-        route = _choose_route(aggregator, optimize_gramian_computation=False)  # type: ignore[arg-type]
+        route = _choose_route(aggregator, optimize_gramian_computation=False)
         gramian_weighting = aggregator.gramian_weighting if route is _Route.GRAMIAN else None
         prepared.append(
             _Group(
@@ -202,7 +202,8 @@ def _weigh(run: list[_Group]) -> None:
                 first.jacobians, first.aggregator, _Route.ROW_COUNT
             )
         else:
-            weights = first.gramian_weighting(first.gramian).to(dtype=first.dtype)  # type: ignore[misc]
+            assert first.gramian_weighting is not None and first.gramian is not None
+            weights = first.gramian_weighting(first.gramian).to(dtype=first.dtype)
             _check_weights(weights, first.m, first.aggregator)
             first.weights = weights
         return
@@ -213,7 +214,7 @@ def _weigh(run: list[_Group]) -> None:
         batch = weights.expand(len(run), -1).clone()
     else:
         weightings = [group.gramian_weighting for group in run]
-        gramians = torch.stack([group.gramian for group in run])  # type: ignore[misc]
+        gramians = torch.stack([group.gramian for group in run])
         batch = type(weightings[0])._forward_grouped(weightings, gramians).to(dtype=first.dtype)
         expected = (len(run), first.m)
         if batch.shape != expected:
