@@ -64,11 +64,11 @@ class Scenario:
 SCENARIOS = [
     Scenario("mtl-mean-auto", "mtl", "mean"),
     Scenario("mtl-mean-jacobian", "mtl", "mean", kwargs={"strategy": "jacobian"}),
-    Scenario("mtl-upgrad-auto", "mtl", "upgrad"),
-    Scenario("mtl-upgrad-jacobian", "mtl", "upgrad", kwargs={"strategy": "jacobian"}),
+    Scenario("mtl-upgrad-auto", "mtl", "upgrad"),  # "jacobian" on gloo
+    Scenario("mtl-upgrad-gramian", "mtl", "upgrad", kwargs={"strategy": "gramian"}),
     Scenario("mtl-gradvac-auto", "mtl", "gradvac"),
-    Scenario("mtl-gradvac-jacobian", "mtl", "gradvac", kwargs={"strategy": "jacobian"}),
-    Scenario("mtl-pcgrad-auto", "mtl", "pcgrad"),
+    Scenario("mtl-gradvac-gramian", "mtl", "gradvac", kwargs={"strategy": "gramian"}),
+    Scenario("mtl-pcgrad-gramian", "mtl", "pcgrad", kwargs={"strategy": "gramian"}),
     Scenario("mtl-random-auto", "mtl", "random"),
     Scenario("mtl-config-auto", "mtl", "config"),
     Scenario("mtl-gradvac-grouped-sync", "mtl", "gradvac", method="sync", grouped=True),

@@ -142,9 +142,9 @@ def _expected_calls(name: str) -> list[tuple[str, int]]:
     c, hh = math.ceil(n / r), math.ceil(h / r)
     if name == "mtl-mean-auto":  # the traffic of DistributedDataParallel: N + H
         return [("all_reduce", n + h)]
-    if name == "mtl-upgrad-jacobian":
+    if name == "mtl-upgrad-auto":  # on gloo, an all-reduce of the Jacobians
         return [("all_reduce", m * n + h + _RNG)]
-    if name == "mtl-upgrad-auto":
+    if name == "mtl-upgrad-gramian":
         return [
             ("reduce_scatter", r * (m * c + hh)),
             ("all_reduce", m * m + _RNG),
@@ -166,8 +166,8 @@ def _expected_calls(name: str) -> list[tuple[str, int]]:
     "name",
     [
         "mtl-mean-auto",
-        "mtl-upgrad-jacobian",
         "mtl-upgrad-auto",
+        "mtl-upgrad-gramian",
         "mtl-random-auto",
         "iwrm-upgrad-auto",
         "iwrm-upgrad-jacobian",

@@ -31,6 +31,11 @@ def group_rank_and_size(group: Any) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def backend(group: Any) -> str:
+    """The name of the backend of ``group`` (``"gloo"``, ``"nccl"``...), in lower case."""
+    return str(dist.get_backend(group)).lower()
+
+
 def _first_available(names: Sequence[str]) -> Any:
     for name in names:
         function = getattr(dist, name, None)

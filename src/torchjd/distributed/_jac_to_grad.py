@@ -17,7 +17,7 @@ from torchjd.distributed._arguments import (
     check_one_device,
     validated_grad_params,
 )
-from torchjd.distributed._comm import group_rank_and_size
+from torchjd.distributed._comm import backend, group_rank_and_size
 from torchjd.distributed._exchange import (
     Exchange,
     gramian_strategy,
@@ -94,7 +94,9 @@ def jac_to_grad(
       one all-reduce of :math:`N + H` entries, the traffic of ``DistributedDataParallel``.
     - ``"auto"`` (default): ``"update"`` where it applies, else ``"gramian"`` where
       :func:`torchjd.autojac.jac_to_grad` would use the Gramian (no hooks on the aggregator or on
-      its ``weighting``, ``forward`` not overridden), else ``"jacobian"``.
+      its ``weighting``, ``forward`` not overridden), else ``"jacobian"``. Exception: with
+      ``rows="mean"`` on the gloo backend, ``"jacobian"`` rather than ``"gramian"``, because
+      gloo's reduce-scatter takes longer than its all-reduce of the same buffer.
 
     Randomised aggregators (Random, PCGrad, GradVac, ...) draw from the global CPU generator.
     With ``share_rng_state=True`` (default), the state of that generator on the group's first
@@ -141,6 +143,10 @@ def jac_to_grad(
     chosen = _choose_strategy(aggregator, strategy, optimize_gramian_computation)
     check_one_device(jacobians, grads)
     rank, world_size = group_rank_and_size(group)
+    if chosen == "gramian" and strategy == "auto" and rows == "mean" and backend(group) == "gloo":
+        # Gloo's reduce-scatter is slower than its all-reduce of the same buffer (measured on CPU:
+        # 44 ms against 20 ms for 35 MB), so the fewer bytes do not pay there.
+        chosen = "jacobian"
 
     if not retain_jac:
         for t in tensors_:
