@@ -22,6 +22,7 @@ Usage: ``python benchmarks/bench_distributed.py [--steps N]``.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import tempfile
@@ -211,6 +212,7 @@ def worker(rank: int, init_file: str, out_file: str, steps: int) -> None:
             torch.save(results, out_file)
         dist.barrier()
     finally:
+        gc.collect()  # free the DistributedDataParallel modules (in reference cycles) first
         dist.destroy_process_group()
 
 

@@ -11,6 +11,7 @@ global Jacobian (not each local one), so that every process ends each step with 
 """
 
 import argparse
+import gc
 
 import torch
 import torch.distributed as dist
@@ -98,6 +99,10 @@ def main() -> None:
             for epoch, loss in enumerate(history):
                 print(f"epoch {epoch}: mean task loss {loss:.4f}")
             print(f"{dist.get_world_size()} processes ended with identical parameters.")
+        # DistributedDataParallel modules can linger in reference cycles: free them on every
+        # process before the process group goes, or a process may abort at exit.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

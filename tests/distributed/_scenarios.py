@@ -9,6 +9,7 @@ process on the whole batch, with the first process's seeds.
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from collections.abc import Callable
@@ -290,6 +291,7 @@ def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
+        gc.collect()  # free the DistributedDataParallel modules (in reference cycles) first
         dist.destroy_process_group()
 
 

@@ -25,6 +25,8 @@ from tests.distributed._scenarios import (
     UNSHARED_RNG_UPDATE,
     UNSYNCED,
     Scenario,
+    flat_params,
+    make_model,
     reference,
     worker,
 )
@@ -73,16 +75,10 @@ def test_parameters_equal_the_single_process_run(
     results: list[dict[str, Any]], references: dict[str, torch.Tensor], scenario: Scenario
 ) -> None:
     expected = references[scenario.name]
-    initial = reference_initial(scenario)
+    initial = flat_params(make_model(scenario.kind))
     assert not torch.allclose(expected, initial, atol=1e-4)  # the training moved the parameters
     for result in results:
         torch.testing.assert_close(result[scenario.name]["params"], expected, rtol=0, atol=1e-5)
-
-
-def reference_initial(scenario: Scenario) -> torch.Tensor:
-    from tests.distributed._scenarios import flat_params, make_model
-
-    return flat_params(make_model(scenario.kind))
 
 
 # Controls of the sharing of the generator state: the processes' generators are seeded differently.

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import reduce
 from typing import Any
 
@@ -66,15 +67,15 @@ from torchjd.distributed._comm import (
 )
 
 
+@dataclass(frozen=True)
 class Exchange:
     """What a strategy needs to know about the process group and the reduction of the rows."""
 
-    def __init__(self, rows: str, group: Any, rank: int, world_size: int, share_rng: bool) -> None:
-        self.rows = rows
-        self.group = group
-        self.rank = rank
-        self.world_size = world_size
-        self.share_rng = share_rng
+    rows: str  # "mean" or "stack"
+    group: Any  # the process group (None: the default one)
+    rank: int
+    world_size: int
+    share_rng: bool  # send the first process's CPU generator state along
 
     @property
     def mean(self) -> bool:

@@ -107,7 +107,9 @@ def jac_to_grad(
     processes get their own generator state back afterwards. Stateful aggregators then update
     their state identically everywhere, so the replicas never drift apart. On a GPU, the shared
     state comes back to the host (one synchronisation); set ``False`` to avoid it when the
-    aggregator is deterministic or the generators are known to agree.
+    aggregator is deterministic or the generators are known to agree. Only the CPU generator is
+    shared (torchjd's aggregators draw from it); an aggregator drawing from a GPU generator needs
+    that generator seeded identically on every process.
 
     :param tensors: The tensors whose ``.jac`` to aggregate, as for
         :func:`torchjd.autojac.jac_to_grad`: same order and same shapes on every process.
