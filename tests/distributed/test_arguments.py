@@ -157,3 +157,15 @@ def test_marked_jacobians_do_not_warn_until_changed(monkeypatch: pytest.MonkeyPa
     tensors[1].jac.add_(1.0)  # e.g. a later backward accumulating a local Jacobian
     with pytest.warns(distributed.UnsynchronizedJacobianWarning):
         jac_to_grad(tensors, Mean())
+
+
+def test_grouped_aggregator_warns_on_unsynchronised_jacobians(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from torchjd.grouping import GroupedAggregator
+
+    _FakeGroup(monkeypatch)
+    tensors = _tensors()
+    grouped = GroupedAggregator([[t] for t in tensors], Mean())
+    with pytest.warns(distributed.UnsynchronizedJacobianWarning, match="2 processes"):
+        grouped.jac_to_grad()

@@ -37,6 +37,7 @@ from torchjd.autojac._jac_to_grad import (
     _validated_jacobians,
     _weights_without_concatenation,
 )
+from torchjd.autojac._synchronization import warn_if_unsynchronized
 
 # Row-count weightings that are the same function of (m, dtype, device) for every instance.
 _SHARED_ROW_COUNT_WEIGHTINGS = (MeanWeighting, SumWeighting)
@@ -76,6 +77,7 @@ def grouped_jac_to_grad(
         each group (``None`` where it was not computed).
     """
     prepared = _prepare(groups, aggregators)
+    warn_if_unsynchronized([j for group in prepared for j in group.jacobians], stacklevel=3)
     if not retain_jac:
         for group in prepared:
             for t in group.tensors:
