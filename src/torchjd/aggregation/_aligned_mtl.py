@@ -10,7 +10,12 @@ from torch import Tensor
 
 from torchjd.aggregation._bases import GramianWeightedAggregator, Weighting
 from torchjd.aggregation._mean import MeanWeighting
-from torchjd.aggregation._utils import pref_vector_str, pref_vector_to_weighting
+from torchjd.aggregation._utils import (
+    check_one_weighting_per_gramian,
+    pref_vector_str,
+    pref_vector_to_weighting,
+    stacked_preferences,
+)
 from torchjd.linalg._matrix import PSDMatrix
 
 _SCALE_MODES = ("min", "median", "rmse")
@@ -107,24 +112,11 @@ class AlignedMTLWeighting(Weighting[PSDMatrix]):
         ``weightings[k]`` (with its preference vector and scale mode). Gramians whose weightings
         have the same scale mode are computed in one batch."""
         b, m = gramians.shape[0], gramians.shape[-1]
-        if len(weightings) != b:
-            raise ValueError(
-                f"Got {len(weightings)} weightings for {b} Gramians: give one weighting per "
-                "Gramian."
-            )
+        check_one_weighting_per_gramian(weightings, gramians)
         if b == 0:
             return gramians.new_zeros(0, m)
-        dtype, device = gramians.dtype, gramians.device
-        if all(w.pref_vector is None for w in weightings):
-            prefs = weightings[0].weighting(gramians[0]).to(dtype=dtype, device=device)
-            prefs = prefs.expand(b, m)
-        else:
-            prefs = torch.stack(
-                [
-                    w.weighting(G).to(dtype=dtype, device=device)
-                    for w, G in zip(weightings, gramians)
-                ]
-            )
+        device = gramians.device
+        prefs = stacked_preferences(weightings, gramians)
         modes: dict[str, list[int]] = {}
         for k, w in enumerate(weightings):
             modes.setdefault(w.scale_mode, []).append(k)

@@ -9,7 +9,13 @@ from torch import Tensor
 
 from torchjd.aggregation._bases import GramianWeightedAggregator, Weighting
 from torchjd.aggregation._mean import MeanWeighting
-from torchjd.aggregation._utils import pref_vector_str, pref_vector_to_weighting
+from torchjd.aggregation._utils import (
+    check_one_weighting_per_gramian,
+    indices_by_projector,
+    pref_vector_str,
+    pref_vector_to_weighting,
+    stacked_preferences,
+)
 from torchjd.linalg._block_pivoting import BlockPivotingProjector
 from torchjd.linalg._matrix import PSDMatrix
 from torchjd.linalg._projector import DualConeProjector
@@ -91,28 +97,14 @@ class DualProjWeighting(Weighting[PSDMatrix]):
         ``weightings[k]`` (with its preference vector and projector). Gramians whose weightings
         hold equal :class:`BlockPivotingProjector` settings are solved in one batch."""
         b, m = gramians.shape[0], gramians.shape[-1]
-        if len(weightings) != b:
-            raise ValueError(
-                f"Got {len(weightings)} weightings for {b} Gramians: give one weighting per "
-                "Gramian."
-            )
+        check_one_weighting_per_gramian(weightings, gramians)
         if b == 0:
             return gramians.new_zeros(0, m)
         dtype, device = gramians.dtype, gramians.device
-        prefs = torch.stack(
-            [w.weighting(G).to(dtype=dtype, device=device) for w, G in zip(weightings, gramians)]
-        )
-        groups: dict[object, list[int]] = {}
-        for k, w in enumerate(weightings):
-            projector = w.projector
-            key: object = (
-                ("block_pivoting", projector.norm_eps, projector.reg_eps)
-                if type(projector) is BlockPivotingProjector
-                else id(projector)
-            )
-            groups.setdefault(key, []).append(k)
+        prefs = stacked_preferences(weightings, gramians)
+        groups = indices_by_projector(weightings)
         weights = torch.empty(b, m, dtype=dtype, device=device)
-        for indices in groups.values():
+        for indices in groups:
             index = torch.tensor(indices, device=device)
             projector = weightings[indices[0]].projector
             weights[index] = _dualproj_weights(projector, prefs[index], gramians[index])
