@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+import torch
 from torch import Tensor, nn
 
 from torchjd.linalg._matrix import Matrix, PSDMatrix
@@ -52,6 +53,20 @@ class Aggregator(nn.Module, ABC):
 
     def __str__(self) -> str:
         return type(self).__name__
+
+
+class NoGrad:
+    """Mixin for non-differentiable aggregators and weightings: the whole module call, forward
+    hooks included, runs under :func:`torch.no_grad`.
+
+    Placed first among the bases. It wraps ``__call__`` rather than ``forward``, so that a
+    :class:`GramianWeightedAggregator` keeps its own ``forward`` and
+    :func:`~torchjd.autojac.jac_to_grad` can still aggregate it without concatenation.
+    """
+
+    @torch.no_grad()
+    def __call__(self, input: Tensor, /) -> Tensor:
+        return super().__call__(input)  # type: ignore[misc]
 
 
 class Weighting(nn.Module, ABC, Generic[_T]):

@@ -7,7 +7,7 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from torchjd.aggregation._bases import GramianWeightedAggregator, Weighting
+from torchjd.aggregation._bases import GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.linalg._block_pivoting import BlockPivotingProjector
 from torchjd.linalg._gramian import normalize
 from torchjd.linalg._matrix import PSDMatrix
@@ -269,7 +269,7 @@ def _cagrad_weights(gramian: Tensor, c: float, norm_eps: float) -> Tensor:
     return weights.to(dtype=gramian.dtype, device=gramian.device)
 
 
-class CAGradWeighting(Weighting[PSDMatrix]):
+class CAGradWeighting(NoGrad, Weighting[PSDMatrix]):
     r"""Weighting of :class:`CAGrad`: :math:`\lambda = \bar p + \frac{\sqrt\phi}{\gamma} w^*`.
 
     With :math:`\hat G` the Gramian divided by its trace (the zero matrix when the trace is below
@@ -321,10 +321,6 @@ class CAGradWeighting(Weighting[PSDMatrix]):
     def norm_eps(self, value: float) -> None:
         self._norm_eps = _check_non_negative("norm_eps", value)
 
-    @torch.no_grad()
-    def __call__(self, stat: Tensor, /) -> Tensor:
-        return super().__call__(stat)
-
     def forward(self, stat: Tensor, /) -> Tensor:
         if stat.shape[0] == 0:
             raise ValueError(
@@ -333,7 +329,7 @@ class CAGradWeighting(Weighting[PSDMatrix]):
         return _cagrad_weights(stat, float(self.c), float(self.norm_eps))
 
 
-class CAGrad(GramianWeightedAggregator):
+class CAGrad(NoGrad, GramianWeightedAggregator):
     r"""Conflict-averse gradient descent, from `Conflict-Averse Gradient Descent for Multi-task
     Learning <https://arxiv.org/abs/2110.14048>`_ (Liu et al., NeurIPS 2021), Algorithm 1.
 
@@ -379,10 +375,6 @@ class CAGrad(GramianWeightedAggregator):
     @norm_eps.setter
     def norm_eps(self, value: float) -> None:
         self.gramian_weighting.norm_eps = value
-
-    @torch.no_grad()
-    def __call__(self, matrix: Tensor, /) -> Tensor:
-        return super().__call__(matrix)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(c={self.c}, norm_eps={self.norm_eps})"

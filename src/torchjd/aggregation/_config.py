@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor
 
-from torchjd.aggregation._bases import Aggregator
+from torchjd.aggregation._bases import Aggregator, NoGrad
 from torchjd.aggregation._sum import SumWeighting
 from torchjd.aggregation._utils import pref_vector_str, pref_vector_to_weighting
 from torchjd.linalg._matrix import Matrix
@@ -54,7 +54,7 @@ def _config_weights(gramian: Tensor, prefs: Tensor, n: int) -> Tensor:
     return (scale * v).to(dtype=gramian.dtype)
 
 
-class ConFIG(Aggregator):
+class ConFIG(NoGrad, Aggregator):
     r"""Conflict-free direction, from `ConFIG: Towards Conflict-free Training of Physics Informed
     Neural Networks <https://arxiv.org/abs/2408.11104>`_ (Liu et al., ICLR 2025), Equation 2.
 
@@ -102,10 +102,6 @@ class ConFIG(Aggregator):
     def pref_vector(self, value: Tensor | None) -> None:
         self.weighting = pref_vector_to_weighting(value, SumWeighting())
         self._pref_vector = value
-
-    @torch.no_grad()
-    def __call__(self, matrix: Tensor, /) -> Tensor:
-        return super().__call__(matrix)
 
     def forward(self, matrix: Matrix, /) -> Tensor:
         m, n = matrix.shape

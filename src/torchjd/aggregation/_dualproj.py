@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from torchjd.aggregation._bases import GramianWeightedAggregator, Weighting
+from torchjd.aggregation._bases import GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.aggregation._mean import MeanWeighting
 from torchjd.aggregation._utils import (
     check_one_weighting_per_gramian,
@@ -32,7 +32,7 @@ def _dualproj_weights(projector: DualConeProjector, prefs: Tensor, gramians: Ten
     return torch.stack([projector(p, G) for p, G in zip(prefs, gramians)])
 
 
-class DualProjWeighting(Weighting[PSDMatrix]):
+class DualProjWeighting(NoGrad, Weighting[PSDMatrix]):
     r"""Weighting of :class:`DualProj`: :math:`w = \arg\min_{v \succeq p} v^\top G v` (computed by
     ``projector``).
 
@@ -72,10 +72,6 @@ class DualProjWeighting(Weighting[PSDMatrix]):
     def projector(self, value: DualConeProjector | None) -> None:
         self._projector = BlockPivotingProjector() if value is None else value
 
-    @torch.no_grad()
-    def __call__(self, stat: Tensor, /) -> Tensor:
-        return super().__call__(stat)
-
     def forward(self, stat: Tensor, /) -> Tensor:
         prefs = self.weighting(stat).to(dtype=stat.dtype, device=stat.device)
         return self.projector(prefs, stat)
@@ -111,7 +107,7 @@ class DualProjWeighting(Weighting[PSDMatrix]):
         return weights
 
 
-class DualProj(GramianWeightedAggregator):
+class DualProj(NoGrad, GramianWeightedAggregator):
     r"""Projection of the mean onto the dual cone, the update of `Gradient Episodic Memory for
     Continual Learning <https://arxiv.org/abs/1706.08840>`_ (Lopez-Paz and Ranzato, NeurIPS 2017),
     Equation 11, as an aggregator in `Jacobian Descent for Multi-Objective Optimization
@@ -163,10 +159,6 @@ class DualProj(GramianWeightedAggregator):
     @projector.setter
     def projector(self, value: DualConeProjector | None) -> None:
         self.gramian_weighting.projector = value
-
-    @torch.no_grad()
-    def __call__(self, matrix: Tensor, /) -> Tensor:
-        return super().__call__(matrix)
 
     def __repr__(self) -> str:
         return (

@@ -3,7 +3,7 @@ import math
 import torch
 from torch import Tensor
 
-from torchjd.aggregation._bases import GramianWeightedAggregator, Weighting
+from torchjd.aggregation._bases import GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.linalg._matrix import PSDMatrix
 
 _DEFAULT_MAX_ITERS = 100
@@ -166,7 +166,7 @@ class FairGradWeighting(Weighting[PSDMatrix]):
         return weights.to(dtype=stat.dtype)
 
 
-class FairGrad(GramianWeightedAggregator):
+class FairGrad(NoGrad, GramianWeightedAggregator):
     r"""FairGrad: aggregates the rows with the :math:`\alpha`-fair weights of
     :class:`FairGradWeighting`, from `Fair Resource Allocation in Multi-Task Learning
     <https://arxiv.org/abs/2402.15638>`_ (H. Ban and K. Ji, ICML 2024). Returns :math:`J^\top w`
@@ -201,11 +201,6 @@ class FairGrad(GramianWeightedAggregator):
     @max_iters.setter
     def max_iters(self, value: int | None) -> None:
         self.gramian_weighting.max_iters = value
-
-    @torch.no_grad()
-    def __call__(self, matrix: Tensor, /) -> Tensor:
-        # Wrapping __call__ rather than forward keeps jac_to_grad's route without concatenation.
-        return super().__call__(matrix)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(alpha={self.alpha}, max_iters={self.max_iters})"

@@ -5,7 +5,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from torchjd.aggregation._bases import Aggregator
+from torchjd.aggregation._bases import Aggregator, NoGrad
 from torchjd.aggregation._utils import format_vector
 from torchjd.linalg._matrix import Matrix
 
@@ -25,7 +25,7 @@ def _check_leak(leak: Tensor | None) -> None:
         )
 
 
-class GradDrop(Aggregator):
+class GradDrop(NoGrad, Aggregator):
     r"""Gradient sign dropout, from `Just Pick a Sign: Optimizing Deep Multitask Models with
     Gradient Sign Dropout <https://arxiv.org/abs/2010.06808>`_ (Chen et al., NeurIPS 2020),
     Algorithm 1 (lines 10 to 15).
@@ -64,10 +64,6 @@ class GradDrop(Aggregator):
     def leak(self, value: Tensor | None) -> None:
         _check_leak(value)
         self._leak = value
-
-    @torch.no_grad()
-    def __call__(self, matrix: Tensor, /) -> Tensor:
-        return super().__call__(matrix)
 
     def forward(self, matrix: Matrix, /) -> Tensor:
         m, n = matrix.shape

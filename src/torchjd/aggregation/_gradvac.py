@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from torchjd._stateful import Stateful
-from torchjd.aggregation._bases import GramianWeightedAggregator, Weighting
+from torchjd.aggregation._bases import GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.aggregation._pcgrad import _step_indices
 from torchjd.linalg._matrix import PSDMatrix
 
@@ -152,7 +152,7 @@ def _check_eps(eps: float) -> float:
     return eps
 
 
-class GradVacWeighting(Weighting[PSDMatrix], Stateful):
+class GradVacWeighting(NoGrad, Weighting[PSDMatrix], Stateful):
     r"""Weighting of :class:`GradVac`: the weights ``w`` such that ``w @ J`` is the sum of the
     vaccinated gradients.
 
@@ -215,10 +215,6 @@ class GradVacWeighting(Weighting[PSDMatrix], Stateful):
     def reset(self) -> None:
         """Forget the targets: the next call behaves as the first call of a fresh instance."""
         self.phi_hat = torch.zeros(0, device=self.phi_hat.device)
-
-    @torch.no_grad()
-    def __call__(self, stat: Tensor, /) -> Tensor:
-        return super().__call__(stat)
 
     def forward(self, stat: Tensor, /) -> Tensor:
         m = stat.shape[0]
@@ -299,7 +295,7 @@ def _shared_or_stacked(values: list[float]) -> float | Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
-class GradVac(GramianWeightedAggregator, Stateful):
+class GradVac(NoGrad, GramianWeightedAggregator, Stateful):
     r"""Gradient Vaccine, from `Gradient Vaccine: Investigating and Improving Multi-task
     Optimization in Massively Multilingual Models <https://arxiv.org/abs/2010.05874>`_ (Wang et al.,
     ICLR 2021).
@@ -344,10 +340,6 @@ class GradVac(GramianWeightedAggregator, Stateful):
     def reset(self) -> None:
         """Forget the targets of the weighting."""
         self.gramian_weighting.reset()
-
-    @torch.no_grad()
-    def __call__(self, matrix: Tensor, /) -> Tensor:
-        return super().__call__(matrix)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(beta={self.beta!r}, eps={self.eps!r})"

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from torchjd.aggregation._bases import GramianWeightedAggregator, Weighting
+from torchjd.aggregation._bases import GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.linalg._matrix import PSDMatrix
 
 # Below this absolute value, the sum of the unnormalised weights is treated as zero.
@@ -25,7 +25,7 @@ def _imtlg_weights(gramians: Tensor) -> Tensor:
     return torch.where(usable, v / safe_total, torch.zeros_like(v))
 
 
-class IMTLGWeighting(Weighting[PSDMatrix]):
+class IMTLGWeighting(NoGrad, Weighting[PSDMatrix]):
     r"""Weighting of :class:`IMTLG`: :math:`w = v / \mathbf 1^\top v` with
     :math:`v = G^+ d`, where :math:`d_i = \sqrt{G_{ii}} = \|g_i\|`.
 
@@ -35,10 +35,6 @@ class IMTLGWeighting(Weighting[PSDMatrix]):
     Gramian) the weights are all zero. Computed in the Gramian's dtype and on its device, without
     host synchronisation. Not differentiable: runs under :func:`torch.no_grad`.
     """
-
-    @torch.no_grad()
-    def __call__(self, stat: Tensor, /) -> Tensor:
-        return super().__call__(stat)
 
     def forward(self, stat: Tensor, /) -> Tensor:
         return _imtlg_weights(stat)
@@ -61,7 +57,7 @@ class IMTLGWeighting(Weighting[PSDMatrix]):
         return _imtlg_weights(gramians)
 
 
-class IMTLG(GramianWeightedAggregator):
+class IMTLG(NoGrad, GramianWeightedAggregator):
     r"""Impartial multi-task learning (gradient part), from `Towards Impartial Multi-task Learning
     <https://openreview.net/forum?id=IMPnRXEWpvr>`_ (Liu et al., ICLR 2021), in the form of
     `Jacobian Descent for Multi-Objective Optimization <https://arxiv.org/abs/2406.16232>`_ (Quinton
@@ -84,7 +80,3 @@ class IMTLG(GramianWeightedAggregator):
 
     def __init__(self) -> None:
         super().__init__(IMTLGWeighting())
-
-    @torch.no_grad()
-    def __call__(self, matrix: Tensor, /) -> Tensor:
-        return super().__call__(matrix)

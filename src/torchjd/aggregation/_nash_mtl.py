@@ -2,7 +2,7 @@ import torch
 from torch import Tensor
 
 from torchjd._stateful import Stateful
-from torchjd.aggregation._bases import GramianWeightedAggregator, Weighting
+from torchjd.aggregation._bases import GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.aggregation._fairgrad import solve_fair_weights
 from torchjd.aggregation._lazy_state import LazyStateMixin, warn_reinitialised
 from torchjd.linalg._matrix import PSDMatrix
@@ -103,7 +103,7 @@ class _NashMTLWeighting(LazyStateMixin, Weighting[PSDMatrix], Stateful):
         return weights
 
 
-class NashMTL(GramianWeightedAggregator, Stateful):
+class NashMTL(NoGrad, GramianWeightedAggregator, Stateful):
     r"""Nash-MTL: the rows weighted by the Nash bargaining solution among the tasks.
 
     From `Multi-Task Learning as a Bargaining Game <https://arxiv.org/abs/2202.01017>`_
@@ -191,11 +191,6 @@ class NashMTL(GramianWeightedAggregator, Stateful):
 
     def reset(self) -> None:
         self.gramian_weighting.reset()
-
-    @torch.no_grad()
-    def __call__(self, matrix: Tensor, /) -> Tensor:
-        # Wrapping __call__ rather than forward keeps jac_to_grad's route without concatenation.
-        return super().__call__(matrix)
 
     def __repr__(self) -> str:
         return (

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from torchjd._stateful import Stateful
-from torchjd.aggregation._bases import GramianWeightedAggregator, Weighting
+from torchjd.aggregation._bases import GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.aggregation._lazy_state import LazyStateMixin, warn_reinitialised
 from torchjd.linalg._matrix import PSDMatrix
 
@@ -226,7 +226,7 @@ class PCDWeighting(LazyStateMixin, Weighting[PSDMatrix], Stateful):
         return f"{type(self).__name__}(tau={self.tau!r}, beta={self.beta!r}, eps={self.eps!r})"
 
 
-class PCD(GramianWeightedAggregator, Stateful):
+class PCD(NoGrad, GramianWeightedAggregator, Stateful):
     r"""Priority-Constrained Descent: the update closest to the primary gradient (row 0) that
     still makes some progress on every secondary objective (rows 1 to m-1), rescaled to the norm
     of the primary gradient. See :class:`PCDWeighting` for the definition.
@@ -277,11 +277,6 @@ class PCD(GramianWeightedAggregator, Stateful):
 
     def reset(self) -> None:
         self.gramian_weighting.reset()
-
-    @torch.no_grad()
-    def __call__(self, matrix: Tensor, /) -> Tensor:
-        # Wrapping __call__ rather than forward keeps jac_to_grad's route without concatenation.
-        return super().__call__(matrix)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(tau={self.tau!r}, beta={self.beta!r}, eps={self.eps!r})"

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from torchjd.aggregation._bases import GramianWeightedAggregator, Weighting
+from torchjd.aggregation._bases import GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.linalg._matrix import PSDMatrix
 
 
@@ -96,7 +96,7 @@ def _pcgrad_weights(gramian: Tensor, orders: Tensor) -> Tensor:
     return weights.view(*batch, m)
 
 
-class PCGradWeighting(Weighting[PSDMatrix]):
+class PCGradWeighting(NoGrad, Weighting[PSDMatrix]):
     r"""Weighting of :class:`PCGrad`: the weights ``w`` such that ``w @ J`` is the sum of the
     projected gradients.
 
@@ -112,10 +112,6 @@ class PCGradWeighting(Weighting[PSDMatrix]):
     input's dtype, without host synchronisation. A zero row (:math:`\|g_j\|^2 = 0`) is never
     projected on. Not differentiable: runs under :func:`torch.no_grad`.
     """
-
-    @torch.no_grad()
-    def __call__(self, stat: Tensor, /) -> Tensor:
-        return super().__call__(stat)
 
     def forward(self, stat: Tensor, /) -> Tensor:
         return self._forward_batched(stat[None])[0]
@@ -140,7 +136,7 @@ class PCGradWeighting(Weighting[PSDMatrix]):
         return _pcgrad_weights(gramians, _draw_orders(gramians.shape[0], gramians.shape[-1]))
 
 
-class PCGrad(GramianWeightedAggregator):
+class PCGrad(NoGrad, GramianWeightedAggregator):
     r"""PCGrad ("projecting conflicting gradients"), from `Gradient Surgery for Multi-Task Learning
     <https://arxiv.org/abs/2001.06782>`_ (Yu et al., NeurIPS 2020), Algorithm 1.
 
@@ -163,7 +159,3 @@ class PCGrad(GramianWeightedAggregator):
 
     def __init__(self) -> None:
         super().__init__(PCGradWeighting())
-
-    @torch.no_grad()
-    def __call__(self, matrix: Tensor, /) -> Tensor:
-        return super().__call__(matrix)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from torchjd.aggregation._bases import GramianWeightedAggregator, Weighting
+from torchjd.aggregation._bases import GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.aggregation._mean import MeanWeighting
 from torchjd.aggregation._utils import (
     check_one_weighting_per_gramian,
@@ -36,7 +36,7 @@ def _upgrad_weights(projector: DualConeProjector, prefs: Tensor, gramians: Tenso
     return V.sum(dim=-2)
 
 
-class UPGradWeighting(Weighting[PSDMatrix]):
+class UPGradWeighting(NoGrad, Weighting[PSDMatrix]):
     r"""Weighting of :class:`UPGrad`: :math:`w = \sum_i v^{(i)}` where :math:`v^{(i)}` solves
     :math:`\min_{v \succeq p_i e_i} v^\top G v` (computed by ``projector``).
 
@@ -76,10 +76,6 @@ class UPGradWeighting(Weighting[PSDMatrix]):
     def projector(self, value: DualConeProjector | None) -> None:
         self._projector = BlockPivotingProjector() if value is None else value
 
-    @torch.no_grad()
-    def __call__(self, stat: Tensor, /) -> Tensor:
-        return super().__call__(stat)
-
     def forward(self, stat: Tensor, /) -> Tensor:
         prefs = self.weighting(stat).to(dtype=stat.dtype, device=stat.device)
         return self.projector(torch.diag(prefs), stat).sum(dim=0)
@@ -117,7 +113,7 @@ class UPGradWeighting(Weighting[PSDMatrix]):
         return weights
 
 
-class UPGrad(GramianWeightedAggregator):
+class UPGrad(NoGrad, GramianWeightedAggregator):
     r"""Unconflicting projection of gradients, from `Jacobian Descent for Multi-Objective
     Optimization <https://arxiv.org/abs/2406.16232>`_ (Quinton and Rey, 2024).
 
@@ -167,10 +163,6 @@ class UPGrad(GramianWeightedAggregator):
     @projector.setter
     def projector(self, value: DualConeProjector | None) -> None:
         self.gramian_weighting.projector = value
-
-    @torch.no_grad()
-    def __call__(self, matrix: Tensor, /) -> Tensor:
-        return super().__call__(matrix)
 
     def __repr__(self) -> str:
         return (
