@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from torchjd.autojac._accumulation import (
+from torchjd._accumulation import (
     IncompatibleJacobianError,
     accumulate_grads,
     accumulate_jacs,

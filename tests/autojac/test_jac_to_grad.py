@@ -9,6 +9,8 @@ from torch import Tensor, nn
 from torch.testing import assert_close
 
 import torchjd.aggregation as aggregation
+from torchjd._pipeline import choose_route as _choose_route
+from torchjd._protocol import Need as _Route
 from torchjd.aggregation import (
     Aggregator,
     Constant,
@@ -20,7 +22,6 @@ from torchjd.aggregation import (
     Weighting,
 )
 from torchjd.autojac import backward, jac_to_grad, mtl_backward
-from torchjd.autojac._jac_to_grad import _choose_route, _Route
 from torchjd.linalg import PSDMatrix
 
 
@@ -138,7 +139,7 @@ def _assert_untouched(params: list[Tensor], jacobians: list[Tensor]) -> None:
 def test_missing_jac() -> None:
     params, jacobians = _params_with_jacs([(2,), (3,)], m=2, seed=0)
     other = torch.ones(2, requires_grad=True)
-    with pytest.raises(ValueError, match=r"\[2\] have none"):
+    with pytest.raises(ValueError, match=r"Element 2 of `tensors` \(shape \(2,\)\) has no `\.jac`"):
         jac_to_grad([*params, other], Mean())
     _assert_untouched(params, jacobians)
 
@@ -365,13 +366,13 @@ def test_routes() -> None:
     gramian_based = GramianWeightedAggregator(InverseNormWeighting())
     assert _choose_route(gramian_based, False) is _Route.GRAMIAN
     assert _choose_route(gramian_based, True) is _Route.GRAMIAN
-    assert _choose_route(ColumnMax(), False) is _Route.CONCATENATE
+    assert _choose_route(ColumnMax(), False) is _Route.MATRIX
 
     class Doubled(GramianWeightedAggregator):
         def forward(self, matrix: Tensor, /) -> Tensor:
             return 2 * super().forward(matrix)
 
-    assert _choose_route(Doubled(MeanWeighting()), False) is _Route.CONCATENATE
+    assert _choose_route(Doubled(MeanWeighting()), False) is _Route.MATRIX
     assert _choose_route(Doubled(MeanWeighting()), True) is _Route.GRAMIAN
 
     class NoGrad(GramianWeightedAggregator):  # wrapping __call__ does not change the maths
@@ -381,20 +382,26 @@ def test_routes() -> None:
 
     assert _choose_route(NoGrad(MeanWeighting()), False) is _Route.GRAMIAN
 
-    class Uniform(MeanWeighting):  # not exactly one of the row-count weightings
+    class Uniform(MeanWeighting):  # a subclass keeps the declarations of the class it extends
         pass
 
-    assert _choose_route(aggregation.WeightedAggregator(Uniform()), False) is _Route.CONCATENATE
+    assert _choose_route(aggregation.WeightedAggregator(Uniform()), False) is _Route.ROW_COUNT
+
+    class Halved(MeanWeighting):  # overriding forward drops them: it may read the values
+        def forward(self, stat: Tensor, /) -> Tensor:
+            return super().forward(stat) / 2
+
+    assert _choose_route(aggregation.WeightedAggregator(Halved()), False) is _Route.MATRIX
 
     hooked_weighting = GramianWeightedAggregator(InverseNormWeighting())
     hooked_weighting.weighting.register_forward_pre_hook(lambda _m, _a: None)
-    assert _choose_route(hooked_weighting, False) is _Route.CONCATENATE
+    assert _choose_route(hooked_weighting, False) is _Route.MATRIX
     hooked_gramian_weighting = GramianWeightedAggregator(InverseNormWeighting())
     hooked_gramian_weighting.gramian_weighting.register_forward_hook(_no_op_hook)
     assert _choose_route(hooked_gramian_weighting, False) is _Route.GRAMIAN
     hooked_mean = Mean()
     hooked_mean.register_forward_pre_hook(lambda _m, _a: None)
-    assert _choose_route(hooked_mean, False) is _Route.CONCATENATE
+    assert _choose_route(hooked_mean, False) is _Route.MATRIX
 
 
 def test_user_subclass_overriding_forward_is_called() -> None:

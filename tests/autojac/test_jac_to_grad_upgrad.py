@@ -7,9 +7,10 @@ import torch
 from torch import Tensor, nn
 from torch.testing import assert_close
 
+from torchjd._pipeline import choose_route as _choose_route
+from torchjd._protocol import Need as _Route
 from torchjd.aggregation import UPGrad
 from torchjd.autojac import backward, jac_to_grad
-from torchjd.autojac._jac_to_grad import _choose_route, _Route
 
 
 def _param_with_jac(rows: list[list[float]]) -> Tensor:

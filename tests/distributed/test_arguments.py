@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor
 
-import torchjd.autojac._synchronization as synchronization
+import torchjd._synchronization as synchronization
 from torchjd import distributed
 from torchjd.aggregation import Mean, UPGrad
 from torchjd.autojac import jac_to_grad
@@ -85,7 +85,7 @@ def test_grad_params_must_be_unique() -> None:
 
 def test_missing_jac_is_reported_before_anything_else() -> None:
     p = torch.zeros(2, requires_grad=True)
-    with pytest.raises(ValueError, match=r"must have a `\.jac` field"):
+    with pytest.raises(ValueError, match=r"has no `\.jac` field"):
         distributed.sync_jac([p])
 
 

@@ -11,12 +11,14 @@ Jacobians of the individual parameters.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from torchjd._protocol import Need
+from torchjd.linalg._gramian import compute_gramian
 from torchjd.linalg._matrix import Matrix, PSDMatrix
 
 _T = TypeVar("_T", bound=Tensor)
@@ -27,10 +29,30 @@ class Aggregator(nn.Module, ABC):
 
     Calling an aggregator checks that its input is a matrix, then runs :meth:`forward` through
     :meth:`torch.nn.Module.__call__`, so forward hooks and pre-hooks registered on it run.
+
+    Every aggregator declares what it reads of the matrix (:attr:`need`) and whether it draws
+    random numbers (:attr:`randomized`), so that :func:`~torchjd.autojac.jac_to_grad` computes
+    only what it needs. A subclass that overrides :meth:`forward` reads the whole matrix.
     """
+
+    #: Whether the aggregation draws from the global random generator.
+    randomized: ClassVar[bool] = False
+    # Set on every subclass that defines its own ``forward``: it is then called on the matrix.
+    _overrides_forward: ClassVar[bool] = True
 
     def __init__(self) -> None:
         super().__init__()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__:
+            cls._overrides_forward = True
+
+    @property
+    def need(self) -> Need:
+        """What the aggregation reads of the matrix ``J``: the number of rows only, the Gramian
+        ``J Jᵀ`` only, or the whole matrix (the default)."""
+        return Need.MATRIX
 
     @staticmethod
     def _check_is_matrix(matrix: Tensor) -> None:
@@ -74,10 +96,50 @@ class Weighting(nn.Module, ABC, Generic[_T]):
 
     ``Weighting[Matrix]`` takes the matrix ``J`` itself; ``Weighting[PSDMatrix]`` takes its Gramian
     ``J J^T``. Weightings do not validate their input.
+
+    Declarations read by :func:`~torchjd.autojac.jac_to_grad` and
+    :class:`~torchjd.grouping.GroupedAggregator`: :attr:`row_count_only` (the weights depend only
+    on the number of rows of the input), :attr:`randomized`, and the batched entry point
+    :meth:`_forward_grouped`, which weighs a stack of inputs, the ``k``-th with the ``k``-th
+    instance. A subclass that overrides :meth:`forward` keeps none of its parent's declarations
+    unless it states them again: it reads its whole input and is weighed instance by instance.
     """
+
+    #: The weights depend only on the number of rows of the input (and its dtype and device).
+    row_count_only: ClassVar[bool] = False
+    #: The weights are drawn from the global random generator.
+    randomized: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__:
+            if "row_count_only" not in cls.__dict__:
+                cls.row_count_only = False
+            if "_forward_grouped" not in cls.__dict__:
+                cls._forward_grouped = Weighting.__dict__["_forward_grouped"]  # type: ignore[method-assign]
+
+    @classmethod
+    def _forward_grouped(cls, weightings: Sequence[Weighting], stats: Tensor) -> Tensor:
+        """Weights ``[b, m]`` of a stack of inputs ``[b, m, ...]``, the ``k``-th weighed by
+        ``weightings[k]`` (instances of this class): here one call per instance, in order.
+        Subclasses override it with one vectorised computation that draws the same random
+        numbers, in the same order, and updates each instance's state as its call would."""
+        if len(weightings) != stats.shape[0]:
+            raise ValueError(
+                f"Got {len(weightings)} weightings for {stats.shape[0]} inputs: give one "
+                "weighting per input."
+            )
+        if not weightings:
+            return stats.new_zeros(0, stats.shape[1])
+        return torch.stack([weighting(stat) for weighting, stat in zip(weightings, stats)])
+
+    @classmethod
+    def batched(cls) -> bool:
+        """Whether this class weighs a stack of inputs in one vectorised computation."""
+        return cls._forward_grouped.__func__ is not Weighting._forward_grouped.__func__
 
     @abstractmethod
     def forward(self, stat: _T, /) -> Tensor:
@@ -102,9 +164,9 @@ class _Composition(Weighting[Tensor]):
     def forward(self, stat: Tensor, /) -> Tensor:
         return self.weighting(self.fn(stat))
 
-
-def _gramian_of(matrix: Tensor) -> Tensor:
-    return matrix @ matrix.T
+    @property
+    def randomized(self) -> bool:  # type: ignore[override]
+        return self.weighting.randomized
 
 
 class WeightedAggregator(Aggregator):
@@ -122,6 +184,19 @@ class WeightedAggregator(Aggregator):
         # A user-given weight vector (Constant, pref_vector) may differ in dtype or device.
         return weights.to(dtype=matrix.dtype, device=matrix.device) @ matrix
 
+    @property
+    def need(self) -> Need:
+        if type(self)._overrides_forward or not self.weighting.row_count_only:
+            return Need.MATRIX
+        return Need.ROW_COUNT
+
+    @property
+    def randomized(self) -> bool:  # type: ignore[override]
+        return self.weighting.randomized
+
+
+WeightedAggregator._overrides_forward = False
+
 
 class GramianWeightedAggregator(WeightedAggregator):
     """Aggregator computing ``w @ J`` with ``w = gramian_weighting(J @ J.T)``.
@@ -134,8 +209,12 @@ class GramianWeightedAggregator(WeightedAggregator):
     """
 
     def __init__(self, gramian_weighting: Weighting[PSDMatrix]) -> None:
-        super().__init__(gramian_weighting << _gramian_of)
+        super().__init__(gramian_weighting << compute_gramian)
 
     @property
     def gramian_weighting(self) -> Weighting[PSDMatrix]:
         return self.weighting.weighting
+
+    @property
+    def need(self) -> Need:
+        return Need.MATRIX if type(self)._overrides_forward else Need.GRAMIAN

@@ -19,6 +19,8 @@ class ConstantWeighting(Weighting[Matrix]):
     :param weights: the weight vector, returned as is (no copy, no cast).
     """
 
+    row_count_only = True
+
     def __init__(self, weights: Tensor) -> None:
         super().__init__()
         _check_weights(weights)

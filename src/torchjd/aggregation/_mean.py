@@ -1,3 +1,5 @@
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -10,6 +12,14 @@ class MeanWeighting(Weighting[Matrix]):
 
     Only the number of rows of the input is used, so it also works on a Gramian.
     """
+
+    row_count_only = True
+
+    @classmethod
+    def _forward_grouped(cls, weightings: Sequence[Weighting], stats: Tensor) -> Tensor:
+        """The same weights for every input of the stack: computed once."""
+        b, m = stats.shape[0], stats.shape[1]
+        return weightings[0](stats[0]).expand(b, m).clone() if b else stats.new_zeros(0, m)
 
     def forward(self, stat: Tensor, /) -> Tensor:
         m = stat.shape[0]

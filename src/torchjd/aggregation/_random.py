@@ -14,6 +14,9 @@ class RandomWeighting(Weighting[Matrix]):
     the draw is then moved to the input's device.
     """
 
+    row_count_only = True
+    randomized = True
+
     def forward(self, stat: Tensor, /) -> Tensor:
         z = torch.randn(stat.shape[0], dtype=stat.dtype).to(stat.device)
         return torch.softmax(z, dim=0)

@@ -2,16 +2,8 @@ from collections.abc import Iterable, Sequence
 
 from torch import Tensor
 
-from torchjd.autojac._accumulation import accumulate_jacs, check_jac_targets
-from torchjd.autojac._engine import (
-    GivenRows,
-    IdentityRows,
-    Rows,
-    check_requires_grad,
-    infer_leaves,
-    vjp_rows,
-)
-from torchjd.autojac._validation import (
+from torchjd._accumulation import accumulate_jacs, check_jac_targets
+from torchjd._validation import (
     as_tensor_list,
     check_chunk_size,
     check_has_grad_fn,
@@ -20,6 +12,14 @@ from torchjd.autojac._validation import (
     check_unique,
     deduplicate,
     materialise,
+)
+from torchjd.autojac._engine import (
+    GivenRows,
+    IdentityRows,
+    Rows,
+    check_requires_grad,
+    infer_leaves,
+    vjp_rows,
 )
 
 

@@ -2,8 +2,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from torchjd.autojac._engine import GivenRows, IdentityRows, Rows, check_requires_grad, vjp_rows
-from torchjd.autojac._validation import (
+from torchjd._validation import (
     as_tensor_list,
     check_chunk_size,
     check_initial_jacobians,
@@ -12,6 +11,7 @@ from torchjd.autojac._validation import (
     deduplicate,
     materialise,
 )
+from torchjd.autojac._engine import GivenRows, IdentityRows, Rows, check_requires_grad, vjp_rows
 
 
 def jac(

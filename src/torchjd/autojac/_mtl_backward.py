@@ -3,14 +3,13 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from torchjd.autojac._accumulation import (
+from torchjd._accumulation import (
     accumulate_grads,
     accumulate_jacs,
     check_grad_targets,
     check_jac_targets,
 )
-from torchjd.autojac._engine import GivenRows, grad, infer_leaves, vjp_rows
-from torchjd.autojac._validation import (
+from torchjd._validation import (
     as_tensor_list,
     check_chunk_size,
     check_has_grad_fn,
@@ -19,6 +18,7 @@ from torchjd.autojac._validation import (
     deduplicate,
     materialise,
 )
+from torchjd.autojac._engine import GivenRows, grad, infer_leaves, vjp_rows
 
 
 def mtl_backward(

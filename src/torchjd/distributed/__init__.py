@@ -17,7 +17,7 @@ unsynchronised ``.jac`` fields in a process group of several processes raises an
 :class:`UnsynchronizedJacobianWarning`.
 """
 
-from torchjd.autojac._synchronization import UnsynchronizedJacobianWarning
+from torchjd._synchronization import UnsynchronizedJacobianWarning
 from torchjd.distributed._jac_to_grad import jac_to_grad
 from torchjd.distributed._sync_jac import sync_jac
 

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import Tensor
 
-from torchjd.autojac._validation import check_unique, materialise
+from torchjd._validation import check_unique, materialise
 
 ROWS = ("mean", "stack")
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import reduce
 from typing import Any
@@ -45,16 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchjd.aggregation._bases import Aggregator
-from torchjd.aggregation._random import RandomWeighting
-from torchjd.autojac._jac_to_grad import (
-    _aggregate_concatenated,
-    _choose_route,
-    _combine,
-    _promoted_dtype,
-    _Route,
-    _weights_without_concatenation,
-)
+from torchjd._pipeline import Group, Steps, combine
 from torchjd.distributed._comm import (
     RngScope,
     all_gather,
@@ -126,148 +118,171 @@ def exchange_jacobians(
     return global_jacobians, reduced, state
 
 
-def jacobian_strategy(
-    tensors: list[Tensor],
-    jacobians: list[Tensor],
-    grads: list[Tensor],
-    aggregator: Aggregator,
-    optimize_gramian_computation: bool,
-    ex: Exchange,
-) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
-    """Exchange the Jacobians, then aggregate as :func:`torchjd.autojac.jac_to_grad` does."""
-    global_jacobians, reduced, state = exchange_jacobians(jacobians, grads, ex)
-    route = _choose_route(aggregator, optimize_gramian_computation)
-    with RngScope(state, ex.rank):
-        if route is _Route.CONCATENATE:
-            weights, gradients = _aggregate_concatenated(tensors, global_jacobians, aggregator)
+class _CollectiveSteps(Steps):
+    """Steps whose statistics and update come from collectives over the process group."""
+
+    warns_unsynchronized = False  # these steps are the synchronisation
+
+    def __init__(self, ex: Exchange, grads: list[Tensor]) -> None:
+        self.ex = ex
+        self.grads = grads
+        self.reduced: list[Tensor] = []  # the reduced `.grad` fields of `grad_params`
+        self.state: Tensor | None = None  # the first process's CPU generator state
+
+    def scope(self) -> AbstractContextManager[object]:
+        return RngScope(self.state, self.ex.rank)
+
+
+class JacobianExchange(_CollectiveSteps):
+    """One all-reduce (``mean``) or all-gather (``stack``) of every group's Jacobians, then the
+    local steps on the global Jacobians. Works with every aggregator."""
+
+    def prepare(self, groups: list[Group]) -> None:
+        local = [j for g in groups for j in g.jacobians]
+        global_jacobians, self.reduced, self.state = exchange_jacobians(local, self.grads, self.ex)
+        start = 0
+        for g in groups:
+            g.jacobians = global_jacobians[start : start + len(g.jacobians)]
+            g.m = g.jacobians[0].shape[0]
+            start += len(g.jacobians)
+        super().prepare(groups)
+
+
+class UpdateExchange(_CollectiveSteps):
+    """Weights that depend only on the number of rows: every process adds its ``w_rᵀ J_r`` and
+    one all-reduce sums them, with the extra gradients."""
+
+    def prepare(self, groups: list[Group]) -> None:
+        self.local_m = [g.m for g in groups]
+        if not self.ex.mean:
+            for g in groups:
+                g.m *= self.ex.world_size
+        if self.ex.share_rng and any(g.aggregator.randomized for g in groups):
+            # The weights are drawn before anything else is sent: one small collective first.
+            slot = rng_slot(self.ex.rank, torch.float32, groups[0].device)
+            all_reduce(slot, self.ex.group)
+            self.state = rng_state_from_slot(slot)
+
+    @torch.no_grad()
+    def combine(self, groups: list[Group]) -> None:
+        ex = self.ex
+        pieces = []
+        for g, m_local in zip(groups, self.local_m):
+            assert g.weights is not None
+            start = 0 if ex.mean else ex.rank * m_local
+            contributions = combine(g.tensors, g.jacobians, g.weights[start : start + m_local])
+            pieces.extend(c.reshape(-1) for c in contributions)
+        pieces.extend(grad.reshape(-1) for grad in self.grads)
+        buffer = torch.cat([p.to(_common_dtype(pieces)) for p in pieces])
+        if ex.mean:
+            buffer.div_(ex.world_size)
+        all_reduce(buffer, ex.group)
+        blocks = iter(buffer.split([p.numel() for p in pieces]))
+        for g in groups:
+            g.gradients = [next(blocks).view(t.shape).to(t.dtype) for t in g.tensors]
+        self.reduced = [next(blocks).view(grad.shape).to(grad.dtype) for grad in self.grads]
+
+
+class GramianExchange(_CollectiveSteps):
+    """The columns of each group's Jacobian split into ``R`` shards: one reduce-scatter (``mean``)
+    or all-to-all (``stack``) gives process ``r`` its shard ``S_{g,r}`` of every group ``g``; one
+    all-reduce of the partial Gramians ``S_{g,r} S_{g,r}ᵀ`` of all groups gives the Gramians;
+    each process computes its piece ``w_gᵀ S_{g,r}`` and one all-gather assembles the update."""
+
+    @torch.no_grad()
+    def prepare(self, groups: list[Group]) -> None:
+        ex, R = self.ex, self.ex.world_size
+        dtype = _common_dtype([*(j for g in groups for j in g.jacobians), *self.grads])
+        device = groups[0].device
+        self.numels = [[t.numel() for t in g.tensors] for g in groups]
+        self.columns = [shard_size(sum(n), R) for n in self.numels]  # c_g, per process
+        m_local = [g.m for g in groups]
+        widths = [m * c for m, c in zip(m_local, self.columns)]
+        n_grads = sum(grad.numel() for grad in self.grads)
+        h = math.ceil(n_grads / R)  # extra gradient entries per process
+        send = torch.zeros((R, sum(widths) + h), dtype=dtype, device=device)
+        offset = 0
+        for g, m, c, width in zip(groups, m_local, self.columns, widths):
+            _fill_shards(send[:, offset : offset + width].view(R, m, c), g.jacobians)
+            offset += width
+        if n_grads:
+            flat = torch.zeros(R * h, dtype=dtype, device=device)
+            flat[:n_grads] = torch.cat([grad.reshape(-1) for grad in self.grads])
+            send[:, offset:] = flat.view(R, h)
+        if ex.mean:
+            send.div_(R)
+            received = torch.empty((1, send.shape[1]), dtype=dtype, device=device)
+            reduce_scatter(received.view(-1), send.view(-1), ex.group)
+            self.grad_shard = received[0, offset:]
         else:
-            weights = _weights_without_concatenation(global_jacobians, aggregator, route)
-            gradients = _combine(tensors, global_jacobians, weights)
-    return weights, gradients, reduced
+            received = torch.empty_like(send)
+            all_to_all(received.view(-1), send.view(-1), ex.group)
+            self.grad_shard = received[:, offset:].sum(dim=0)
+        del send
+        self.shards, offset = [], 0
+        for g, m, c, width in zip(groups, m_local, self.columns, widths):
+            shard = received[:, offset : offset + width].reshape(received.shape[0] * m, c)
+            self.shards.append(shard)  # rows in rank order for "stack"
+            g.m = shard.shape[0]
+            offset += width
+        self._gramians(groups)
+
+    def _gramians(self, groups: list[Group]) -> None:
+        """``G_g = Σ_r S_{g,r} S_{g,r}ᵀ`` for the groups that want one, with the first process's
+        generator state, in one all-reduce."""
+        wanted = [(g, s) for g, s in zip(groups, self.shards) if g.wants_gramian]
+        if not wanted and not self.ex.share_rng:
+            return
+        dtype = reduce(torch.promote_types, [g.gramian_dtype for g, _ in wanted], torch.float32)
+        small = [(s.to(dtype) @ s.to(dtype).T).reshape(-1) for _, s in wanted]
+        if self.ex.share_rng:
+            small.append(rng_slot(self.ex.rank, dtype, groups[0].device))
+        summed = torch.cat(small)
+        all_reduce(summed, self.ex.group)
+        start = 0
+        for g, _ in wanted:
+            g.gramian = summed[start : start + g.m * g.m].view(g.m, g.m).to(g.gramian_dtype)
+            start += g.m * g.m
+        if self.ex.share_rng:
+            self.state = rng_state_from_slot(summed[start:])
+
+    @torch.no_grad()
+    def combine(self, groups: list[Group]) -> None:
+        R = self.ex.world_size
+        dtype = self.shards[0].dtype
+        products = [g.weights.to(dtype) @ s for g, s in zip(groups, self.shards)]  # type: ignore[union-attr]
+        local = torch.cat([*products, self.grad_shard])
+        gathered = torch.empty(R * local.numel(), dtype=dtype, device=local.device)
+        all_gather(gathered, local, self.ex.group)
+        table = gathered.view(R, local.numel())
+        offset = 0
+        for g, c, numels in zip(groups, self.columns, self.numels):
+            update = table[:, offset : offset + c].reshape(-1)[: sum(numels)]
+            g.gradients = [
+                b.view(t.shape).to(t.dtype) for b, t in zip(update.split(numels), g.tensors)
+            ]
+            offset += c
+        grad_numels = [grad.numel() for grad in self.grads]
+        values = table[:, offset:].reshape(-1)[: sum(grad_numels)]
+        self.reduced = [
+            b.view(grad.shape).to(grad.dtype)
+            for b, grad in zip(values.split(grad_numels), self.grads)
+        ]
 
 
-@torch.no_grad()
-def update_strategy(
-    tensors: list[Tensor],
-    jacobians: list[Tensor],
-    grads: list[Tensor],
-    aggregator: Aggregator,
-    ex: Exchange,
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Weights that do not depend on the Jacobian: aggregate locally, all-reduce the updates."""
-    m_local = jacobians[0].shape[0]
-    m = m_local if ex.mean else ex.world_size * m_local
-    device = jacobians[0].device
-    weighting = aggregator.weighting  # type: ignore[attr-defined]
-
-    state = None
-    if ex.share_rng and type(weighting) is RandomWeighting:
-        # The only one of these weightings that draws random numbers: it needs the first
-        # process's generator before anything else can be sent.
-        slot = rng_slot(ex.rank, torch.float32, device)
-        all_reduce(slot, ex.group)
-        state = rng_state_from_slot(slot)
-    with RngScope(state, ex.rank):
-        weights = weighting(torch.empty((m, 0), dtype=_promoted_dtype(jacobians), device=device))
-    _check_weights(weights, m, aggregator)
-
-    local_weights = weights if ex.mean else weights[ex.rank * m_local : (ex.rank + 1) * m_local]
-    contributions = _combine(tensors, jacobians, local_weights)  # w_rᵀ J_r, tensor by tensor
-    pieces = [c.reshape(-1) for c in contributions] + [g.reshape(-1) for g in grads]
-    buffer = torch.cat([p.to(_common_dtype(pieces)) for p in pieces])
-    if ex.mean:
-        buffer.div_(ex.world_size)
-    all_reduce(buffer, ex.group)
-    blocks = buffer.split([p.numel() for p in pieces])
-    gradients = [b.view(t.shape).to(t.dtype) for b, t in zip(blocks, tensors)]
-    reduced = [b.view(g.shape).to(g.dtype) for b, g in zip(blocks[len(tensors) :], grads)]
-    return weights, gradients, reduced
-
-
-@torch.no_grad()
-def gramian_strategy(
-    tensors: list[Tensor],
-    jacobians: list[Tensor],
-    grads: list[Tensor],
-    aggregator: Aggregator,
-    ex: Exchange,
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Shard the columns of the Jacobian, all-reduce the partial Gramians, gather the update."""
-    world_size = ex.world_size
-    m_local = jacobians[0].shape[0]
-    device = jacobians[0].device
-    dtype = _common_dtype([*jacobians, *grads])
-    jacobian_dtype = _promoted_dtype(jacobians)
-    gramian_dtype = torch.promote_types(jacobian_dtype, torch.float32)
-    numels = [t.numel() for t in tensors]
-    grad_numels = [g.numel() for g in grads]
-    n, n_grads = sum(numels), sum(grad_numels)
-    c = shard_size(n, world_size)  # columns of the Jacobian per process
-    h = math.ceil(n_grads / world_size)  # extra gradient entries per process
-    width = m_local * c + h
-
-    # Row s of `send` goes to process s: the columns [s·c, (s+1)·c) of the local Jacobian (an
-    # [m, c] block, zero-padded), then the entries [s·h, (s+1)·h) of the extra gradients.
-    send = torch.zeros((world_size, width), dtype=dtype, device=device)
-    blocks = send[:, : m_local * c].view(world_size, m_local, c)
+def _fill_shards(blocks: Tensor, jacobians: list[Tensor]) -> None:
+    """Copy the columns of the concatenated ``jacobians`` into ``blocks`` ``[R, m, c]``: columns
+    ``[s·c, (s+1)·c)`` into ``blocks[s]`` (the rest stays zero)."""
+    c = blocks.shape[2]
+    m = blocks.shape[1]
     start = 0
-    for jacobian, numel in zip(jacobians, numels):
-        flat = jacobian.reshape(m_local, numel)
-        low, end = start, start + numel
+    for jacobian in jacobians:
+        flat = jacobian.reshape(m, -1)
+        low, end = start, start + flat.shape[1]
         while low < end:
             shard = low // c
             high = min(end, (shard + 1) * c)
-            offset = shard * c
-            blocks[shard, :, low - offset : high - offset] = flat[:, low - start : high - start]
+            base = shard * c
+            blocks[shard, :, low - base : high - base] = flat[:, low - start : high - start]
             low = high
         start = end
-    if n_grads:
-        flat_grads = torch.zeros(world_size * h, dtype=dtype, device=device)
-        flat_grads[:n_grads] = torch.cat([g.reshape(-1) for g in grads])
-        send[:, m_local * c :] = flat_grads.view(world_size, h)
-
-    if ex.mean:
-        send.div_(world_size)
-        received = torch.empty(width, dtype=dtype, device=device)
-        reduce_scatter(received, send.view(-1), ex.group)
-        shard_rows = received[: m_local * c].view(m_local, c)
-        grad_shard = received[m_local * c :]
-    else:
-        received = torch.empty((world_size, width), dtype=dtype, device=device)
-        all_to_all(received.view(-1), send.view(-1), ex.group)
-        shard_rows = received[:, : m_local * c].reshape(world_size * m_local, c)
-        grad_shard = received[:, m_local * c :].sum(dim=0)
-    del send
-    m = shard_rows.shape[0]
-
-    # G = Σ_r S_r S_rᵀ, with the first process's generator state in the same all-reduce.
-    matrix = shard_rows.to(gramian_dtype)
-    small = [(matrix @ matrix.T).reshape(-1)]
-    if ex.share_rng:
-        small.append(rng_slot(ex.rank, gramian_dtype, device))
-    summed = torch.cat(small)
-    all_reduce(summed, ex.group)
-    gramian = summed[: m * m].view(m, m)
-    state = rng_state_from_slot(summed[m * m :]) if ex.share_rng else None
-    with RngScope(state, ex.rank):
-        weights = aggregator.gramian_weighting(gramian)  # type: ignore[attr-defined]
-    _check_weights(weights, m, aggregator)
-    weights = weights.to(dtype=jacobian_dtype)
-
-    piece = weights.to(dtype) @ shard_rows  # this process's columns of wᵀ J
-    gathered = torch.empty(world_size * (c + h), dtype=dtype, device=device)
-    all_gather(gathered, torch.cat([piece, grad_shard]), ex.group)
-    table = gathered.view(world_size, c + h)
-    update = table[:, :c].reshape(-1)[:n]
-    gradients = [b.view(t.shape).to(t.dtype) for b, t in zip(update.split(numels), tensors)]
-    grad_values = table[:, c:].reshape(-1)[:n_grads]
-    reduced = [b.view(g.shape).to(g.dtype) for b, g in zip(grad_values.split(grad_numels), grads)]
-    return weights, gradients, reduced
-
-
-def _check_weights(weights: object, m: int, aggregator: Aggregator) -> None:
-    if not isinstance(weights, Tensor) or weights.shape != (m,):
-        got = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
-        raise ValueError(
-            f"The weighting of {aggregator!r} must return one weight per row ({m}), got {got}."
-        )

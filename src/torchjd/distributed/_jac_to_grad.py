@@ -4,12 +4,12 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from torchjd.aggregation._bases import Aggregator, GramianWeightedAggregator
-from torchjd.autojac._accumulation import accumulate_grads, check_grad_targets
-from torchjd.autojac._jac_to_grad import _choose_route, _Route, _validated_jacobians
-from torchjd.autojac._validation import materialise
+from torchjd._pipeline import Group, Steps, check_aggregator, prepare, run
+from torchjd._protocol import Need
+from torchjd._validation import materialise
+from torchjd.aggregation import Aggregator
 from torchjd.distributed._arguments import (
     ROWS,
     check_bool,
@@ -20,18 +20,19 @@ from torchjd.distributed._arguments import (
 from torchjd.distributed._comm import backend, group_rank_and_size
 from torchjd.distributed._exchange import (
     Exchange,
-    gramian_strategy,
-    jacobian_strategy,
-    update_strategy,
+    GramianExchange,
+    JacobianExchange,
+    UpdateExchange,
 )
+from torchjd.grouping import GroupedAggregator
 
 _STRATEGIES = ("auto", "jacobian", "gramian", "update")
 
 
 def jac_to_grad(
-    tensors: Iterable[Tensor],
+    tensors: Iterable[Tensor] | GroupedAggregator,
     /,
-    aggregator: Aggregator,
+    aggregator: Aggregator | None = None,
     *,
     retain_jac: bool = False,
     optimize_gramian_computation: bool = False,
@@ -40,7 +41,7 @@ def jac_to_grad(
     strategy: Literal["auto", "jacobian", "gramian", "update"] = "auto",
     group: Any = None,
     share_rng_state: bool = True,
-) -> Tensor | None:
+) -> Tensor | list[Tensor | None] | None:
     r"""Aggregate the Jacobian of the whole process group into ``.grad``, identically everywhere.
 
     The data-parallel counterpart of :func:`torchjd.autojac.jac_to_grad`, to be called by every
@@ -138,62 +139,74 @@ def jac_to_grad(
     check_choice(rows, "rows", ROWS)
     check_choice(strategy, "strategy", _STRATEGIES)
     check_bool(share_rng_state, "share_rng_state")
-    tensors_ = materialise(tensors, "tensors")
-    jacobians = _validated_jacobians(tensors_)
-    check_grad_targets(tensors_, "tensors", requires_grad_error=ValueError)
-    grads = validated_grad_params(grad_params, tensors_)
-    chosen = _choose_strategy(aggregator, strategy, optimize_gramian_computation)
-    check_one_device(jacobians, grads)
-    rank, world_size = group_rank_and_size(group)
-    if chosen == "gramian" and strategy == "auto" and rows == "mean" and backend(group) == "gloo":
-        # Gloo's reduce-scatter is slower than its all-reduce of the same buffer (measured on CPU:
-        # 44 ms against 20 ms for 35 MB), so the fewer bytes do not pay there.
-        chosen = "jacobian"
+    holder: dict[str, Steps] = {}
 
-    if not retain_jac:
-        for t in tensors_:
-            del t.jac
+    def steps_for(groups: list[Group]) -> Steps:
+        tensors_ = [t for g in groups for t in g.tensors]
+        grads = validated_grad_params(grad_params, tensors_)
+        chosen = _choose_strategy(groups, strategy)
+        check_one_device([j for g in groups for j in g.jacobians], grads)
+        rank, world_size = group_rank_and_size(group)
+        ex = Exchange(rows, group, rank, world_size, share_rng_state)
+        if chosen == "gramian" and strategy == "auto" and ex.mean and backend(group) == "gloo":
+            # Gloo's reduce-scatter is slower than its all-reduce of the same buffer (measured
+            # on CPU: 44 ms against 20 ms for 35 MB), so the fewer bytes do not pay there.
+            chosen = "jacobian"
+        steps = _STEPS[chosen](ex, grads)
+        holder["steps"] = steps
+        return steps
 
-    ex = Exchange(rows, group, rank, world_size, share_rng_state)
-    if chosen == "update":
-        weights, gradients, reduced = update_strategy(tensors_, jacobians, grads, aggregator, ex)
-    elif chosen == "gramian":
-        weights, gradients, reduced = gramian_strategy(tensors_, jacobians, grads, aggregator, ex)
+    if isinstance(tensors, GroupedAggregator):
+        if aggregator is not None or optimize_gramian_computation:
+            raise TypeError(
+                "With a GroupedAggregator (which holds one aggregator per group), give no "
+                "`aggregator` and no `optimize_gramian_computation`."
+            )
+        result: Tensor | list[Tensor | None] | None = tensors._apply(
+            steps_for, retain_jac=retain_jac, stacklevel=2
+        )
     else:
-        weights, gradients, reduced = jacobian_strategy(
-            tensors_, jacobians, grads, aggregator, optimize_gramian_computation, ex
+        tensors_ = materialise(tensors, "tensors")
+        check_aggregator(aggregator)
+        assert aggregator is not None
+        groups = prepare(
+            [tensors_],
+            [aggregator],
+            ["tensors"],
+            optimize_gramian_computation=optimize_gramian_computation,
         )
-    accumulate_grads(tensors_, gradients)
+        run(groups, steps_for(groups), retain_jac=retain_jac, stacklevel=2)
+        result = groups[0].weights
     with torch.no_grad():
-        for g, value in zip(grads, reduced):
-            g.copy_(value)
-    return weights
+        for grad, value in zip(holder["steps"].grads, holder["steps"].reduced):  # type: ignore[attr-defined]
+            grad.copy_(value)
+    return result
 
 
-def _has_forward_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
-def _choose_strategy(aggregator: Aggregator, strategy: str, optimize: bool) -> str:
-    route = _choose_route(aggregator, optimize)  # validates `optimize_gramian_computation`
+def _choose_strategy(groups: list[Group], strategy: str) -> str:
+    routes = {g.route for g in groups}
     if strategy == "auto":
-        if route is _Route.ROW_COUNT:
+        if routes == {Need.ROW_COUNT}:
             return "update"
-        return "gramian" if route is _Route.GRAMIAN else "jacobian"
-    if strategy == "update" and route is not _Route.ROW_COUNT:
+        return "jacobian" if Need.MATRIX in routes else "gramian"
+    if strategy == "update" and routes != {Need.ROW_COUNT}:
         raise ValueError(
-            "`strategy='update'` needs an aggregator whose weights depend only on the number of "
-            "rows (Mean, Sum, Constant or Random, without forward hooks), got "
-            f"{aggregator!r}. Use 'auto' to choose the strategy automatically."
+            "`strategy='update'` needs an aggregator (for every group) whose weights depend only "
+            "on the number of rows (Mean, Sum, Constant or Random, without forward hooks), got "
+            f"{_names(groups)}. Use 'auto' to choose the strategy automatically."
         )
-    if strategy == "gramian" and (
-        not isinstance(aggregator, GramianWeightedAggregator)
-        or _has_forward_hooks(aggregator)
-        or _has_forward_hooks(aggregator.weighting)
-    ):
+    if strategy == "gramian" and routes != {Need.GRAMIAN}:
         raise ValueError(
-            "`strategy='gramian'` needs an aggregator whose weights come from the Gramian (a "
-            "GramianWeightedAggregator) without forward hooks or pre-hooks on itself or on its "
-            f"`weighting`, got {aggregator!r}. Use 'jacobian', which works with every aggregator."
+            "`strategy='gramian'` needs an aggregator (for every group) whose weights come from "
+            "the Gramian (a GramianWeightedAggregator) without forward hooks or pre-hooks on "
+            f"itself or on its `weighting`, got {_names(groups)}. Use 'jacobian', which works "
+            "with every aggregator."
         )
     return strategy
+
+
+def _names(groups: list[Group]) -> str:
+    return ", ".join(repr(g.aggregator) for g in groups)
+
+
+_STEPS = {"jacobian": JacobianExchange, "gramian": GramianExchange, "update": UpdateExchange}

@@ -6,9 +6,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from torchjd.autojac._jac_to_grad import _validated_jacobians
-from torchjd.autojac._synchronization import mark_synchronized
-from torchjd.autojac._validation import materialise
+from torchjd._pipeline import validated_jacobians
+from torchjd._synchronization import mark_synchronized
+from torchjd._validation import materialise
 from torchjd.distributed._arguments import (
     ROWS,
     check_bool,
@@ -73,7 +73,7 @@ def sync_jac(
     check_choice(rows, "rows", ROWS)
     check_bool(share_rng_state, "share_rng_state")
     tensors_ = materialise(tensors, "tensors")
-    jacobians = _validated_jacobians(tensors_)
+    jacobians = validated_jacobians(tensors_)
     grads = validated_grad_params(grad_params, tensors_)
     check_one_device(jacobians, grads)
     rank, world_size = group_rank_and_size(group)

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torchjd._pipeline import Group, Steps, prepare, run
 from torchjd._stateful import Stateful
-from torchjd.grouping._grouped_jac_to_grad import grouped_jac_to_grad
 
 _AggregatorSpec = nn.Module | Callable[[], nn.Module] | Sequence[nn.Module]
 
@@ -140,15 +140,37 @@ class GroupedAggregator(nn.Module, Stateful):
         Non-finite values are not checked (that would synchronise with the device): NaN in, NaN
         out.
         """
-        weights, gramians = grouped_jac_to_grad(
-            self._groups,
-            list(self.aggregators),
-            retain_jac=retain_jac,
-            compute_gramians=self.compute_gramians,
+        return self._apply(lambda _groups: Steps(), retain_jac=retain_jac, stacklevel=2)
+
+    def _apply(
+        self, steps_for: Callable[[list[Group]], Steps], *, retain_jac: bool, stacklevel: int
+    ) -> list[Tensor | None]:
+        """Run the application pipeline on every group, with the steps that ``steps_for`` gives
+        for the validated groups (local, or the collective steps of :mod:`torchjd.distributed`),
+        and record the weights and Gramians."""
+        groups = self._prepared()
+        run(groups, steps_for(groups), retain_jac=retain_jac, stacklevel=stacklevel + 1)
+        self._last_weights = [g.weights for g in groups]
+        self._last_gramians = [g.gramian for g in groups]
+        return list(self._last_weights)
+
+    def _prepared(self) -> list[Group]:
+        names = [f"groups[{k}]" for k in range(len(self._groups))]
+        return prepare(
+            self._groups, list(self.aggregators), names, compute_gramians=self.compute_gramians
         )
-        self._last_weights = weights
-        self._last_gramians = gramians
-        return list(weights)
+
+    def update_losses(self, losses: Tensor | Sequence[Tensor]) -> None:
+        """Give the current loss values to the aggregator of every group that uses them (e.g.
+        GradNorm), before :meth:`jac_to_grad`: one call for all the groups."""
+        receivers = [a for a in self.aggregators if callable(getattr(a, "update_losses", None))]
+        if not receivers:
+            raise TypeError(
+                "None of the aggregators of this GroupedAggregator uses loss values (none has an "
+                "`update_losses` method): there is nothing to update."
+            )
+        for aggregator in receivers:
+            aggregator.update_losses(losses)
 
     def cosine_similarities(self) -> list[Tensor | None]:
         r"""The cosine similarities :math:`\frac{g_i^\top g_j}{\|g_i\| \|g_j\|}` of the

@@ -1,7 +1,7 @@
 """Gramian helpers shared by the aggregators, :func:`torchjd.autojac.jac_to_grad` and autogram."""
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -13,8 +13,29 @@ def compute_gramian(t: Tensor) -> Tensor:
     A 1-D tensor of length ``m`` is an ``[m, 1]`` column (the ``.jac`` of a scalar parameter); a
     tensor with more dimensions is flattened to ``[t.shape[0], -1]``.
     """
-    matrix = t.reshape(t.shape[0], -1)
+    matrix = _as_matrix(t)
     return matrix @ matrix.T
+
+
+def _as_matrix(t: Tensor) -> Tensor:
+    """``t`` viewed as ``[t.shape[0], -1]`` (also with zero rows, where ``-1`` is ambiguous)."""
+    return t.flatten(start_dim=1) if t.ndim > 1 else t.unsqueeze(1)
+
+
+def sum_of_gramians(blocks: Iterable[Tensor], dtype: torch.dtype) -> Tensor:
+    """``Σ_b M_b M_bᵀ`` in ``dtype``, where ``M_b`` views block ``b`` as in :func:`compute_gramian`
+    (the blocks share their first dimension ``m``): the Gramian of the blocks concatenated along
+    their columns, computed without concatenating them. At least one block."""
+    gramian: Tensor | None = None
+    for block in blocks:
+        matrix = _as_matrix(block).to(dtype=dtype)
+        if gramian is None:
+            gramian = matrix @ matrix.T
+        else:
+            gramian.addmm_(matrix, matrix.T)
+    if gramian is None:
+        raise ValueError("`blocks` must contain at least one block.")
+    return gramian
 
 
 def normalize(gramian: Tensor, eps: float) -> Tensor:

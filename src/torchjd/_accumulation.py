@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from torchjd.autojac._validation import rows_shape
+from torchjd._validation import rows_shape
 
 
 class IncompatibleJacobianError(ValueError, RuntimeError):

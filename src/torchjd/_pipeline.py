@@ -1,0 +1,363 @@
+"""The application pipeline: groups of tensors with ``.jac`` fields, an aggregator each → ``.grad``.
+
+Every entry point runs the same sequence, written once here:
+
+1. **validate** every group (its ``.jac`` fields and ``.grad`` targets) before anything changes;
+2. **route** each group by what its aggregator declares it needs (:class:`~torchjd._protocol.Need`:
+   the number of rows, the Gramian, or the whole matrix), forward hooks forcing the matrix;
+3. **prepare** the statistics: Gramians ``Σ_t J_t J_tᵀ`` (or nothing, for the row count);
+4. **weigh**, one call per maximal run of consecutive groups whose weightings share a class,
+   through that class's batched entry point ``_forward_grouped`` (whose default loops over the
+   instances, each keeping its own state); groups that need the matrix call their aggregator;
+5. **combine** ``wᵀ J_t`` tensor by tensor, then **accumulate** into ``.grad``.
+
+Steps 3 and 5 (and a scope around step 4) are pluggable through :class:`Steps`:
+:class:`LocalSteps` works on the local ``.jac`` fields; :mod:`torchjd.distributed` supplies
+collective versions. :func:`torchjd.autojac.jac_to_grad` is the one-group case,
+:class:`torchjd.grouping.GroupedAggregator` the many-group case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Hashable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from functools import reduce
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as _module
+
+from torchjd._accumulation import accumulate_grads, check_grad_targets
+from torchjd._protocol import Need
+from torchjd._synchronization import warn_if_unsynchronized
+from torchjd._validation import check_unique, rows_shape
+from torchjd.aggregation import Aggregator, WeightedAggregator
+from torchjd.linalg._gramian import sum_of_gramians
+
+# Set on a tensor whose `.jac` an aggregation consumed, to explain a missing `.jac` later.
+_CONSUMED = "_torchjd_jac_consumed"
+
+
+@dataclass(eq=False)
+class Group:
+    """One group of tensors on its way through the pipeline."""
+
+    tensors: list[Tensor]
+    jacobians: list[Tensor]
+    aggregator: Aggregator
+    route: Need
+    m: int  # the number of rows the aggregator sees
+    wants_gramian: bool
+    gramian: Tensor | None = None
+    weights: Tensor | None = None
+    gradients: list[Tensor] = field(default_factory=list)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The promoted dtype of the Jacobians: the dtype of the weights."""
+        return reduce(torch.promote_types, (j.dtype for j in self.jacobians))
+
+    @property
+    def gramian_dtype(self) -> torch.dtype:
+        """Gramians are summed in float32 at least (a half-precision sum loses the small rows)."""
+        return torch.promote_types(self.dtype, torch.float32)
+
+    @property
+    def device(self) -> torch.device:
+        return self.jacobians[0].device
+
+    @property
+    def weighting(self) -> nn.Module:
+        """The weighting that reads the statistic of the route (row count or Gramian)."""
+        if self.route is Need.GRAMIAN:
+            return self.aggregator.gramian_weighting  # type: ignore[attr-defined]
+        return self.aggregator.weighting  # type: ignore[attr-defined]
+
+
+class Steps:
+    """Where the statistics come from and where the update goes: the local ``.jac`` fields."""
+
+    # Local `.jac` fields in a process group of several processes are usually a mistake.
+    warns_unsynchronized = True
+
+    def prepare(self, groups: list[Group]) -> None:
+        """Compute what the weighing reads: here the Gramians of the groups that want one."""
+        for group in groups:
+            if group.wants_gramian:
+                group.gramian = sum_of_gramians(group.jacobians, group.gramian_dtype)
+
+    def scope(self) -> AbstractContextManager[object]:
+        """A context around the weighing (e.g. a shared random generator)."""
+        return contextlib.nullcontext()
+
+    def combine(self, groups: list[Group]) -> None:
+        """Set the gradients ``wᵀ J_t`` of the groups whose weights are known."""
+        for group in groups:
+            assert group.weights is not None
+            group.gradients = combine(group.tensors, group.jacobians, group.weights)
+
+
+LocalSteps = Steps
+
+
+def check_aggregator(aggregator: object, name: str = "aggregator") -> None:
+    if not isinstance(aggregator, Aggregator):
+        hint = " (a string names no aggregator)" if isinstance(aggregator, str) else ""
+        raise TypeError(
+            f"`{name}` must be an Aggregator of torchjd.aggregation (e.g. `UPGrad()`), got an "
+            f"object of type {type(aggregator).__name__}{hint}. To use a function `J -> vector`, "
+            "subclass `torchjd.aggregation.Aggregator` and implement `forward`."
+        )
+
+
+def validated_jacobians(tensors: list[Tensor], name: str = "tensors") -> list[Tensor]:
+    """The ``.jac`` fields of ``tensors``, after every check; nothing is mutated."""
+    if not tensors:
+        raise ValueError(
+            f"`{name}` must contain at least one tensor, got an empty collection. A generator "
+            "such as `model.parameters()` can be iterated only once: if it was already consumed "
+            "(e.g. at an earlier step), pass a list, e.g. `list(model.parameters())`."
+        )
+    for i, t in enumerate(tensors):
+        if not hasattr(t, "jac"):
+            raise ValueError(f"Element {i} of `{name}` {_missing_jac_reason(t)}")
+    jacobians = [t.jac for t in tensors]
+    for i, j in enumerate(jacobians):
+        if not isinstance(j, Tensor) or j.ndim == 0:
+            what = f"shape {tuple(j.shape)}" if isinstance(j, Tensor) else type(j).__name__
+            raise ValueError(
+                f"The `.jac` of element {i} of `{name}` must be a tensor of shape "
+                f"{rows_shape(tensors[i].shape)}, got {what}."
+            )
+    rows = [j.shape[0] for j in jacobians]
+    if any(r != rows[0] for r in rows):
+        raise ValueError(
+            f"The `.jac` fields of `{name}` must all have the same number of rows (one per "
+            f"objective), got {rows}. Each must come from the same objectives."
+        )
+    check_unique(tensors, name)
+    for i, (t, j) in enumerate(zip(tensors, jacobians)):
+        if j.shape[1:] != t.shape:
+            raise ValueError(
+                f"The `.jac` of element {i} of `{name}` must have shape {rows_shape(t.shape)} "
+                f"for a tensor of shape {tuple(t.shape)}, got {tuple(j.shape)}."
+            )
+    if rows[0] == 0:
+        raise ValueError(
+            f"The `.jac` fields of `{name}` have 0 rows: there is no objective to aggregate."
+        )
+    return jacobians
+
+
+def _missing_jac_reason(t: Tensor) -> str:
+    shape = tuple(t.shape)
+    if getattr(t, _CONSUMED, False):
+        return (
+            f"(shape {shape}) has no `.jac`: an earlier `jac_to_grad` consumed it. Pass "
+            "`retain_jac=True` to that call to keep it, or compute the Jacobian again."
+        )
+    if t.grad is not None:
+        return (
+            f"(shape {shape}) has no `.jac` but has a `.grad`: `mtl_backward` gives the task "
+            "heads ordinary gradients and the shared parameters a `.jac`, so pass only the "
+            "shared parameters (e.g. `trunk.parameters()`)."
+        )
+    return (
+        f"(shape {shape}) has no `.jac` field. Fill it with `backward` or `mtl_backward` first "
+        "(or leave that tensor out)."
+    )
+
+
+def _has_forward_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _has_hooks_inside(module: nn.Module) -> bool:
+    return any(_has_forward_hooks(m) for m in module.modules())
+
+
+def choose_route(aggregator: Aggregator, optimize_gramian_computation: bool = False) -> Need:
+    """The route of ``aggregator``: what it declares it needs, unless hooks must see the matrix.
+
+    ``optimize_gramian_computation`` requires the Gramian route (``ValueError`` otherwise)."""
+    need = aggregator.need
+    weighting = getattr(aggregator, "weighting", None)
+    hooked = _has_forward_hooks(aggregator) or (
+        isinstance(weighting, nn.Module) and _has_forward_hooks(weighting)
+    )
+    if optimize_gramian_computation:
+        if not hasattr(aggregator, "gramian_weighting"):
+            raise ValueError(
+                "`optimize_gramian_computation=True` needs an aggregator whose weights come from "
+                f"the Gramian (a GramianWeightedAggregator), got {aggregator!r}. Leave the "
+                "option to False: the computation is then chosen automatically."
+            )
+        if hooked:
+            raise ValueError(
+                "`optimize_gramian_computation=True` does not call the aggregator nor "
+                "`aggregator.weighting`, so it cannot run the forward hooks or pre-hooks "
+                "registered on them. Remove those hooks (hooks on `aggregator.gramian_weighting` "
+                "are fine), or leave the option to False."
+            )
+        return Need.GRAMIAN
+    global_hooks = _module._global_forward_hooks or _module._global_forward_pre_hooks
+    if need is Need.MATRIX or hooked or global_hooks:
+        return Need.MATRIX
+    return need
+
+
+def prepare(
+    groups: Sequence[Sequence[Tensor]],
+    aggregators: Sequence[Aggregator],
+    names: Sequence[str],
+    *,
+    optimize_gramian_computation: bool = False,
+    compute_gramians: bool = False,
+) -> list[Group]:
+    """Validate every group (named ``names[k]`` in messages) and route it; nothing is mutated."""
+    prepared = []
+    for k, (tensors, aggregator, name) in enumerate(zip(groups, aggregators, names)):
+        check_aggregator(aggregator)
+        tensors = list(tensors)
+        try:
+            jacobians = validated_jacobians(tensors, name)
+            check_grad_targets(tensors, name, requires_grad_error=ValueError)
+        except ValueError as error:
+            if len(names) == 1:
+                raise
+            raise ValueError(f"Group {k}: {error}") from None
+        route = choose_route(aggregator, optimize_gramian_computation)
+        wants = route is Need.GRAMIAN or compute_gramians
+        m = jacobians[0].shape[0]
+        prepared.append(Group(tensors, jacobians, aggregator, route, m, wants))
+    owners: dict[int, str] = {}
+    for group, name in zip(prepared, names):
+        for t in group.tensors:
+            if owners.setdefault(id(t), name) != name:
+                raise ValueError(
+                    f"A tensor of shape {tuple(t.shape)} is in both `{owners[id(t)]}` and "
+                    f"`{name}`: each tensor may be aggregated once."
+                )
+    return prepared
+
+
+def release_jacobians(groups: list[Group]) -> None:
+    """Delete the ``.jac`` fields (the groups keep references to the Jacobians)."""
+    for group in groups:
+        for t in group.tensors:
+            del t.jac
+            setattr(t, _CONSUMED, True)
+
+
+def run(groups: list[Group], steps: Steps, *, retain_jac: bool, stacklevel: int) -> None:
+    """Everything after the validation: statistics, weights, update, accumulated into ``.grad``."""
+    if steps.warns_unsynchronized:
+        jacobians = [j for g in groups for j in g.jacobians]
+        warn_if_unsynchronized(jacobians, stacklevel=stacklevel + 1)
+    if not retain_jac:
+        release_jacobians(groups)
+    steps.prepare(groups)
+    with steps.scope():
+        for batch in _runs(groups):
+            _weigh(batch)
+    steps.combine([g for g in groups if g.route is not Need.MATRIX])
+    accumulate_grads(
+        [t for g in groups for t in g.tensors], [d for g in groups for d in g.gradients]
+    )
+
+
+def _batch_key(group: Group) -> Hashable | None:
+    """Groups with equal keys are weighed in one call; ``None``: weigh this group alone."""
+    if group.route is Need.MATRIX or _has_hooks_inside(group.weighting):
+        return None
+    stat_dtype = group.gramian_dtype if group.route is Need.GRAMIAN else group.dtype
+    return (group.route, type(group.weighting), group.m, stat_dtype, group.device)
+
+
+def _runs(groups: list[Group]) -> list[list[Group]]:
+    """The groups, in order, split into maximal runs of consecutive groups with one batch key."""
+    batches: list[list[Group]] = []
+    previous: Hashable | None = None
+    for group in groups:
+        key = _batch_key(group)
+        if key is not None and batches and key == previous:
+            batches[-1].append(group)
+        else:
+            batches.append([group])
+        previous = key
+    return batches
+
+
+def _weigh(batch: list[Group]) -> None:
+    first = batch[0]
+    if first.route is Need.MATRIX:
+        first.weights, first.gradients = aggregate_matrix(
+            first.tensors, first.jacobians, first.aggregator
+        )
+        return
+    if first.route is Need.ROW_COUNT:
+        # The weighting reads only the number of rows, the dtype and the device of its input.
+        stats = torch.empty((len(batch), first.m, 0), dtype=first.dtype, device=first.device)
+    else:
+        stats = torch.stack([g.gramian for g in batch])  # type: ignore[misc]
+    if len(batch) == 1:
+        weights = first.weighting(stats[0]).unsqueeze(0)
+    else:
+        weights = type(first.weighting)._forward_grouped([g.weighting for g in batch], stats)
+    if not isinstance(weights, Tensor) or weights.shape != (len(batch), first.m):
+        got = tuple(weights.shape[1:]) if isinstance(weights, Tensor) else type(weights).__name__
+        raise ValueError(
+            f"The weighting of {first.aggregator!r} must return one weight per row "
+            f"({first.m}), got {got}."
+        )
+    if first.route is Need.GRAMIAN:
+        weights = weights.to(dtype=first.dtype)
+    for group, w in zip(batch, weights.unbind(0)):
+        group.weights = w
+
+
+def combine(tensors: list[Tensor], jacobians: list[Tensor], weights: Tensor) -> list[Tensor]:
+    """``wᵀ J_t`` for each tensor, with ``w`` cast to the ``.jac``'s dtype, cast to ``t.dtype``."""
+    m = weights.shape[0]
+    cast: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+    gradients = []
+    for t, jacobian in zip(tensors, jacobians):
+        key = (jacobian.dtype, jacobian.device)
+        if key not in cast:
+            cast[key] = weights.to(dtype=jacobian.dtype, device=jacobian.device)
+        gradient = cast[key] @ jacobian.reshape(m, -1)
+        gradients.append(gradient.reshape(t.shape).to(dtype=t.dtype))
+    return gradients
+
+
+def aggregate_matrix(
+    tensors: list[Tensor], jacobians: list[Tensor], aggregator: Aggregator
+) -> tuple[Tensor | None, list[Tensor]]:
+    """Call ``aggregator`` on the concatenated ``[m, N]`` matrix (so every hook sees it); the
+    weights its weighting returned (``None`` if it has none), and the pieces of the aggregate."""
+    m = jacobians[0].shape[0]
+    matrices = [j.reshape(m, -1) for j in jacobians]
+    matrix = matrices[0] if len(matrices) == 1 else torch.cat(matrices, dim=1)
+    captured: list[Tensor] = []
+    weighting = getattr(aggregator, "weighting", None)
+    handle = None
+    if isinstance(aggregator, WeightedAggregator):
+        # Appended after the user's hooks, so it sees the weights as they modified them.
+        handle = weighting.register_forward_hook(lambda _m, _a, output: captured.append(output))
+    try:
+        aggregate = aggregator(matrix)
+    finally:
+        if handle is not None:
+            handle.remove()
+    n = matrix.shape[1]
+    if not isinstance(aggregate, Tensor) or aggregate.shape != (n,):
+        got = tuple(aggregate.shape) if isinstance(aggregate, Tensor) else type(aggregate).__name__
+        raise ValueError(
+            f"The aggregator {aggregator!r} must return a vector of length {n} (the number of "
+            f"columns of the concatenated Jacobians), got {got}."
+        )
+    pieces = aggregate.split([mat.shape[1] for mat in matrices])
+    gradients = [p.reshape(t.shape).to(dtype=t.dtype) for p, t in zip(pieces, tensors)]
+    return (captured[-1] if captured else None), gradients
