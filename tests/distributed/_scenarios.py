@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from torchjd import autojac, distributed
 from torchjd.aggregation import ConFIG, GradVac, Mean, PCGrad, Random, UPGrad
+from torchjd.grouping import GroupedAggregator
 
 STEPS = 3
 BATCH = 8
@@ -52,7 +53,8 @@ class Scenario:
     aggregator: str
     # "call": distributed.jac_to_grad; "per_group": one distributed.jac_to_grad per group;
     # "sync": sync_jac then one autojac.jac_to_grad per group; "sync_grouped": sync_jac then a
-    # GroupedAggregator; "unsynced": autojac.jac_to_grad without synchronisation (misuse).
+    # GroupedAggregator; "grouped_call": distributed.jac_to_grad on a GroupedAggregator (one
+    # call for all the groups); "unsynced": autojac.jac_to_grad without synchronisation (misuse).
     method: str = "call"
     grouped: bool = False
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -77,12 +79,32 @@ SCENARIOS = [
     Scenario(
         "mtl-gradvac-grouped-aggregator", "mtl", "gradvac", method="sync_grouped", grouped=True
     ),
+    Scenario("mtl-gradvac-grouped-one-call", "mtl", "gradvac", method="grouped_call", grouped=True),
+    Scenario(
+        "mtl-gradvac-grouped-one-call-gramian",
+        "mtl",
+        "gradvac",
+        method="grouped_call",
+        grouped=True,
+        kwargs={"strategy": "gramian"},
+    ),
+    Scenario("mtl-mean-grouped-one-call", "mtl", "mean", method="grouped_call", grouped=True),
+    Scenario("mtl-random-grouped-one-call", "mtl", "random", method="grouped_call", grouped=True),
     Scenario("iwrm-mean-auto", "iwrm", "mean"),
     Scenario("iwrm-upgrad-auto", "iwrm", "upgrad"),
     Scenario("iwrm-upgrad-jacobian", "iwrm", "upgrad", kwargs={"strategy": "jacobian"}),
     Scenario("iwrm-gradvac-auto", "iwrm", "gradvac"),
     Scenario("iwrm-random-auto", "iwrm", "random"),
     Scenario("iwrm-gradvac-grouped-sync", "iwrm", "gradvac", method="sync", grouped=True),
+    Scenario("iwrm-upgrad-grouped-one-call", "iwrm", "upgrad", method="grouped_call", grouped=True),
+    Scenario(
+        "iwrm-gradvac-grouped-one-call-jacobian",
+        "iwrm",
+        "gradvac",
+        method="grouped_call",
+        grouped=True,
+        kwargs={"strategy": "jacobian"},
+    ),
 ]
 
 # Scenarios that must NOT reproduce the single-process run: they show that the checks can fail.
@@ -261,9 +283,10 @@ def _aggregate(
         with distributed.sync_jac(everything, grad_params=heads, rows=rows):
             for part, aggregator in zip(parts, aggregators):
                 autojac.jac_to_grad(part, aggregator)
+    elif scenario.method == "grouped_call":
+        grouped = GroupedAggregator(parts, list(aggregators))
+        distributed.jac_to_grad(grouped, grad_params=heads, rows=rows, **scenario.kwargs)
     elif scenario.method == "sync_grouped":
-        from torchjd.grouping import GroupedAggregator
-
         grouped = GroupedAggregator(parts, list(aggregators))
         everything = [p for part in parts for p in part]
         with distributed.sync_jac(everything, grad_params=heads, rows=rows):

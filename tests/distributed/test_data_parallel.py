@@ -148,6 +148,15 @@ def _expected_calls(name: str) -> list[tuple[str, int]]:
         ]
     if name == "mtl-random-auto":
         return [("all_reduce", _RNG), ("all_reduce", n + h)]
+    if name == "mtl-mean-grouped-one-call":  # one all-reduce for every group
+        return [("all_reduce", n + h)]
+    if name == "mtl-gradvac-grouped-one-call-gramian":  # each layer's columns sharded on its own
+        columns = [math.ceil((5 * 8 + 8) / r), math.ceil((8 * 6 + 6) / r)]
+        return [
+            ("reduce_scatter", r * (m * sum(columns) + hh)),
+            ("all_reduce", 2 * m * m + _RNG),
+            ("all_gather", sum(columns) + hh),
+        ]
     n, m_all = _IWRM_PARAMS, BATCH
     c = math.ceil(n / r)
     m_local = BATCH // r
@@ -155,6 +164,13 @@ def _expected_calls(name: str) -> list[tuple[str, int]]:
         return [("all_to_all", r * m_local * c), ("all_reduce", m_all**2 + _RNG), ("all_gather", c)]
     if name == "iwrm-upgrad-jacobian":
         return [("all_gather", m_local * n + _RNG)]
+    if name == "iwrm-upgrad-grouped-one-call":
+        columns = [math.ceil((5 * 8 + 8) / r), math.ceil((8 * 3 + 3) / r)]
+        return [
+            ("all_to_all", r * m_local * sum(columns)),
+            ("all_reduce", 2 * m_all**2 + _RNG),
+            ("all_gather", sum(columns)),
+        ]
     raise KeyError(name)
 
 
@@ -167,6 +183,9 @@ def _expected_calls(name: str) -> list[tuple[str, int]]:
         "mtl-random-auto",
         "iwrm-upgrad-auto",
         "iwrm-upgrad-jacobian",
+        "mtl-gradvac-grouped-one-call-gramian",
+        "mtl-mean-grouped-one-call",
+        "iwrm-upgrad-grouped-one-call",
     ],
 )
 def test_collectives_per_step(results: list[dict[str, Any]], name: str) -> None:

@@ -1,16 +1,12 @@
 from torch import Tensor
 
+from torchjd._hyperparameters import check_vector, format_vector
 from torchjd.aggregation._bases import WeightedAggregator, Weighting
-from torchjd.aggregation._utils import format_vector
 from torchjd.linalg._matrix import Matrix
 
 
 def _check_weights(weights: Tensor) -> None:
-    if weights.ndim != 1:
-        raise ValueError(
-            "`weights` must be a vector (a tensor of dimension 1), got a tensor of shape "
-            f"{tuple(weights.shape)}."
-        )
+    check_vector(weights, "weights")
 
 
 class ConstantWeighting(Weighting[Matrix]):

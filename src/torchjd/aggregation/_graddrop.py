@@ -5,8 +5,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from torchjd._hyperparameters import check_vector, format_vector
 from torchjd.aggregation._bases import Aggregator, NoGrad
-from torchjd.aggregation._utils import format_vector
 from torchjd.linalg._matrix import Matrix
 
 # Number of matrix entries processed at once (columns per chunk = this // m).
@@ -18,11 +18,7 @@ def _identity(p: Tensor) -> Tensor:
 
 
 def _check_leak(leak: Tensor | None) -> None:
-    if leak is not None and leak.ndim != 1:
-        raise ValueError(
-            "`leak` must be a vector (a tensor of dimension 1) or None, got a tensor of shape "
-            f"{tuple(leak.shape)}."
-        )
+    check_vector(leak, "leak", optional=True)
 
 
 class GradDrop(NoGrad, Aggregator):

@@ -5,25 +5,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from torchjd._hyperparameters import check_vector
+from torchjd._hyperparameters import (
+    format_vector as format_vector,  # re-exported for the aggregators
+)
 from torchjd.aggregation._bases import Weighting
 from torchjd.linalg._block_pivoting import BlockPivotingProjector
 
 
-def format_vector(vector: Tensor) -> str:
-    """Format a vector for ``str``: two decimals per entry, trailing zeros removed.
-
-    ``tensor([0.1234, 1.005, 10., -0.5])`` gives ``"[0.12, 1., 10., -0.5]"``.
-    """
-    entries = [f"{float(x):.2f}".rstrip("0") for x in vector]
-    return "[" + ", ".join(entries) + "]"
-
-
 def check_pref_vector(pref_vector: Tensor | None) -> None:
-    if pref_vector is not None and pref_vector.ndim != 1:
-        raise ValueError(
-            "`pref_vector` must be a vector (a tensor of dimension 1) or None, got a tensor of "
-            f"dimension {pref_vector.ndim}."
-        )
+    check_vector(pref_vector, "pref_vector", optional=True)
 
 
 def pref_vector_to_weighting(pref_vector: Tensor | None, default: Weighting) -> Weighting:

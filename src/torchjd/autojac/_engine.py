@@ -55,6 +55,25 @@ def infer_leaves(roots: Sequence[Tensor], excluded: Sequence[Tensor] = ()) -> li
     return list(leaves.values())
 
 
+def reaches(roots: Sequence[Tensor], targets: Sequence[Tensor]) -> bool:
+    """Whether the graph of any of ``roots`` goes through the ``grad_fn`` of one of ``targets``.
+
+    Breadth-first from the roots, so it stops early when the targets are close to them (the
+    usual case: features read by the heads)."""
+    target_nodes = {t.grad_fn for t in targets if t.grad_fn is not None}
+    queue = deque({r.grad_fn for r in roots if r.grad_fn is not None})
+    visited = set(queue)
+    while queue:
+        node = queue.popleft()
+        if node in target_nodes:
+            return True
+        for child, _ in node.next_functions:
+            if child is not None and child not in visited:
+                visited.add(child)
+                queue.append(child)
+    return False
+
+
 class Rows:
     """Initial Jacobians (one per output, ``[m, *output.shape]``) produced chunk by chunk.
 

@@ -18,7 +18,7 @@ from torchjd._validation import (
     deduplicate,
     materialise,
 )
-from torchjd.autojac._engine import GivenRows, grad, infer_leaves, vjp_rows
+from torchjd.autojac._engine import GivenRows, grad, infer_leaves, reaches, vjp_rows
 
 
 def mtl_backward(
@@ -96,6 +96,12 @@ def mtl_backward(
         shared = infer_leaves(features_)
     else:
         shared = deduplicate(materialise(shared_params, "shared_params"))
+    if shared and not reaches(tensors_, features_):
+        raise ValueError(
+            "No task tensor depends on `features`: the features must be the output of the shared "
+            "trunk that the heads read (e.g. `features = trunk(x)`, then `loss_i = "
+            "criterion(head_i(features), y_i)`). Pass the tensor the heads actually use."
+        )
     tasks = _tasks_params(tasks_params, tensors_, features_)
     _check_disjoint(shared, tasks, inferred=(shared_params is None, tasks_params is None))
     task_grad_tensors = _grad_tensors(grad_tensors, tensors_)

@@ -27,7 +27,7 @@ def together(*modules: nn.Module) -> list[list[nn.Parameter]]:
     >>> [[tuple(p.shape) for p in group] for group in together(nn.Linear(3, 2))]
     [[(2, 3), (2,)]]
     """
-    _check_modules(modules, "modules")
+    _check_modules(modules, "modules", "together")
     params = _trainable(p for module in modules for p in module.parameters())
     _check_found(params, modules)
     return [params]
@@ -39,13 +39,15 @@ def per_network(*networks: nn.Module) -> list[list[nn.Parameter]]:
     ICLR 2021), where the encoder and the decoder of a translation model are aggregated
     separately.
 
-    To split a model into its direct children, use ``per_network(*model.children())``. A
-    parameter shared by two networks belongs to the first one.
+    To split a model into its direct children, use ``per_network(*model.children())``: children
+    without any parameter (activations, pooling, dropout) are skipped. A parameter shared by two
+    networks belongs to the first one.
 
-    :param networks: the sub-networks, each owning at least one trainable parameter that no
-        earlier network owns.
-    :return: one group per network.
-    :raises ValueError: if a network has no such parameter (a frozen network: leave it out).
+    :param networks: the sub-networks. Each one that has parameters must own at least one
+        trainable parameter that no earlier network owns.
+    :return: one group per network that has parameters.
+    :raises ValueError: if a network has parameters but none of them trainable and not already
+        owned (a frozen network: leave it out), or if no network has any parameter.
 
     >>> from torch import nn
     >>> from torchjd.grouping import per_network
@@ -53,11 +55,14 @@ def per_network(*networks: nn.Module) -> list[list[nn.Parameter]]:
     >>> [len(group) for group in per_network(encoder, decoder)]
     [2, 2]
     """
-    _check_modules(networks, "networks")
+    _check_modules(networks, "networks", "per_network")
     seen: set[int] = set()
     groups = []
     for index, network in enumerate(networks):
-        group = _trainable(network.parameters(), seen)
+        parameters = list(network.parameters())
+        if not parameters:
+            continue  # ReLU, MaxPool2d...: nothing to aggregate
+        group = _trainable(parameters, seen)
         if not group:
             raise ValueError(
                 f"Network {index} of `networks` ({type(network).__name__}) has no trainable "
@@ -65,6 +70,12 @@ def per_network(*networks: nn.Module) -> list[list[nn.Parameter]]:
                 "network must give a non-empty group. Leave frozen networks out."
             )
         groups.append(group)
+    if not groups:
+        names = ", ".join(type(n).__name__ for n in networks)
+        raise ValueError(
+            f"None of `networks` ({names}) has any parameter: there is nothing to group. Give "
+            "the networks that hold the trainable parameters."
+        )
     return groups
 
 
@@ -89,7 +100,7 @@ def per_layer(*modules: nn.Module) -> list[list[nn.Parameter]]:
     >>> [[tuple(p.shape) for p in group] for group in per_layer(model)]
     [[(3, 4), (3,)], [(2, 3), (2,)]]
     """
-    _check_modules(modules, "modules")
+    _check_modules(modules, "modules", "per_layer")
     seen_params: set[int] = set()
     seen_modules: set[int] = set()
     groups = []
@@ -119,7 +130,7 @@ def per_tensor(*modules: nn.Module) -> list[list[nn.Parameter]]:
     >>> [[tuple(p.shape) for p in group] for group in per_tensor(nn.Linear(3, 2))]
     [[(2, 3)], [(2,)]]
     """
-    _check_modules(modules, "modules")
+    _check_modules(modules, "modules", "per_tensor")
     params = _trainable(p for module in modules for p in module.parameters())
     _check_found(params, modules)
     return [[p] for p in params]
@@ -132,16 +143,19 @@ all_layer = per_layer
 all_matrix = per_tensor
 
 
-def _check_modules(modules: tuple[object, ...], name: str) -> None:
+def _check_modules(modules: tuple[object, ...], name: str, function: str) -> None:
     if not modules:
         raise ValueError(f"`{name}` must contain at least one module, got none.")
     for i, module in enumerate(modules):
         if not isinstance(module, nn.Module):
-            hint = (
-                " Give the modules themselves, not their parameters."
-                if not isinstance(module, str) and isinstance(module, Iterable)
-                else ""
-            )
+            hint = ""
+            if getattr(module, "__name__", None) in ("children", "modules"):
+                hint = (
+                    " To pass the children of a model, unpack them: "
+                    f"`{function}(*model.children())` (note the `*`)."
+                )
+            elif not isinstance(module, str) and isinstance(module, Iterable):
+                hint = " Give the modules themselves, not their parameters."
             raise TypeError(
                 f"`{name}` must contain only torch.nn.Module objects, but element {i} is of type "
                 f"{type(module).__name__}.{hint}"

@@ -1,6 +1,6 @@
 from torch import Tensor
 
-from torchjd.aggregation._utils import format_vector
+from torchjd._hyperparameters import format_vector
 from torchjd.scalarization._scalarizer import Scalarizer
 from torchjd.scalarization._utils import (
     check_same_shape,
