@@ -100,9 +100,9 @@ def measure(repeats: int) -> dict[str, float]:
             fn()  # type: ignore[operator]
         times = []
         for _ in range(repeats):
-            start = time.perf_counter()
+            start = time.process_time()
             fn()  # type: ignore[operator]
-            times.append(time.perf_counter() - start)
+            times.append(time.process_time() - start)
         result[name] = 1000 * statistics.median(times)
     return result
 
@@ -149,7 +149,10 @@ def main() -> None:
                     remove = ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)]
                     subprocess.run(remove, check=False)
 
-    print(f"Medians over {args.rounds} interleaved rounds (ms, one thread); ratio = new / old.\n")
+    print(
+        f"Medians over {args.rounds} interleaved rounds (CPU ms of the process, one thread); "
+        "ratio = new / old.\n"
+    )
     print(f"| case | {args.old} | {args.new} | ratio |")
     print("|---|---|---|---|")
     for name in runs[args.old][0]:

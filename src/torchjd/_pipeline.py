@@ -1,20 +1,12 @@
 """The application pipeline: groups of tensors with ``.jac`` fields, an aggregator each → ``.grad``.
 
-Every entry point runs the same sequence, written once here:
-
-1. **validate** every group (its ``.jac`` fields and ``.grad`` targets) before anything changes;
-2. **route** each group by what its aggregator declares it needs (:class:`~torchjd._protocol.Need`:
-   the number of rows, the Gramian, or the whole matrix), forward hooks forcing the matrix;
-3. **prepare** the statistics: Gramians ``Σ_t J_t J_tᵀ`` (or nothing, for the row count);
-4. **weigh**, one call per maximal run of consecutive groups whose weightings share a class,
-   through that class's batched entry point ``_forward_grouped`` (whose default loops over the
-   instances, each keeping its own state); groups that need the matrix call their aggregator;
-5. **combine** ``wᵀ J_t`` tensor by tensor, then **accumulate** into ``.grad``.
-
-Steps 3 and 5 (and a scope around step 4) are pluggable through :class:`Steps`:
-:class:`LocalSteps` works on the local ``.jac`` fields; :mod:`torchjd.distributed` supplies
-collective versions. :func:`torchjd.autojac.jac_to_grad` is the one-group case,
-:class:`torchjd.grouping.GroupedAggregator` the many-group case.
+validate every group → route it by what its aggregator declares it needs (row count, Gramian,
+matrix; hooks force the matrix) → prepare the statistics (Gramians) → weigh, one call of the
+weighting class's batched entry point ``_forward_grouped`` per run of consecutive groups of one
+class → combine ``wᵀ J_t`` → accumulate into ``.grad``. Preparing and combining (and a scope
+around the weighing) are pluggable through :class:`Steps`: local here, collective in
+:mod:`torchjd.distributed`. ``autojac.jac_to_grad`` is the one-group case, ``GroupedAggregator``
+the many-group case.
 """
 
 from __future__ import annotations
@@ -50,14 +42,10 @@ class Group:
     route: Need
     m: int  # the number of rows the aggregator sees
     wants_gramian: bool
+    dtype: torch.dtype  # the promoted dtype of the Jacobians: the dtype of the weights
     gramian: Tensor | None = None
     weights: Tensor | None = None
     gradients: list[Tensor] = field(default_factory=list)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The promoted dtype of the Jacobians: the dtype of the weights."""
-        return reduce(torch.promote_types, (j.dtype for j in self.jacobians))
 
     @property
     def gramian_dtype(self) -> torch.dtype:
@@ -97,9 +85,6 @@ class Steps:
         for group in groups:
             assert group.weights is not None
             group.gradients = combine(group.tensors, group.jacobians, group.weights)
-
-
-LocalSteps = Steps
 
 
 def check_aggregator(aggregator: object, name: str = "aggregator") -> None:
@@ -230,25 +215,11 @@ def prepare(
             raise ValueError(f"Group {k}: {error}") from None
         route = choose_route(aggregator, optimize_gramian_computation)
         wants = route is Need.GRAMIAN or compute_gramians
-        m = jacobians[0].shape[0]
-        prepared.append(Group(tensors, jacobians, aggregator, route, m, wants))
-    owners: dict[int, str] = {}
-    for group, name in zip(prepared, names):
-        for t in group.tensors:
-            if owners.setdefault(id(t), name) != name:
-                raise ValueError(
-                    f"A tensor of shape {tuple(t.shape)} is in both `{owners[id(t)]}` and "
-                    f"`{name}`: each tensor may be aggregated once."
-                )
+        dtype = reduce(torch.promote_types, {j.dtype for j in jacobians})
+        prepared.append(
+            Group(tensors, jacobians, aggregator, route, len(jacobians[0]), wants, dtype)
+        )
     return prepared
-
-
-def release_jacobians(groups: list[Group]) -> None:
-    """Delete the ``.jac`` fields (the groups keep references to the Jacobians)."""
-    for group in groups:
-        for t in group.tensors:
-            del t.jac
-            setattr(t, _CONSUMED, True)
 
 
 def run(groups: list[Group], steps: Steps, *, retain_jac: bool, stacklevel: int) -> None:
@@ -256,8 +227,10 @@ def run(groups: list[Group], steps: Steps, *, retain_jac: bool, stacklevel: int)
     if steps.warns_unsynchronized:
         jacobians = [j for g in groups for j in g.jacobians]
         warn_if_unsynchronized(jacobians, stacklevel=stacklevel + 1)
-    if not retain_jac:
-        release_jacobians(groups)
+    if not retain_jac:  # the groups keep references to the Jacobians
+        for t in (t for g in groups for t in g.tensors):
+            del t.jac
+            setattr(t, _CONSUMED, True)
     steps.prepare(groups)
     with steps.scope():
         for batch in _runs(groups):
