@@ -1,37 +1,11 @@
-"""The three ways of turning the local ``.jac`` fields of every process into one update.
+"""The exchanges of :mod:`torchjd.distributed`: the collective steps of the application pipeline.
 
-Notation: ``R`` processes; process ``r`` holds local Jacobians ``J_r`` with ``m`` rows and ``N``
-columns in all (the ``.jac`` fields of the aggregated tensors, flattened and concatenated) and
-``H`` extra gradient entries (the ``.grad`` fields of ``grad_params``, e.g. the task heads after
-``mtl_backward``). The global Jacobian ``J`` is
-
-- ``rows="mean"``: ``(1/R) Σ_r J_r`` (``m`` rows); the extra gradients are averaged;
-- ``rows="stack"``: the rows of ``J_0, ..., J_{R-1}`` stacked in rank order (``R·m`` rows); the
-  extra gradients are summed.
-
-Strategies (per process, in numbers of entries sent to collectives):
-
-- ``jacobian``: one all-reduce (``mean``) or all-gather (``stack``) of ``m·N + H`` entries, then
-  every process aggregates ``J`` itself. Works with any aggregator.
-- ``gramian``: the columns of ``J`` are split into ``R`` shards. One reduce-scatter (``mean``) or
-  all-to-all (``stack``) gives each process its shard ``S_r`` of ``J`` (``m·N + H`` entries in);
-  the Gramian ``G = J Jᵀ = Σ_r S_r S_rᵀ`` is one all-reduce of the small partial Gramians;
-  every process computes the weights ``w`` from ``G`` and its piece ``wᵀ S_r`` of the update,
-  and one all-gather assembles the update (``N + H`` entries out). Only for aggregators whose
-  weights come from the Gramian. About half the traffic of ``jacobian`` for ``mean`` (reduce-
-  scatter + all-gather of a vector instead of reduce-scatter + all-gather of the matrix), ``R``
-  times less for ``stack``, and each process computes ``1/R`` of the Gramian.
-- ``update``: the weights do not depend on ``J`` (Mean, Sum, Constant, Random), so every process
-  computes ``w_rᵀ J_r`` locally and one all-reduce of ``N + H`` entries sums them: exactly the
-  traffic of ``DistributedDataParallel``.
-
-Note that all-reducing the local Gramians ``J_r J_rᵀ`` would be wrong: the Gramian of the mean
-Jacobian has cross terms, ``(1/R²) Σ_{r,s} J_r J_sᵀ``, that no process can compute alone.
-
-When ``share_rng_state`` is set, the state of the global CPU generator of the group's first
-process rides along in a collective that precedes the aggregation, and the aggregation runs with
-that state on every process (see :class:`~torchjd.distributed._comm.RngScope`): randomised
-aggregators draw the same numbers everywhere, those a single process would draw.
+``R`` processes; process ``r`` holds local Jacobians ``J_r`` (``m`` rows) and extra gradients
+(the ``.grad`` of ``grad_params``). The global Jacobian is their mean (``rows="mean"``) or their
+rows stacked (``rows="stack"``); the extra gradients are averaged or summed. All-reducing local
+Gramians ``J_r J_rᵀ`` would be wrong: the Gramian of the mean Jacobian has cross terms. Every
+exchange moves all the groups of a step in one buffer per collective, and carries the state of
+the first process's CPU generator when ``share_rng`` is set.
 """
 
 from __future__ import annotations
