@@ -45,6 +45,8 @@ class GradDrop(NoGrad, Aggregator):
         always kept, or None for zeros. Its length must equal the number of rows at call time.
     """
 
+    randomized = True
+
     def __init__(
         self, f: Callable[[Tensor], Tensor] = _identity, leak: Tensor | None = None
     ) -> None:

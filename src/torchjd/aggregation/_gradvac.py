@@ -189,6 +189,8 @@ class GradVacWeighting(NoGrad, Weighting[PSDMatrix], Stateful):
         ``eps = 0`` a division by zero (zero rows) gives 0 instead of ``nan``.
     """
 
+    randomized = True
+
     def __init__(self, beta: float = 0.5, eps: float = 1e-8) -> None:
         super().__init__()
         self.beta = beta

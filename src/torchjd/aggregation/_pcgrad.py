@@ -113,6 +113,8 @@ class PCGradWeighting(NoGrad, Weighting[PSDMatrix]):
     projected on. Not differentiable: runs under :func:`torch.no_grad`.
     """
 
+    randomized = True
+
     def forward(self, stat: Tensor, /) -> Tensor:
         return self._forward_batched(stat[None])[0]
 
