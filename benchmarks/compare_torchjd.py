@@ -162,8 +162,9 @@ def cases() -> dict[str, Callable[[], tuple[Callable[[], object], int]]]:
     return table
 
 
-def run_worker(names: list[str]) -> dict[str, float]:
-    """Median time in ms of every named case (in this process, one thread)."""
+def run_worker(names: list[str]) -> dict[str, tuple[float, float]]:
+    """Median CPU time and median wall time in ms of every named case (in this process, one
+    thread)."""
     import torch
 
     torch.set_num_threads(1)
@@ -173,12 +174,13 @@ def run_worker(names: list[str]) -> dict[str, float]:
         fn, repeats = factories[name]()
         for _ in range(3):
             fn()
-        times = []
+        wall, cpu = [], []
         for _ in range(repeats):
-            start = time.perf_counter()
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
             fn()
-            times.append(time.perf_counter() - start)
-        results[name] = 1e3 * statistics.median(times)
+            cpu.append(time.process_time() - start_cpu)
+            wall.append(time.perf_counter() - start_wall)
+        results[name] = (1e3 * statistics.median(cpu), 1e3 * statistics.median(wall))
     return results
 
 
@@ -231,17 +233,27 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _run(python: Path | str, names: list[str], ours: bool) -> dict[str, float]:
+def _run(python: Path | str, names: list[str], ours: bool) -> dict[str, list[float]]:
     env = _clean_env(PYTHONPATH=str(ROOT / "src")) if ours else _clean_env()
     command = [str(python), str(Path(__file__)), "--worker", json.dumps(names)]
     return json.loads(subprocess.check_output(command, text=True, env=env, cwd=HERE))
 
 
-def format_table(names: list[str], ours: dict[str, float], theirs: dict[str, float]) -> str:
-    lines = ["| case | TorchJD 0.18 (ms) | ours (ms) | ours / TorchJD |", "|---|---:|---:|---:|"]
+def format_table(
+    names: list[str],
+    ours: dict[str, float],
+    theirs: dict[str, float],
+    medians: dict[str, list[dict[str, float]]] | None = None,
+) -> str:
+    header = "| case | TorchJD 0.18 (ms) | ours (ms) | ours / TorchJD |"
+    lines = [header + " wall-time ratio |", "|---|---:|---:|---:|---:|"]
     for name in names:
+        wall = ""
+        if medians is not None:
+            wall = f"{medians['ours'][1][name] / medians['theirs'][1][name]:.2f}"
         lines.append(
-            f"| {name} | {theirs[name]:.3f} | {ours[name]:.3f} | {ours[name] / theirs[name]:.2f} |"
+            f"| {name} | {theirs[name]:.3f} | {ours[name]:.3f} | {ours[name] / theirs[name]:.2f} "
+            f"| {wall} |"
         )
     loops = [n for n in names if n.startswith("12-block") and not n.endswith("whole")]
     if loops:
@@ -275,24 +287,29 @@ def main() -> None:
             names += [n.rsplit(", ", 1)[0] + ", whole" for n in names if n.startswith("12-block")]
             names = [n for n in cases() if n in set(names)]
     reference = ensure_reference_venv(args.venv)
-    ours: dict[str, list[float]] = {n: [] for n in names}
-    theirs: dict[str, list[float]] = {n: [] for n in names}
+    # [library][clock][case] -> one median per round; clock 0 is CPU time, 1 is wall time.
+    samples = {lib: [{n: [] for n in names} for _ in range(2)] for lib in ("ours", "theirs")}
     for round_ in range(args.rounds):
-        runs = [(sys.executable, True, ours), (reference, False, theirs)]
-        for python, is_ours, store in runs if round_ % 2 == 0 else runs[::-1]:
-            for name, ms in _run(python, names, is_ours).items():
-                store[name].append(ms)
+        runs = [(sys.executable, "ours"), (reference, "theirs")]
+        for python, lib in runs if round_ % 2 == 0 else runs[::-1]:
+            for name, times in _run(python, names, lib == "ours").items():
+                for clock, ms in enumerate(times):
+                    samples[lib][clock][name].append(ms)
         print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
-    ours_median = {n: statistics.median(v) for n, v in ours.items()}
-    theirs_median = {n: statistics.median(v) for n, v in theirs.items()}
+    medians = {
+        lib: [{n: statistics.median(v) for n, v in by_case.items()} for by_case in clocks]
+        for lib, clocks in samples.items()
+    }
     import torch
 
     print(
-        f"torch {torch.__version__}, one thread, median over {args.rounds} interleaved rounds "
-        "(each the median of repeated calls), shared machine: expect a few percent of noise"
+        f"torch {torch.__version__}, one thread, median over {args.rounds} interleaved rounds of "
+        "each round's median over repeated calls. Process CPU time (less disturbed than wall "
+        "time by the other processes of a shared machine; both libraries alike); the last column "
+        "is the same ratio in wall time. Expect several percent of noise."
     )
     print()
-    print(format_table(names, ours_median, theirs_median))
+    print(format_table(names, medians["ours"][0], medians["theirs"][0], medians))
 
 
 if __name__ == "__main__":

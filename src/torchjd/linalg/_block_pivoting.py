@@ -272,9 +272,12 @@ def _enumerate(A: Tensor, U: Tensor) -> Tensor:
     F = _free_sets(m, A.device)  # [S, m]
     eye = torch.eye(m, dtype=A.dtype, device=A.device)
     M = torch.where(F[:, :, None] & F[:, None, :], A[:, None], eye)  # [b, S, m, m]
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky_ex(M).L)  # symmetric
+    L = torch.linalg.cholesky_ex(M).L
     q = U @ A  # A u, [b, k, m]
-    z = (q[:, None] * F[:, None, :]).neg_() @ inverse  # [b, S, k, m]
+    rhs = (q[:, None] * F[:, None, :]).neg_().mT  # [b, S, m, k]
+    # Two triangular solves (cholesky_solve checks an error code on the host on CUDA).
+    w = torch.linalg.solve_triangular(L, rhs, upper=False)
+    z = torch.linalg.solve_triangular(L.mT, w, upper=True).mT  # [b, S, k, m]
     y = q[:, None] + z @ A[:, None]
     u_scale = U.abs().amax(dim=-1)[:, None, :, None]  # [b, 1, k, 1]
     a_scale = A.diagonal(dim1=-2, dim2=-1).amax(dim=-1)[:, None, None, None]  # [b, 1, 1, 1]
