@@ -21,9 +21,9 @@ _REL_TOL_FLOAT32 = 1e-5
 _RESCUE_RIDGES = (1e-9, 1e-6, 1e-3, 1.0)
 # Below m = 32, solved problems leave the batch only when the batch holds this many entries.
 _COMPACT_FROM = 16384
-# Large batches (m >= _LARGE_M, or P * m^3 >= _LARGE_BATCH for P problems): the first free set
-# is guessed by a few projected Jacobi iterations, and the linear systems are gathered down to the
-# largest free set of the batch instead of being padded to m x m.
+# Large batches (m >= _LARGE_M with several problems, or P * m^3 >= _LARGE_BATCH for P problems):
+# the first free set is guessed by a few projected Jacobi iterations, and the linear systems are
+# gathered down to the largest free set of the batch instead of being padded to m x m.
 _LARGE_M = 32
 _LARGE_BATCH = 2**22
 _POWER_ITERATIONS = 4
@@ -70,14 +70,25 @@ class BlockPivotingProjector(NormalizingProjector):
     float32 is used and a warning is issued). Solved problems leave the batch.
 
     For small batches, the systems are padded with the identity to ``m x m`` and the first guess
-    is :math:`F = \{i : (\hat G u)_i < 0\}`. For large ones (``m >= 32`` or many problems), the
-    first guess comes from a few projected Jacobi iterations (a handful of matrix products), and
-    the systems are gathered to the size of the largest free set.
+    is :math:`F = \{i : (\hat G u)_i < 0\}`. For large ones (``m >= 32`` with several problems,
+    or many problems), the first guess comes from a few projected Jacobi iterations (a handful of
+    matrix products), and the systems are gathered to the size of the largest free set.
 
     Each iteration reads a few numbers on the host to decide whether to stop (and, for large
     batches, how large the gathered systems are): a synchronisation with the device that an
     iterative solver cannot avoid. Random Gramians take one to three iterations; ill-conditioned
     ones (rank-deficient Jacobians) can take tens.
+
+    **Small problems, no synchronisation.** With ``m = 2`` the solution has a closed form (the
+    optimality conditions of the four free sets, evaluated branch-free). On a device other than
+    the CPU, problems with ``3 <= m <= 8`` are solved by trying all :math:`2^m` free sets at once
+    (one batched factorisation each) and keeping the one that satisfies the optimality conditions
+    (the least violating, up to rounding): nothing is read on the host, so a GPU does not wait for
+    the host. On the CPU, where reading a value costs no synchronisation, block pivoting is faster
+    and is used from ``m = 3``; the ``m = 2`` closed form there first checks on the host that
+    :math:`\hat G` is positive definite (otherwise block pivoting and its rescue below run). On a
+    device, an indefinite :math:`\hat G` of size ``m <= 8`` is not detected: the least violating
+    candidate is returned without a warning.
 
     **Numerical safeguards** (none of them changes the result of a well-posed problem):
 
@@ -343,8 +354,9 @@ def _add_product(y: Tensor, z: Tensor, A: Tensor, alpha: float = 1.0) -> Tensor:
 
 
 def _is_large(P: int, m: int) -> bool:
-    """Whether a batch is large enough for the guess of the free set and the gathered systems."""
-    return m >= _LARGE_M or P * m**3 >= _LARGE_BATCH
+    """Whether a batch is large enough for the guess of the free set and the gathered systems
+    (a single problem, such as DualProj's, is solved faster without them up to m ~ 150)."""
+    return (m >= _LARGE_M and P > 1) or P * m**3 >= _LARGE_BATCH
 
 
 def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
