@@ -11,6 +11,8 @@ Speed (one thread, median wall time), for batch 32 and 128:
 - ``autogram``: forward + ``Engine.compute_gramian(losses)`` + weights from the Gramian +
   ``losses.backward(weights)`` (the weights are uniform, so that only the engine is measured);
 - ``gramian``: forward + ``compute_gramian`` alone;
+- ``autogram + UPGrad``: as ``autogram`` but with the weights of ``UPGradWeighting`` (the real
+  IWRM step), and the ``m = batch`` UPGrad solve alone on a stored Gramian (its share of the step);
 - ``autojac-style``: forward + the per-sample Jacobian ``[B, n]`` by a vectorised backward + its
   Gramian + ``J^T w`` (what storing the full Jacobian costs).
 
@@ -38,6 +40,7 @@ from _timing import single_thread
 from torch import Tensor, nn
 from torch.nn.functional import cross_entropy
 
+from torchjd.aggregation import UPGradWeighting
 from torchjd.autogram import Engine
 
 
@@ -103,6 +106,18 @@ def _steps(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, object]:
     def gramian_only() -> None:
         engine.compute_gramian(losses(hooked))
 
+    weighting = UPGradWeighting()
+
+    def autogram_upgrad() -> None:
+        per_sample = losses(hooked)
+        per_sample.backward(weighting(engine.compute_gramian(per_sample)))
+        hooked.zero_grad(set_to_none=True)
+
+    with torch.no_grad():
+        stored_gramian = Engine(copy.deepcopy(model), batch_dim=0).compute_gramian(
+            cross_entropy(model(x), y, reduction="none")
+        )
+
     def autojac_style() -> None:
         per_sample = losses()
         eye = torch.eye(per_sample.shape[0])
@@ -118,6 +133,8 @@ def _steps(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, object]:
         "plain": plain,
         "autogram": autogram,
         "gramian": gramian_only,
+        "autogram + UPGrad": autogram_upgrad,
+        "UPGrad solve": lambda: weighting(stored_gramian),
         "autojac-style": autojac_style,
         "engine": engine,
     }
@@ -154,7 +171,7 @@ def bench_speed(repeats: int) -> None:
     for (name, batch), target in targets.items():
         model, x, y = _data(name, batch)
         steps = _steps(model, x, y)
-        keys = ["plain", "autogram", "gramian"]
+        keys = ["plain", "autogram", "gramian", "autogram + UPGrad", "UPGrad solve"]
         times = _interleaved_medians({key: steps[key] for key in keys}, repeats)
         # The autojac-style path is 20-200 times slower: a few repeats are enough.
         times |= _interleaved_medians(
@@ -171,6 +188,12 @@ def bench_speed(repeats: int) -> None:
             ),
         ]
         print(f"{name:<5} {batch:>5} " + " ".join(f"{c:>17}" for c in cells))
+        upgrad, solve, plain = (times[k][0] for k in ("autogram + UPGrad", "UPGrad solve", "plain"))
+        print(
+            f"      with UPGradWeighting (the real weighting): {upgrad:.2f} ms = "
+            f"{upgrad / plain:.2f} x plain; the m = {batch} solve alone {solve:.2f} ms "
+            f"({solve / upgrad:.0%} of the step)"
+        )
 
 
 def _status_bytes(field: str) -> int:

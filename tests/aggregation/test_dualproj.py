@@ -190,3 +190,12 @@ def test_repr_and_str() -> None:
     assert str(aggregator) == "DualProj"
     assert str(DualProj(torch.tensor([1.0, 2.0, 3.0]))) == "DualProj([1., 2., 3.])"
     assert repr(DualProjWeighting()) == "DualProjWeighting(\n  (weighting): MeanWeighting()\n)"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("m", [2, 3, 6])
+def test_non_finite_gramian_gives_non_finite_weights(bad: float, m: int) -> None:
+    # Non-finite in, non-finite out: never the mean of a "too small" trace.
+    G = torch.eye(m)
+    G[0, 0] = bad
+    assert not DualProjWeighting()(G).isfinite().all()

@@ -426,3 +426,51 @@ def test_kernel_accepts_any_leading_dimensions() -> None:
         )
         assert_close(single_weights, weights[k], rtol=1e-12, atol=1e-12)
         assert_close(single_phi_hat, new_phi_hat[k], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_opposite_rows_stay_finite_over_calls(dtype: torch.dtype) -> None:
+    # Opposite rows small enough for their Gramian to underflow in float16: computed in float16,
+    # the cosine is 0 / (0 + eps) with eps = 1e-8 rounded to 0, and the targets become NaN.
+    torch.manual_seed(0)
+    row = torch.randn(1, 16) * 1e-5
+    matrix = torch.cat([row, -row]).to(dtype)
+    aggregator = GradVac()
+    for _ in range(3):
+        out = aggregator(matrix)
+        assert out.dtype == dtype and out.isfinite().all()
+        phi_hat = aggregator.gramian_weighting.phi_hat
+        assert phi_hat.dtype == dtype and phi_hat.isfinite().all()
+
+
+def test_half_precision_matches_float32() -> None:
+    gramian = _random_gramian(5, 3, torch.float32)
+    half, single = GradVacWeighting(), GradVacWeighting()
+    for _ in range(3):
+        torch.manual_seed(7)
+        expected = single(gramian.half().float())
+        torch.manual_seed(7)
+        assert_close(half(gramian.half()).float(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_two_tasks_grouped_with_mixed_parameters_match_the_definition() -> None:
+    # The m = 2 closed form, batched, with per-group beta and eps (0 included), a zero row and
+    # opposite rows, over calls, against the sequential definition.
+    settings = [(0.5, 1e-8), (0.2, 0.0), (1.0, 1e-3), (0.0, 1e-8)]
+    weightings = [GradVacWeighting(beta=beta, eps=eps) for beta, eps in settings]
+    targets = [torch.zeros(2, 2, dtype=torch.float64) for _ in settings]
+    for call in range(4):
+        gramians = torch.stack([_random_gramian(2, 20 * call + k, torch.float64) for k in range(4)])
+        gramians[3] = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64) * (call + 1)
+        if call == 2:
+            gramians[0] = torch.tensor([[0.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+        torch.manual_seed(call)
+        expected = [
+            _sequential_gradvac(g, phi_hat, beta, eps)
+            for g, phi_hat, (beta, eps) in zip(gramians, targets, settings)
+        ]
+        torch.manual_seed(call)
+        actual = GradVacWeighting._forward_grouped(weightings, gramians)
+        assert_close(actual, torch.stack(expected), rtol=1e-12, atol=1e-12)
+        for weighting, phi_hat in zip(weightings, targets):
+            assert_close(weighting.phi_hat, phi_hat, rtol=1e-12, atol=1e-12)

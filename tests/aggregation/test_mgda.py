@@ -277,3 +277,37 @@ def test_grouped_uses_each_weighting_parameters() -> None:
     assert_close(actual, expected, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="one weighting per Gramian"):
         MGDAWeighting._forward_grouped(weightings[:2], gramians)
+
+
+def test_conflict_bound_at_mixed_scales() -> None:
+    # Rows of norms 1e-6 and 1e6: the documented bound J d >= -5 epsilon max_k ||g_k||^2 holds
+    # (it is absolute: the short rows may conflict with d, as the docstring says).
+    epsilon = 1e-3
+    for seed in range(30):
+        generator = torch.Generator().manual_seed(seed)
+        m = int(torch.randint(3, 6, (1,), generator=generator))
+        matrix = torch.randn(m, 5, generator=generator, dtype=torch.float64)
+        scales = torch.tensor([1e6] + [1e-6] * (m - 1), dtype=torch.float64)
+        matrix = matrix * scales[:, None]
+        d = MGDA(epsilon=epsilon)(matrix)
+        bound = 5 * epsilon * float((matrix**2).sum(dim=1).max())
+        assert (matrix @ d >= -bound).all()
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+def test_two_rows_at_mixed_scales_do_not_conflict(scale: float) -> None:
+    # With two rows the result is the min-norm point itself: non-conflicting relatively.
+    for seed in range(10):
+        matrix = _random_matrix(2, 5, seed)
+        matrix[0] *= scale * 1e6
+        matrix[1] *= scale * 1e-6
+        d = MGDA()(matrix)
+        # The spec's relative tolerance of non-conflict.
+        assert (matrix @ d >= -1e-6 * matrix.norm(dim=1) * d.norm()).all()
+
+
+def test_nan_gramian_gives_nan_weights() -> None:
+    for m in (2, 3, 6):
+        gramian = torch.eye(m, dtype=torch.float64)
+        gramian[0, 1] = gramian[1, 0] = torch.nan
+        assert MGDAWeighting()(gramian).isnan().any()

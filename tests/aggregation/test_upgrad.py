@@ -9,7 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torchjd._optional
-from torchjd.aggregation import GramianWeightedAggregator, UPGrad, UPGradWeighting
+from torchjd.aggregation import (
+    GramianWeightedAggregator,
+    UPGrad,
+    UPGradWeighting,
+)
 from torchjd.linalg import BlockPivotingProjector, DualConeProjector, QuadprogProjector
 
 from ._matrices import J_A, J_B, ONE, ZERO, ZR
@@ -268,3 +272,25 @@ def test_grouped_equals_a_loop() -> None:
     with pytest.raises(ValueError, match="weightings"):
         UPGradWeighting._forward_grouped(weightings[:2], gramians)
     assert UPGradWeighting._forward_grouped([], torch.zeros(0, 2, 2)).shape == (0, 2)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("m", [2, 3, 6])
+def test_non_finite_gramian_gives_non_finite_weights(bad: float, m: int) -> None:
+    # Non-finite in, non-finite out: never the uniform weights of a "too small" trace.
+    G = torch.eye(m)
+    G[0, 0] = bad
+    assert not UPGradWeighting()(G).isfinite().all()
+
+
+def test_float16_gramian_whose_trace_overflows() -> None:
+    torch.manual_seed(0)
+    J = torch.randn(128, 4096).half()
+    G = J @ J.T  # finite entries (about 4096 on the diagonal), trace above float16's maximum
+    assert G.isfinite().all() and not G.float().trace() < 65504
+    weights = UPGradWeighting()(G)
+    assert weights.dtype == torch.float16
+    expected = UPGradWeighting()(G.double())
+    mean = torch.full_like(expected, 1 / 128)
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-2, atol=1e-4)
+    assert (expected - mean).abs().max() > 1e-3  # the answer is not the mean

@@ -243,3 +243,78 @@ def test_without_float64_falls_back_to_float32() -> None:
         dtype = block_pivoting._solver_dtype(torch.device("mps"))
     assert dtype == torch.float32
     assert block_pivoting._solver_dtype(torch.device("cpu")) == torch.float64
+
+
+def test_closed_form_for_two_matches_quadprog_on_random_problems() -> None:
+    # Every sign pattern of u and of the off-diagonal entry, at several conditionings.
+    generator = torch.Generator().manual_seed(13)
+    ours, reference = BlockPivotingProjector(), QuadprogProjector()
+    for _ in range(40):
+        J = torch.randn(2, 3, generator=generator, dtype=torch.float64)
+        J[1] = J[1] + torch.rand(1, generator=generator, dtype=torch.float64) * 5 * J[0]
+        G = J @ J.T
+        U = torch.randn(6, 2, generator=generator, dtype=torch.float64)
+        torch.testing.assert_close(ours(U, G), reference(U, G), rtol=1e-6, atol=1e-6)
+
+
+def _without_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Take the accelerator path on the CPU and make any read of a tensor value on the host (what
+    synchronises with a device) raise."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a tensor value was read on the host")
+
+    monkeypatch.setattr(block_pivoting, "_reads_on_host", lambda device: False)
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+@pytest.mark.parametrize("m", [2, 3, 5, 8])
+def test_accelerator_path_matches_quadprog_without_host_reads(
+    m: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generator = torch.Generator().manual_seed(300 + m)
+    problems = []
+    for kind in _KINDS:
+        G = (J := _jacobian(kind, m, generator)) @ J.T
+        problems.append((G, _vectors(m, generator)))
+    expected = [QuadprogProjector()(U, G) for G, U in problems]
+    batch_G = torch.stack([G for G, _ in problems])
+    batch_U = torch.stack([U for _, U in problems])
+    projector = BlockPivotingProjector()
+    _without_host_reads(monkeypatch)
+    singles = [projector(U, G) for G, U in problems]
+    batched = projector.solve_batched(batch_U, batch_G)
+    monkeypatch.undo()
+    for kind, single, batch_row, reference in zip(_KINDS, singles, batched, expected):
+        torch.testing.assert_close(single, reference, rtol=1e-6, atol=1e-6, msg=kind)
+        torch.testing.assert_close(batch_row, reference, rtol=1e-6, atol=1e-6, msg=kind)
+
+
+def test_accelerator_path_keeps_nan(monkeypatch: pytest.MonkeyPatch) -> None:
+    G = torch.eye(4, dtype=torch.float64)
+    G[1, 2] = G[2, 1] = torch.nan
+    _without_host_reads(monkeypatch)
+    results = [
+        BlockPivotingProjector()(torch.eye(m, dtype=torch.float64), G[-m:, -m:]) for m in (3, 4)
+    ]
+    results.append(BlockPivotingProjector()(torch.eye(2, dtype=torch.float64), G[1:3, 1:3]))
+    monkeypatch.undo()
+    # Every problem reads the NaN entry (a NaN times a zero weight is still NaN).
+    for W in results:
+        assert W.isnan().any(dim=-1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_gramian_whose_trace_overflows(dtype: torch.dtype) -> None:
+    # Entries fit in float16, their sum on the diagonal does not: normalising in float16 would
+    # divide by an infinite trace. The result must be the float64 answer, in the input's dtype.
+    generator = torch.Generator().manual_seed(14)
+    J = torch.randn(16, 64, generator=generator, dtype=torch.float64) * 12.0
+    G = J @ J.T
+    assert G.abs().max() < 6e4 < G.trace()
+    U = _vectors(16, generator)
+    W = BlockPivotingProjector()(U.to(dtype), G.to(dtype))
+    assert W.dtype == dtype
+    reference = QuadprogProjector()(U.to(dtype).double(), G.to(dtype).double())
+    torch.testing.assert_close(W.double(), reference, rtol=1e-2, atol=1e-2)

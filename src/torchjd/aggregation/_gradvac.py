@@ -26,9 +26,21 @@ def _draw_orders(n_problems: int, m: int) -> Tensor:
     permutations = [torch.randperm(m - 1) for _ in range(n_problems * m)]
     if m <= 1 or n_problems == 0:
         return torch.zeros(n_problems, m, max(m - 1, 0), dtype=torch.long)
+    if m == 2:  # one partner each: task 0 visits 1, task 1 visits 0
+        return _TWO_TASK_ORDERS.expand(n_problems, 2, 1)
     stacked = torch.stack(permutations)
     tasks = torch.arange(m).repeat(n_problems)[:, None]
     return (stacked + (stacked >= tasks)).view(n_problems, m, m - 1)
+
+
+_TWO_TASK_ORDERS = torch.tensor([[[1], [0]]])
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision inputs are computed in float32: ``eps`` (1e-8) underflows in float16, and
+    norms and products of moderate gradients overflow it."""
+    return torch.float32 if dtype in _HALF_DTYPES else dtype
 
 
 def _per_task(value: float | Tensor, n_problems: int, m: int, like: Tensor) -> Tensor:
@@ -78,6 +90,8 @@ def _gradvac_weights(
     n_tasks = n_problems * m
     if m <= 1:
         return torch.ones(*batch, m, dtype=gramian.dtype, device=gramian.device), phi_hat
+    if m == 2:
+        return _two_tasks(gramian, phi_hat, beta, eps)
     rows, entries = _step_indices(orders.reshape(-1, m, m - 1), gramian.device)
     stacked = gramian.reshape(n_tasks, m)
     squared_norms = gramian.diagonal(dim1=-2, dim2=-1).reshape(n_tasks)
@@ -140,6 +154,38 @@ def _gradvac_weights(
     return weights.view(*batch, m), new_phi_hat.view(phi_hat.shape)
 
 
+def _two_tasks(
+    gramian: Tensor, phi_hat: Tensor, beta: float | Tensor, eps: float | Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`_gradvac_weights` for ``m = 2``: each task has one step, against the other's
+    original gradient, so both steps are computed at once, in the same order of operations."""
+    batch = gramian.shape[:-2]
+    if isinstance(eps, Tensor):
+        eps = eps.to(dtype=gramian.dtype, device=gramian.device).view(*batch, 1)
+    if isinstance(beta, Tensor):
+        beta = beta.to(dtype=gramian.dtype, device=gramian.device).view(*batch, 1)
+    norms = gramian.diagonal(dim1=-2, dim2=-1).clamp(min=0.0).sqrt()  # a of each task
+    partner_norms = norms.flip(-1)  # b
+    # (M_01, M_10) of a 2 x 2 M, by basic indexing (index tensors would be copied to the device).
+    inner = gramian.flip(-1).diagonal(dim1=-2, dim2=-1)  # g_i . g_j
+    targets = phi_hat.flip(-1).diagonal(dim1=-2, dim2=-1)
+    phi_denominator = norms * partner_norms + eps
+    phi = inner / phi_denominator
+    if not (isinstance(eps, float) and eps > 0.0):
+        phi = torch.where(phi_denominator > 0, phi, 0.0)
+    target_sines = (1.0 - targets.square()).clamp_(min=0.0).sqrt_()
+    omega_denominator = partner_norms * target_sines + eps
+    inverse = torch.where(omega_denominator > 0, omega_denominator.reciprocal(), 0.0)
+    sines = (1.0 - phi * phi).clamp_(min=0.0).sqrt_()
+    candidate = (sines * targets - phi * target_sines) * norms * inverse
+    omega = torch.where(phi < targets, candidate, 0.0)
+    new_targets = targets * (1.0 - beta) + beta * phi
+    new_phi_hat = phi_hat.clone()
+    new_phi_hat[..., 0, 1] = new_targets[..., 0]
+    new_phi_hat[..., 1, 0] = new_targets[..., 1]
+    return 1.0 + omega.flip(-1), new_phi_hat
+
+
 def _check_beta(beta: float) -> float:
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"`beta` must be in [0, 1], got {beta!r}.")
@@ -183,6 +229,9 @@ class GradVacWeighting(NoGrad, Weighting[PSDMatrix], Stateful):
     the drawn indices are moved to the input's device once per call and the computation stays
     there, without host synchronisation. Not differentiable: runs under :func:`torch.no_grad`.
 
+    Half precision: float16 and bfloat16 Gramians are computed in float32 (``eps`` would underflow
+    and the norms overflow); the weights and the stored targets are in the input's dtype.
+
     :param beta: EMA rate of the targets, the weight of the new cosine, in ``[0, 1]``
         (default ``0.5``); ``0`` keeps the targets at 0 forever.
     :param eps: non-negative stabiliser added to the denominators (default ``1e-8``). With
@@ -219,13 +268,18 @@ class GradVacWeighting(NoGrad, Weighting[PSDMatrix], Stateful):
         self.phi_hat = torch.zeros(0, device=self.phi_hat.device)
 
     def forward(self, stat: Tensor, /) -> Tensor:
-        m = stat.shape[0]
-        phi_hat = self._targets_for(m, stat.dtype, stat.device)
+        m, dtype = stat.shape[0], stat.dtype
+        phi_hat = self._targets_for(m, dtype, stat.device)
+        compute = _compute_dtype(dtype)
         weights, new_phi_hat = _gradvac_weights(
-            stat[None], phi_hat[None], _draw_orders(1, m), float(self.beta), float(self.eps)
+            stat[None].to(compute),
+            phi_hat[None].to(compute),
+            _draw_orders(1, m),
+            float(self.beta),
+            float(self.eps),
         )
-        self.phi_hat = new_phi_hat[0]
-        return weights[0]
+        self.phi_hat = new_phi_hat[0].to(dtype)
+        return weights[0].to(dtype)
 
     @classmethod
     @torch.no_grad()
@@ -242,17 +296,19 @@ class GradVacWeighting(NoGrad, Weighting[PSDMatrix], Stateful):
             )
         if n_problems == 0:
             return gramians.new_zeros(0, m)
-        states = [w._targets_for(m, gramians.dtype, gramians.device) for w in weightings]
+        dtype = gramians.dtype
+        states = [w._targets_for(m, dtype, gramians.device) for w in weightings]
+        compute = _compute_dtype(dtype)
         weights, new_states = _gradvac_weights(
-            gramians,
-            torch.stack(states),
+            gramians.to(compute),
+            torch.stack(states).to(compute),
             _draw_orders(n_problems, m),
             _shared_or_stacked([float(w.beta) for w in weightings]),
             _shared_or_stacked([float(w.eps) for w in weightings]),
         )
-        for weighting, state in zip(weightings, new_states):
+        for weighting, state in zip(weightings, new_states.to(dtype)):
             weighting.phi_hat = state.clone()
-        return weights
+        return weights.to(dtype)
 
     def _targets_for(self, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """The stored targets, re-created as zeros if ``m`` or the dtype changed, on ``device``."""

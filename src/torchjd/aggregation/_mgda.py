@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 
@@ -11,12 +12,31 @@ from torch import Tensor
 from torchjd.aggregation._bases import GramianWeightedAggregator, Weighting
 from torchjd.linalg._matrix import PSDMatrix
 
-# Convergence is checked on the host every this many iterations (see ``_mgda_weights``). On one
-# CPU thread, checking every iteration or every 8 costs the same (benchmarks/bench_weightings.py:
-# about 3.8 ms for the 69 iterations of an 8 x 8 problem, 5 ms for 100 iterations at m = 32),
-# while never checking runs all ``max_iters`` (4.9 ms at m = 8); on a GPU, every check is a
-# synchronisation, so 8 saves 7 of every 8 of them for at most 7 extra (frozen) iterations.
+# On accelerators, convergence is checked on the host every this many iterations (see
+# ``_mgda_weights``): every check is a synchronisation, so 8 saves 7 of every 8 of them for at most
+# 7 extra (frozen) iterations. On the CPU a check synchronises with nothing: it is made at every
+# iteration, which stops as early as the definition.
 _CHECK_EVERY = 8
+
+
+def _check_every(device: torch.device) -> int:
+    return 1 if device.type == "cpu" else _CHECK_EVERY
+
+
+def _step(gramian: Tensor, diagonal: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+    """One Frank–Wolfe iteration on a batch ``[..., m]``: the vertex ``t`` and the step ``gamma``
+    (both ``[..., 1]``)."""
+    products = (gramian @ alpha.unsqueeze(-1)).squeeze(-1)  # G alpha
+    a, t = products.min(dim=-1, keepdim=True)  # the first index among ties
+    b = torch.linalg.vecdot(alpha, products).unsqueeze(-1)
+    c = diagonal.gather(-1, t)
+    gap = b - a
+    to_vertex = c <= a
+    stay = b <= a
+    # b + c - 2a > 0 wherever the quotient is used; elsewhere divide by 1 (finite gradients).
+    denominator = torch.where(to_vertex | stay, 1.0, gap + (c - a))
+    gamma = torch.where(to_vertex, 1.0, torch.where(stay, 0.0, gap / denominator))
+    return t, gamma
 
 
 def _mgda_weights(
@@ -31,16 +51,27 @@ def _mgda_weights(
     :math:`(b - a) / (b + c - 2a)`, and :math:`\alpha \leftarrow (1 - \gamma)\alpha + \gamma e_t`.
     A problem stops after the iteration whose :math:`\gamma < \epsilon`, or after ``max_iters``.
 
+    With ``m = 2`` the first iteration's line search spans the whole simplex (from the midpoint
+    towards the descent vertex), so it lands on the minimiser and the next step is 0: the result
+    is that minimiser, computed in closed form (:func:`_two_rows`), which avoids the cancellation
+    of ``1 - gamma`` when the rows have very different norms.
+
     A stopped problem is frozen (its later steps use :math:`\gamma = 0`, which leaves
     :math:`\alpha` unchanged exactly), so the batch runs without branching on tensor values; the
-    loop ends early when every problem has stopped, which is checked on the host (a
-    synchronisation) every ``_CHECK_EVERY`` iterations only.
+    loop ends early when every problem has stopped, which is checked on the host at every
+    iteration on the CPU, and every ``_CHECK_EVERY`` iterations (a synchronisation) elsewhere.
 
     :param gramian: the Gramians ``[..., m, m]``.
     :param epsilon: the stopping threshold, a float or one value per Gramian (shape ``[...]``).
     :param max_iters: the iteration budget, an int or one per Gramian (flattened order).
     """
     *batch, m, _ = gramian.shape
+    alpha = torch.full((*batch, m), 1.0 / m, dtype=gramian.dtype, device=gramian.device)
+    if m == 1:
+        return alpha + 0.0 * gramian[..., 0]  # keeps the graph and a NaN
+    diagonal = gramian.diagonal(dim1=-2, dim2=-1)
+    if m == 2:
+        return _two_rows(gramian)
     if isinstance(max_iters, int):
         n_iters, budgets = max_iters, None
     else:
@@ -48,30 +79,92 @@ def _mgda_weights(
         budgets = torch.tensor(list(max_iters), device=gramian.device).view(*batch, 1)
     if isinstance(epsilon, Tensor):
         epsilon = epsilon.to(dtype=gramian.dtype, device=gramian.device).view(*batch, 1)
-    diagonal = gramian.diagonal(dim1=-2, dim2=-1)
-    alpha = torch.full((*batch, m), 1.0 / m, dtype=gramian.dtype, device=gramian.device)
+    check_every = _check_every(gramian.device)
+    if not batch or (math.prod(batch) == 1 and budgets is None and check_every == 1):
+        return _single_problem(gramian, diagonal, alpha, epsilon, n_iters)
     stopped = torch.zeros(*batch, 1, dtype=torch.bool, device=gramian.device)
-    one = torch.ones((), dtype=gramian.dtype, device=gramian.device)
     for iteration in range(n_iters):
-        products = (gramian @ alpha.unsqueeze(-1)).squeeze(-1)  # G alpha
-        t = products.argmin(dim=-1, keepdim=True)
-        a = products.gather(-1, t)
-        b = torch.linalg.vecdot(alpha, products).unsqueeze(-1)
-        c = diagonal.gather(-1, t)
-        gap = b - a
-        to_vertex = c <= a
-        stay = b <= a
-        # b + c - 2a > 0 wherever the quotient is used; elsewhere divide by 1 (finite gradients).
-        denominator = torch.where(to_vertex | stay, one, gap + (c - a))
-        gamma = torch.where(to_vertex, one, torch.where(stay, 0.0, gap / denominator))
+        t, gamma = _step(gramian, diagonal, alpha)
         gamma = torch.where(stopped, 0.0, gamma)
         alpha = (alpha * (1 - gamma)).scatter_add(-1, t, gamma)
         stopped = stopped | (gamma < epsilon)
         if budgets is not None:
             stopped = stopped | (budgets <= iteration + 1)
-        if (iteration + 1) % _CHECK_EVERY == 0 and iteration + 1 < n_iters and bool(stopped.all()):
+        if (iteration + 1) % check_every == 0 and iteration + 1 < n_iters and bool(stopped.all()):
             break
     return alpha
+
+
+def _two_rows(gramian: Tensor) -> Tensor:
+    """The minimiser for ``m = 2``: ``alpha_0 = (G_11 - G_01) / (G_00 + G_11 - 2 G_01)`` and
+    ``alpha_1 = (G_00 - G_01) / (...)``, clipped to ``[0, 1]``; identical rows (zero
+    denominator) give ``e_0``, as the first Frank–Wolfe step does (ties take the first index)."""
+    g00, g01, g11 = gramian[..., 0, 0], gramian[..., 0, 1], gramian[..., 1, 1]
+    numerators = torch.stack([g11 - g01, g00 - g01], dim=-1)
+    denominator = (numerators[..., 0] + numerators[..., 1]).unsqueeze(-1)
+    positive = denominator > 0
+    # e_0, built on the device (a copy from the host would synchronise).
+    identical = (torch.arange(2, device=gramian.device) == 0).to(gramian.dtype)
+    # Divide by 1 where the quotient is not used (finite gradients).
+    quotient = numerators / torch.where(positive, denominator, 1.0)
+    return torch.where(positive | denominator.isnan(), quotient.clamp(0.0, 1.0), identical)
+
+
+def _single_problem(
+    gramian: Tensor, diagonal: Tensor, alpha: Tensor, epsilon: float | Tensor, n_iters: int
+) -> Tensor:
+    """Frank–Wolfe on one problem, stopping as soon as ``gamma < epsilon`` (read on the host at
+    every iteration, where the CPU has nothing to synchronise with; on an accelerator, every
+    ``_CHECK_EVERY`` iterations, the later steps being frozen as in the batched loop)."""
+    check_every = _check_every(gramian.device)
+    if check_every == 1 and isinstance(epsilon, float) and not _tracked(gramian):
+        return _single_problem_on_host(gramian, alpha, epsilon, n_iters)
+    if check_every == 1:
+        for _ in range(n_iters):
+            t, gamma = _step(gramian, diagonal, alpha)
+            alpha = (alpha * (1 - gamma)).scatter_add(-1, t, gamma)
+            if bool(gamma < epsilon):
+                break
+        return alpha
+    stopped = torch.zeros(1, dtype=torch.bool, device=gramian.device)
+    for iteration in range(n_iters):
+        t, gamma = _step(gramian, diagonal, alpha)
+        gamma = torch.where(stopped, 0.0, gamma)
+        alpha = (alpha * (1 - gamma)).scatter_add(-1, t, gamma)
+        stopped = stopped | (gamma < epsilon)
+        if (iteration + 1) % check_every == 0 and iteration + 1 < n_iters and bool(stopped):
+            break
+    return alpha
+
+
+def _tracked(tensor: Tensor) -> bool:
+    return tensor.requires_grad and torch.is_grad_enabled()
+
+
+def _single_problem_on_host(gramian: Tensor, alpha: Tensor, epsilon: float, n_iters: int) -> Tensor:
+    """:func:`_single_problem` on the CPU when no gradient is tracked: the scalars of each step
+    (``t``, ``a``, ``b``, ``c``, ``gamma``) are Python numbers (reading a CPU tensor synchronises
+    with nothing), which leaves two matrix-vector products and an update as tensor work."""
+    shape = alpha.shape
+    gramian = gramian.reshape(gramian.shape[-1], -1)
+    alpha = alpha.reshape(-1).clone()
+    diagonal = gramian.diagonal().tolist()
+    for _ in range(n_iters):
+        products = gramian @ alpha
+        a_tensor, t_tensor = products.min(dim=0)
+        t, a, b = int(t_tensor), float(a_tensor), float(alpha @ products)
+        c = diagonal[t]
+        if c <= a:
+            gamma = 1.0
+        elif b <= a:
+            gamma = 0.0
+        else:
+            gamma = (b - a) / (b + c - 2 * a)
+        alpha.mul_(1.0 - gamma)
+        alpha[t] += gamma
+        if gamma < epsilon or gamma != gamma:  # NaN: a NaN Gramian gives NaN weights
+            break
+    return alpha.view(shape)
 
 
 def _check_epsilon(epsilon: float) -> float:
@@ -176,6 +269,13 @@ class MGDA(GramianWeightedAggregator):
     Returns :math:`J^\top \alpha` with :math:`\alpha \in \arg\min_{\alpha \in \Delta_m}
     \|J^\top \alpha\|^2` (approximately, see :class:`MGDAWeighting` for the iteration and the
     stopping rule). Differentiable.
+
+    The exact min-norm point conflicts with no row; the point where Frank–Wolfe stops does so only
+    up to a tolerance that is absolute, not relative to each row: every row satisfies
+    :math:`g_k^\top d \ge -5 \epsilon \max_j \|g_j\|^2`. A row much shorter than the longest
+    one can therefore conflict with the result (with rows of norms 1e-6 and 1e6, cosines near
+    -0.9 occur); a smaller ``epsilon`` tightens the bound. With two rows the first step lands on the
+    min-norm point, so the result conflicts with neither.
 
     :param epsilon: stopping threshold on the Frank–Wolfe step, ``> 0`` (default ``0.001``).
     :param max_iters: maximum number of iterations, ``>= 1`` (default ``100``).

@@ -22,12 +22,25 @@ def _draw_orders(n_problems: int, m: int) -> Tensor:
     permutations = [torch.randperm(m) for _ in range(n_problems * m)]
     if m <= 1 or n_problems == 0:
         return torch.zeros(n_problems, m, max(m - 1, 0), dtype=torch.long)
+    if m == 2:  # one partner each: task 0 visits 1, task 1 visits 0
+        return _TWO_TASK_ORDERS.expand(n_problems, 2, 1)
     stacked = torch.stack(permutations)  # [n_problems * m, m]
     tasks = torch.arange(m).repeat(n_problems)[:, None]
     position = (stacked == tasks).int().argmax(dim=1, keepdim=True)  # column of i in its draw
     steps = torch.arange(m - 1)[None, :]
     kept = torch.gather(stacked, 1, steps + (steps >= position))  # skip that position
     return kept.view(n_problems, m, m - 1)
+
+
+_TWO_TASK_ORDERS = torch.tensor([[[1], [0]]])
+
+
+def _to_device(indices: Tensor, device: torch.device) -> Tensor:
+    """Copy host indices to ``device``: through pinned memory and without blocking on CUDA (a
+    copy from pageable memory would synchronise the host with the device)."""
+    if device.type == "cuda":
+        return indices.pin_memory().to(device, non_blocking=True)
+    return indices.to(device)
 
 
 def _step_indices(orders: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -48,7 +61,7 @@ def _step_indices(orders: Tensor, device: torch.device) -> tuple[Tensor, Tensor]
     tasks = torch.arange(n_problems * m, device=orders.device)[:, None]
     rows = partners + (tasks // m) * m
     entries = partners + tasks * m
-    both = torch.stack([rows.T, entries.T]).to(device)
+    both = _to_device(torch.stack([rows.T, entries.T]), device)
     return both[0], both[1]
 
 
@@ -69,6 +82,12 @@ def _pcgrad_weights(gramian: Tensor, orders: Tensor) -> Tensor:
     n_tasks = math.prod(batch) * m
     if m <= 1:
         return torch.ones(*batch, m, dtype=gramian.dtype, device=gramian.device)
+    if m == 2:
+        # Each task makes one step, against the other's original gradient: the weight of g_j is
+        # 1 - min(g_0 . g_1, 0) / ||g_j||^2 (no correction by a zero row).
+        squared_norms = gramian.diagonal(dim1=-2, dim2=-1)
+        inverse = torch.where(squared_norms > 0, squared_norms.reciprocal(), 0.0)
+        return 1.0 - gramian[..., 0, 1:].clamp(max=0.0) * inverse
     rows, entries = _step_indices(orders.reshape(-1, m, m - 1), gramian.device)
     stacked = gramian.reshape(n_tasks, m)
     partner_squared_norms = gramian.diagonal(dim1=-2, dim2=-1).reshape(n_tasks)[rows]

@@ -6,7 +6,6 @@ import warnings
 import torch
 from torch import Tensor
 
-from torchjd.linalg._gramian import normalize, regularize
 from torchjd.linalg._matrix import PSDMatrix
 from torchjd.linalg._projector import NormalizingProjector, check_projection_shapes
 
@@ -22,15 +21,19 @@ _REL_TOL_FLOAT32 = 1e-5
 _RESCUE_RIDGES = (1e-9, 1e-6, 1e-3, 1.0)
 # Below m = 32, solved problems leave the batch only when the batch holds this many entries.
 _COMPACT_FROM = 16384
-# Large batches (m >= _LARGE_M, or P * m^3 >= _LARGE_BATCH for P problems): the first free set
-# is guessed by a few projected Jacobi iterations, and the linear systems are gathered down to the
-# largest free set of the batch instead of being padded to m x m.
+# Large batches (m >= _LARGE_M with several problems, or P * m^3 >= _LARGE_BATCH for P problems):
+# the first free set is guessed by a few projected Jacobi iterations, and the linear systems are
+# gathered down to the largest free set of the batch instead of being padded to m x m.
 _LARGE_M = 32
 _LARGE_BATCH = 2**22
 _POWER_ITERATIONS = 4
 # Batches of several Gramians are solved in chunks of at most this many matrix entries.
 _MAX_CHUNK_ENTRIES = 2**24
 _JACOBI_ITERATIONS = 8
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+# On accelerators, problems with m up to this are solved by enumerating their 2^m free sets:
+# branch-free, so no device synchronisation (block pivoting reads its stopping test on the host).
+_ENUMERATE_MAX_M = 8
 
 
 class BlockPivotingProjector(NormalizingProjector):
@@ -67,14 +70,25 @@ class BlockPivotingProjector(NormalizingProjector):
     float32 is used and a warning is issued). Solved problems leave the batch.
 
     For small batches, the systems are padded with the identity to ``m x m`` and the first guess
-    is :math:`F = \{i : (\hat G u)_i < 0\}`. For large ones (``m >= 32`` or many problems), the
-    first guess comes from a few projected Jacobi iterations (a handful of matrix products), and
-    the systems are gathered to the size of the largest free set.
+    is :math:`F = \{i : (\hat G u)_i < 0\}`. For large ones (``m >= 32`` with several problems,
+    or many problems), the first guess comes from a few projected Jacobi iterations (a handful of
+    matrix products), and the systems are gathered to the size of the largest free set.
 
     Each iteration reads a few numbers on the host to decide whether to stop (and, for large
     batches, how large the gathered systems are): a synchronisation with the device that an
     iterative solver cannot avoid. Random Gramians take one to three iterations; ill-conditioned
     ones (rank-deficient Jacobians) can take tens.
+
+    **Small problems, no synchronisation.** With ``m = 2`` the solution has a closed form (the
+    optimality conditions of the four free sets, evaluated branch-free). On a device other than
+    the CPU, problems with ``3 <= m <= 8`` are solved by trying all :math:`2^m` free sets at once
+    (one batched factorisation each) and keeping the one that satisfies the optimality conditions
+    (the least violating, up to rounding): nothing is read on the host, so a GPU does not wait for
+    the host. On the CPU, where reading a value costs no synchronisation, block pivoting is faster
+    and is used from ``m = 3``; the ``m = 2`` closed form there first checks on the host that
+    :math:`\hat G` is positive definite (otherwise block pivoting and its rescue below run). On a
+    device, an indefinite :math:`\hat G` of size ``m <= 8`` is not detected: the least violating
+    candidate is returned without a warning.
 
     **Numerical safeguards** (none of them changes the result of a well-posed problem):
 
@@ -90,8 +104,12 @@ class BlockPivotingProjector(NormalizingProjector):
       added, :math:`\tau \in \{10^{-9}, 10^{-6}, 10^{-3}, 1\}`; a warning is issued if that
       fails too.
 
-    ``G`` is assumed symmetric (only its lower triangle is factorised). NaN in ``U`` or ``G`` gives
-    NaN in the result, except a NaN trace, which the normalisation treats as below ``norm_eps``.
+    ``G`` is assumed symmetric (only its lower triangle is factorised). Non-finite values are not
+    checked (that would need a synchronisation): NaN or infinity in ``U`` or ``G`` gives NaN in the
+    result, never a silently finite answer.
+
+    **Half precision.** A float16 or bfloat16 Gramian is normalised in float32 (its trace can
+    overflow float16 even when every entry is finite); the result is returned in ``G``'s dtype.
 
     :param norm_eps: non-negative threshold on :math:`\operatorname{tr}(G)` below which the
         normalised Gramian is the zero matrix (and the result is :math:`\max(u, 0)`). Default
@@ -141,10 +159,19 @@ class BlockPivotingProjector(NormalizingProjector):
             return V.to(dtype=G.dtype)
 
     def _regularised_gramian(self, G: Tensor) -> Tensor:
-        """The matrix of the quadratic programs, in the solver's dtype."""
+        """The matrix of the quadratic programs, in the solver's dtype.
+
+        ``G / trace`` (the zero matrix when the trace is below ``norm_eps``, or zero) plus
+        ``reg_eps * I``, in ``G``'s dtype (float32 for half-precision Gramians, whose trace may
+        overflow), then cast to the solver's dtype; branch-free on the values."""
+        if G.dtype in _HALF_DTYPES:
+            G = G.float()
         info = torch.finfo(G.dtype)
-        # normalize() divides when trace >= eps: never let it divide by a zero trace.
-        G_hat = regularize(normalize(G, max(self.norm_eps, info.tiny)), self.reg_eps)
+        trace = G.diagonal(dim1=-2, dim2=-1).sum(dim=-1)[..., None, None]
+        # Dividing by +inf gives the zero matrix below the threshold (a NaN trace stays NaN).
+        too_small = trace < max(self.norm_eps, info.tiny)
+        G_hat = G / torch.where(too_small, torch.inf, trace)
+        G_hat.diagonal(dim1=-2, dim2=-1).add_(self.reg_eps)
         A = G_hat.to(dtype=_solver_dtype(G.device))
         floor = min(16.0 * info.eps, 1e-6)
         if self.reg_eps < floor:
@@ -174,13 +201,26 @@ def _solve(A: Tensor, U: Tensor) -> Tensor:
     """Solve ``min_v v^T A[i] v`` subject to ``v >= U[i, j]`` for all ``i, j``.
 
     ``A`` is ``[b, m, m]`` positive definite, ``U`` is ``[b, k, m]``, both in the solver's dtype.
+    ``m <= 2`` has a closed form; on an accelerator, ``m <= _ENUMERATE_MAX_M`` is solved by
+    enumerating the free sets (no synchronisation); otherwise block principal pivoting.
     """
     b, k, m = U.shape
     if m == 1:
         # min a v^2 subject to v >= u, with a > 0 (the product keeps a NaN of A).
         return U.clamp(min=0.0) + 0.0 * A
+    host = _reads_on_host(A.device)
+    if m == 2 and not (host and _has_indefinite_two(A)):
+        # Indefinite matrices (no minimum) go to block pivoting, whose rescue warns about them
+        # (tested only where reading a flag synchronises with no device).
+        return _solve_two(A, U)
+    enumerate_ = not host and m <= _ENUMERATE_MAX_M
     # In chunks of Gramians, to bound the memory of the per-problem linear systems.
-    chunk = max(1, _MAX_CHUNK_ENTRIES // (k * m * m))
+    entries = k * m * m * (2**m if enumerate_ else 1)
+    chunk = max(1, _MAX_CHUNK_ENTRIES // entries)
+    if enumerate_:
+        return torch.cat(
+            [_enumerate(A_part, U_part) for A_part, U_part in zip(A.split(chunk), U.split(chunk))]
+        )
     if chunk >= b:
         return _solve_problems(A, U.reshape(b * k, m)).reshape(b, k, m)
     parts = [
@@ -188,6 +228,75 @@ def _solve(A: Tensor, U: Tensor) -> Tensor:
         for A_part, U_part in zip(A.split(chunk), U.split(chunk))
     ]
     return torch.cat(parts).reshape(b, k, m)
+
+
+def _reads_on_host(device: torch.device) -> bool:
+    """Whether the solver may read values on the host: on the CPU it costs no synchronisation
+    (block pivoting is then faster than enumerating free sets); on accelerators, small problems
+    are solved without it."""
+    return device.type == "cpu"
+
+
+def _solve_two(A: Tensor, U: Tensor) -> Tensor:
+    """The closed form for ``m = 2`` (``A`` positive definite, ``y = A u``).
+
+    Freeing only index ``i`` gives ``v = u - (y_i / A_ii) e_i``, optimal when ``y_i < 0`` (so that
+    ``v_i > u_i``) and ``u_j >= 0`` for the other index ``j`` (then ``(A v)_j = u_j det(A) / A_ii
+    >= 0``); freeing both gives ``v = 0``, optimal when ``u <= 0``; freeing none gives ``u``,
+    optimal when ``y >= 0``. Exactly one of these holds when ``A`` is positive definite (two
+    single frees at once would give ``u^T A u < 0``), hence
+    ``v = [u > 0 somewhere] (u - r * [y < 0 and u_j >= 0])`` with ``r = y / diag(A)``. Products,
+    not selections, so that a NaN of ``A`` or ``U`` reaches the result."""
+    y = U @ A  # A symmetric: the rows of y are A u
+    r = y / A.diagonal(dim1=-2, dim2=-1).unsqueeze(-2)
+    single = (y < 0.0) & (U >= 0.0).flip(-1)
+    return (U - r * single) * (U > 0.0).any(dim=-1, keepdim=True)
+
+
+def _has_indefinite_two(A: Tensor) -> bool:
+    """Whether a ``2 x 2`` matrix of the batch ``A`` is not numerically positive definite."""
+    return bool(torch.linalg.cholesky_ex(A).info.any())
+
+
+def _free_sets(m: int, device: torch.device) -> Tensor:
+    """All ``2^m`` subsets of ``range(m)`` as a boolean ``[2^m, m]`` (made once per device)."""
+    key = (m, device)
+    if key not in _FREE_SETS:
+        # Built on the device: a copy from host memory would synchronise.
+        codes = torch.arange(2**m, device=device)
+        _FREE_SETS[key] = ((codes[:, None] >> torch.arange(m, device=device)) & 1).bool()
+    return _FREE_SETS[key]
+
+
+_FREE_SETS: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _enumerate(A: Tensor, U: Tensor) -> Tensor:
+    """Solve ``[b, k]`` problems of size ``m`` by trying every free set ``F`` at once.
+
+    For each ``F``, ``z_F = -A_FF^{-1} (A u)_F`` and ``z = 0`` off ``F`` (the padded system is
+    factorised once per Gramian and free set); the solution is the candidate that violates
+    ``z >= 0`` on ``F`` and ``y = A (u + z) >= 0`` off ``F`` the least (relative to the scales of
+    ``u`` and ``A``), which is the unique optimum (violation 0) when ``A`` is positive definite.
+    Branch-free: no synchronisation with the device, whatever the values."""
+    b, k, m = U.shape
+    F = _free_sets(m, A.device)  # [S, m]
+    eye = torch.eye(m, dtype=A.dtype, device=A.device)
+    M = torch.where(F[:, :, None] & F[:, None, :], A[:, None], eye)  # [b, S, m, m]
+    L = torch.linalg.cholesky_ex(M).L
+    q = U @ A  # A u, [b, k, m]
+    rhs = (q[:, None] * F[:, None, :]).neg_().mT  # [b, S, m, k]
+    # Two triangular solves (cholesky_solve checks an error code on the host on CUDA).
+    w = torch.linalg.solve_triangular(L, rhs, upper=False)
+    z = torch.linalg.solve_triangular(L.mT, w, upper=True).mT  # [b, S, k, m]
+    y = q[:, None] + z @ A[:, None]
+    u_scale = U.abs().amax(dim=-1)[:, None, :, None]  # [b, 1, k, 1]
+    a_scale = A.diagonal(dim1=-2, dim2=-1).amax(dim=-1)[:, None, None, None]  # [b, 1, 1, 1]
+    violation = torch.where(F[:, None, :], -z, -y / a_scale).amax(dim=-1, keepdim=True)
+    best = (violation / u_scale).argmin(dim=1, keepdim=True)  # [b, 1, k, 1]
+    z_best = z.gather(1, best.expand(b, 1, k, m)).squeeze(1)
+    y_sum = y.gather(1, best.expand(b, 1, k, m)).squeeze(1).sum(dim=-1, keepdim=True)
+    return (U + z_best).add_(y_sum, alpha=0.0)  # a NaN of A or U stays
 
 
 def _solve_problems(A: Tensor, u: Tensor) -> Tensor:
@@ -245,8 +354,9 @@ def _add_product(y: Tensor, z: Tensor, A: Tensor, alpha: float = 1.0) -> Tensor:
 
 
 def _is_large(P: int, m: int) -> bool:
-    """Whether a batch is large enough for the guess of the free set and the gathered systems."""
-    return m >= _LARGE_M or P * m**3 >= _LARGE_BATCH
+    """Whether a batch is large enough for the guess of the free set and the gathered systems
+    (a single problem, such as DualProj's, is solved faster without them up to m ~ 150)."""
+    return (m >= _LARGE_M and P > 1) or P * m**3 >= _LARGE_BATCH
 
 
 def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
