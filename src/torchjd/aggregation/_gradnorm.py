@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -173,6 +174,8 @@ class GradNorm(NoGrad, GramianWeightedAggregator, Stateful):
     >>> aggregator(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
     tensor([2., 2., 2.])
     """
+
+    requires_losses: ClassVar[bool] = True
 
     def __init__(self, alpha: float = 1.5, lr: float = 0.025) -> None:
         super().__init__(GradNormWeighting(alpha=alpha, lr=lr))

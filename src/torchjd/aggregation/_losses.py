@@ -8,6 +8,7 @@ to give them fails loudly instead of silently reusing old ones.
 """
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -46,8 +47,11 @@ class LossesInputMixin(nn.Module):
     """Keeps the loss values given by :meth:`update_losses` until the next call consumes them.
 
     The values are held in the buffer ``_losses`` (empty when none are pending), registered at
-    construction so that ``state_dict()`` always has the same keys.
+    construction so that ``state_dict()`` always has the same keys. ``requires_losses`` tells
+    callers (the application pipeline, generic tests) that the class needs them.
     """
+
+    requires_losses: ClassVar[bool] = True
 
     def _register_losses_buffer(self) -> None:
         self.register_buffer("_losses", torch.empty(0), persistent=True)
