@@ -126,14 +126,15 @@ class DBMTL(NoGrad, LossesInputMixin, LazyStateMixin, Aggregator, Stateful):
         losses = self._take_losses(m, matrix)
         if m == 0:
             return matrix.new_zeros(n)
-        log_gradients = matrix / (losses + self.eps).unsqueeze(1)  # gradients of log(L_i + eps)
+        inverse_losses = (losses + self.eps).reciprocal().unsqueeze(1)  # d log(L + eps) / dL
         self._prepare_state(matrix)
         self._step += 1
         if self._step == 1:
-            self._gradients = log_gradients
+            self._gradients = matrix * inverse_losses
         else:
             rate = self.beta * self._step ** (-self.beta_sigma)  # beta_k
-            self._gradients = torch.lerp(log_gradients, self._gradients, rate)
+            # In place and without an [m, n] temporary: the state is as large as the Jacobian.
+            self._gradients.mul_(rate).addcmul_(matrix, inverse_losses, value=1.0 - rate)
         return balance_to_largest_norm(self._gradients) @ self._gradients
 
     def _prepare_state(self, matrix: Tensor) -> None:

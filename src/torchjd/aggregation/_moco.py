@@ -160,7 +160,8 @@ class MoCo(NoGrad, LazyStateMixin, Aggregator, Stateful):
             self._tracked = matrix.clone()
         else:
             beta_k = self.beta * k ** (-self.beta_sigma)
-            self._tracked = torch.lerp(self._tracked, matrix, beta_k)  # y - beta_k (y - g)
+            # y - beta_k (y - g), in place: the state is as large as the Jacobian.
+            self._tracked.lerp_(matrix, beta_k)
         tracked = self._tracked
         solver = _solver_dtype(matrix.device)
         gamma_k = self.gamma * k ** (-self.gamma_sigma)

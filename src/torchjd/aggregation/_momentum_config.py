@@ -80,7 +80,8 @@ class MomentumConFIG(NoGrad, LazyStateMixin, Aggregator, Stateful):
         if m == 0:
             return matrix.new_zeros(n)
         self._prepare_state(m, n, matrix.dtype, matrix.device)
-        self._momenta = torch.lerp(matrix, self._momenta, self.beta)
+        # In place: the momenta are as large as the Jacobian.
+        self._momenta.lerp_(matrix, 1.0 - self.beta)
         self._counts = self._counts + 1
         self._gramian = self._momenta @ self._momenta.T
         return self._direction()
