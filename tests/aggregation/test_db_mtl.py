@@ -213,3 +213,18 @@ def test_training_loop_with_jac_to_grad() -> None:
     with torch.no_grad():
         after = torch.stack(losses(trunk(x)))
     assert (after < before).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_same_outputs_and_state_on_cuda() -> None:
+    on_cpu, on_cuda = DBMTL(), DBMTL()
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        matrix = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+        losses = torch.rand(3, generator=generator, dtype=torch.float64) + 0.1
+        on_cpu.update_losses(losses)
+        on_cuda.update_losses(losses)  # moved to the matrix's device at the call
+        out = on_cuda(matrix.cuda())
+        assert out.device.type == "cuda"
+        torch.testing.assert_close(out.cpu(), on_cpu(matrix))
+    assert on_cuda.state_dict()["_gradients"].device.type == "cuda"

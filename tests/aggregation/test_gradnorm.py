@@ -259,3 +259,20 @@ def test_training_loop_decreases_every_loss() -> None:
     assert (after < before).all()
     weights = aggregator.gramian_weighting._weights
     torch.testing.assert_close(weights.sum(), torch.tensor(2.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_same_outputs_and_state_on_cuda() -> None:
+    on_cpu, on_cuda = GradNorm(lr=0.1), GradNorm(lr=0.1)
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        matrix = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+        losses = torch.rand(3, generator=generator, dtype=torch.float64) + 0.1
+        on_cpu.update_losses(losses)
+        on_cuda.update_losses(losses.cuda())
+        out = on_cuda(matrix.cuda())
+        assert out.device.type == "cuda"
+        torch.testing.assert_close(out.cpu(), on_cpu(matrix))
+    for value in on_cuda.state_dict().values():
+        if isinstance(value, torch.Tensor) and value.numel() > 0:
+            assert value.device.type == "cuda"

@@ -170,3 +170,19 @@ def test_training_loop_with_jac_to_grad() -> None:
     with torch.no_grad():
         after = torch.stack(losses(trunk(x)))
     assert (after < before).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_same_outputs_and_state_on_cuda() -> None:
+    on_cpu, on_cuda = MoCo(), MoCo()
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        matrix = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+        out = on_cuda(matrix.cuda())
+        assert out.device.type == "cuda"
+        torch.testing.assert_close(out.cpu(), on_cpu(matrix))
+    assert all(
+        value.device.type == "cuda"
+        for value in on_cuda.state_dict().values()
+        if isinstance(value, torch.Tensor)
+    )

@@ -115,7 +115,9 @@ class _Problem:
         return torch.cat([g.reshape(-1) for g in grads]).double().numpy()
 
     def grad(self) -> np.ndarray:
-        return torch.cat([p.grad.reshape(-1) for p in self.model.parameters()]).double().numpy()
+        return (
+            torch.cat([p.grad.reshape(-1) for p in self.model.parameters()]).double().cpu().numpy()
+        )
 
 
 def test_first_call_back_propagates_every_loss_and_writes_config() -> None:
@@ -250,3 +252,18 @@ def test_training_loop_decreases_every_loss() -> None:
     with torch.no_grad():
         after = torch.stack(losses())
     assert (after < before).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_step_on_cuda_matches_the_cpu() -> None:
+    on_cpu, on_cuda = _Problem(), _Problem()
+    on_cuda.model.cuda()
+    on_cuda.x, on_cuda.targets = on_cuda.x.cuda(), on_cuda.targets.cuda()
+    step_cpu = MConFIGBackward(on_cpu.model.parameters())
+    step_cuda = MConFIGBackward(on_cuda.model.parameters())
+    for shift in (0.0, 0.2, -0.1):
+        for p in [*on_cpu.model.parameters(), *on_cuda.model.parameters()]:
+            p.grad = None
+        assert step_cuda.backward(on_cuda.losses(shift)) == step_cpu.backward(on_cpu.losses(shift))
+        np.testing.assert_allclose(on_cuda.grad(), on_cpu.grad(), rtol=1e-4, atol=1e-5)
+    assert step_cuda.aggregator._momenta.device.type == "cuda"
