@@ -28,14 +28,15 @@ def _rows() -> list[dict[str, str]]:
 
 
 def _class(cell: str) -> type | None:
-    name = cell.strip("`")
-    return None if name in ("–", "") else getattr(aggregation, name)
+    match = re.match(r"`(\w+)`", cell)  # a footnote mark may follow the name
+    return None if match is None else getattr(aggregation, match.group(1))
 
 
 def _instance(cls: type) -> Aggregator:
     """An instance made by the registry (some classes need hyper-parameters)."""
     for entry in AGGREGATORS:
         aggregator = entry.make()
+        aggregator = getattr(aggregator, "inner", aggregator)  # the registry's loss-giving wrapper
         if type(aggregator) is cls:
             return aggregator
     raise AssertionError(f"{cls.__name__} has no entry in the registry")

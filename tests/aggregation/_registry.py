@@ -9,8 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from torchjd.aggregation import (
+    DBMTL,
     IMTLG,
     MGDA,
     PCD,
@@ -24,12 +26,15 @@ from torchjd.aggregation import (
     ExcessMTL,
     FairGrad,
     GradDrop,
+    GradNorm,
     GradVac,
     GramianWeightedAggregator,
     Krum,
     Mean,
     MeanWeighting,
+    MoCo,
     MoDoWeighting,
+    MomentumConFIG,
     NashMTL,
     PCGrad,
     Random,
@@ -149,6 +154,40 @@ def _trimmed_mean_1() -> Aggregator:
     return TrimmedMean(trim_number=1)
 
 
+class _WithLosses(Aggregator):
+    """Gives the wrapped aggregator loss values before each call, as a training loop does.
+
+    The losses are made from the rows (``1 + ||g_i||``), so they are positive, finite on every
+    input of the bank and follow a permutation of the rows."""
+
+    def __init__(self, inner: Aggregator) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, matrix: Tensor, /) -> Tensor:
+        self.inner.update_losses(1.0 + matrix.detach().norm(dim=1))  # type: ignore[operator]
+        return self.inner(matrix)
+
+    def __repr__(self) -> str:
+        return f"WithLosses({self.inner!r})"
+
+
+def _gradnorm() -> Aggregator:
+    return _WithLosses(GradNorm())
+
+
+def _gradnorm_0() -> Aggregator:
+    return _WithLosses(GradNorm(alpha=0.0, lr=0.5))
+
+
+def _db_mtl() -> Aggregator:
+    return _WithLosses(DBMTL())
+
+
+def _moco_rho() -> Aggregator:
+    return MoCo(beta=0.9, gamma=1.0, rho=0.1)
+
+
 AGGREGATORS: list[Entry] = [
     Entry("Mean", Mean, permutation_invariant=True, differentiable=True),
     Entry("Sum", Sum, permutation_invariant=True, differentiable=True),
@@ -169,6 +208,13 @@ AGGREGATORS: list[Entry] = [
         "CRMOGM(MoDo)", _crmogm_modo, permutation_invariant=True, differentiable=True, stateful=True
     ),
     Entry("ExcessMTL", ExcessMTL, permutation_invariant=True, stateful=True),
+    # GradNorm and DB-MTL need the loss values: the wrapper gives them before each call.
+    Entry("GradNorm", _gradnorm, permutation_invariant=True, stateful=True),
+    Entry("GradNorm(0, 0.5)", _gradnorm_0, permutation_invariant=True, stateful=True),
+    Entry("DBMTL", _db_mtl, permutation_invariant=True, stateful=True),
+    Entry("MoCo", MoCo, permutation_invariant=True, stateful=True),
+    Entry("MoCo(rho)", _moco_rho, permutation_invariant=True, stateful=True),
+    Entry("MomentumConFIG", MomentumConFIG, permutation_invariant=True, stateful=True),
     Entry("FairGrad(1)", _fairgrad_1, permutation_invariant=True),
     Entry("FairGrad(0.1)", _fairgrad_01, permutation_invariant=True),
     Entry("MoDo", _modo, permutation_invariant=True, differentiable=True, stateful=True),

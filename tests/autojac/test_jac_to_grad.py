@@ -299,6 +299,8 @@ def _make_aggregators() -> dict[str, Callable[[], Aggregator]]:
         cls = getattr(aggregation, name)
         if not isinstance(cls, type) or not issubclass(cls, Aggregator) or name in _BASES:
             continue
+        if getattr(cls, "requires_losses", False):  # needs update_losses before each call
+            continue
         try:
             cls()
         except (TypeError, ImportError):

@@ -14,16 +14,20 @@ from torchjd.aggregation._cagrad import CAGrad, CAGradWeighting
 from torchjd.aggregation._config import ConFIG
 from torchjd.aggregation._constant import Constant, ConstantWeighting
 from torchjd.aggregation._crmogm import CRMOGMWeighting
+from torchjd.aggregation._db_mtl import DBMTL
 from torchjd.aggregation._dualproj import DualProj, DualProjWeighting
 from torchjd.aggregation._excess_mtl import ExcessMTL, ExcessMTLWeighting
 from torchjd.aggregation._fairgrad import FairGrad, FairGradWeighting
 from torchjd.aggregation._graddrop import GradDrop
+from torchjd.aggregation._gradnorm import GradNorm, GradNormWeighting
 from torchjd.aggregation._gradvac import GradVac, GradVacWeighting
 from torchjd.aggregation._imtlg import IMTLG, IMTLGWeighting
 from torchjd.aggregation._krum import Krum, KrumWeighting
 from torchjd.aggregation._mean import Mean, MeanWeighting
 from torchjd.aggregation._mgda import MGDA, MGDAWeighting
+from torchjd.aggregation._moco import MoCo
 from torchjd.aggregation._modo import MoDoWeighting
+from torchjd.aggregation._momentum_config import MConFIGBackward, MomentumConFIG
 from torchjd.aggregation._nash_mtl import NashMTL
 from torchjd.aggregation._pcd import PCD, PCDWeighting
 from torchjd.aggregation._pcgrad import PCGrad, PCGradWeighting
@@ -34,6 +38,7 @@ from torchjd.aggregation._trimmed_mean import TrimmedMean
 from torchjd.aggregation._upgrad import UPGrad, UPGradWeighting
 
 __all__ = [
+    "DBMTL",
     "IMTLG",
     "MGDA",
     "PCD",
@@ -53,16 +58,21 @@ __all__ = [
     "FairGrad",
     "FairGradWeighting",
     "GradDrop",
+    "GradNorm",
+    "GradNormWeighting",
     "GradVac",
     "GradVacWeighting",
     "GramianWeightedAggregator",
     "IMTLGWeighting",
     "Krum",
     "KrumWeighting",
+    "MConFIGBackward",
     "MGDAWeighting",
     "Mean",
     "MeanWeighting",
+    "MoCo",
     "MoDoWeighting",
+    "MomentumConFIG",
     "NashMTL",
     "PCDWeighting",
     "PCGrad",
