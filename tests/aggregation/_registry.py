@@ -1,12 +1,14 @@
 """The registry of aggregators: one line per class, with the properties it claims.
 
-The shared property tests (``test_registry.py``) are parametrised over ``AGGREGATORS``. Adding an
-aggregator to the library means adding one ``Entry`` here; its own test file then only holds the
-values worked out by hand and the checks against an independent solver.
+The shared property tests (``test_registry.py``) are parametrised over ``AGGREGATORS``: the
+entries below, then those that test modules of this folder declare in a module-level list
+``ENTRIES`` (importing :class:`Entry` from ``tests.aggregation._entry``, never this module). A new
+aggregator declares its entries in its own test module, next to its values worked out by hand.
 """
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import importlib
+import re
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -46,21 +48,7 @@ from torchjd.aggregation import (
 )
 from torchjd.linalg import BlockPivotingProjector, QuadprogProjector
 
-
-@dataclass(frozen=True)
-class Entry:
-    """One aggregator configuration and the guarantees it claims."""
-
-    id: str
-    make: Callable[[], Aggregator]
-    non_conflicting: bool = False  # J @ aggregate >= -conflict_tol * ||J|| * ||aggregate||
-    conflict_tol: float = 1e-6
-    permutation_invariant: bool = False  # row order does not matter
-    stateful: bool = False  # a torchjd.Stateful: reset() and state_dict() round trip
-    randomised: bool = False  # draws from the global RNG: seed before comparing outputs
-    differentiable: bool = False  # output requires grad when the input does
-    min_rows: int = 1  # smallest m it accepts
-    needs_fixed_m: int | None = None  # only works with exactly this many rows (e.g. Constant)
+from ._entry import Entry
 
 
 def _constant3() -> Aggregator:
@@ -253,3 +241,16 @@ AGGREGATORS: list[Entry] = [
         min_rows=3,
     ),
 ]
+
+
+def _declared_in_test_modules() -> list[Entry]:
+    """The ``ENTRIES`` of the test modules of this folder, in the order of their file names."""
+    entries: list[Entry] = []
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        if re.search(r"^ENTRIES\b", path.read_text(), flags=re.MULTILINE):
+            module = importlib.import_module(f"{__package__}.{path.stem}")
+            entries.extend(module.ENTRIES)
+    return entries
+
+
+AGGREGATORS += _declared_in_test_modules()

@@ -3,7 +3,8 @@
 ``NormalisedMean`` below averages the rows after scaling each to unit norm: its weights
 ``w_i = 1 / (m ‖g_i‖)`` depend only on the diagonal of the Gramian. It is defined here, in this
 test module alone, exactly as a user (or a contributor, in its own module) would write it, and
-nothing else in the library knows about it: the pipeline reads its declarations.
+nothing else in the library knows about it: the pipeline reads its declarations, and ``ENTRIES``
+below puts it in the shared property tests of the registry.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from torchjd.autojac import jac_to_grad
 from torchjd.grouping import GroupedAggregator
 from torchjd.linalg import PSDMatrix
 
+from ._entry import Entry
+
 
 class NormalisedMeanWeighting(Weighting[PSDMatrix]):
     calls = 0  # calls of the batched entry point, to see the batching
@@ -37,12 +40,17 @@ class NormalisedMeanWeighting(Weighting[PSDMatrix]):
     def _forward_grouped(cls, weightings: Sequence[Weighting], gramians: Tensor) -> Tensor:
         cls.calls += 1
         norms = gramians.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
-        return torch.where(norms > 0, 1 / (gramians.shape[-1] * norms.clamp(min=1e-30)), 0.0)
+        return torch.where(norms == 0, 0.0, 1 / (gramians.shape[-1] * norms))
 
 
 class NormalisedMean(GramianWeightedAggregator):
     def __init__(self) -> None:
         super().__init__(NormalisedMeanWeighting())
+
+
+ENTRIES = [
+    Entry("NormalisedMean(test)", NormalisedMean, permutation_invariant=True, differentiable=True)
+]
 
 
 def _expected(matrix: Tensor) -> Tensor:
