@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from torchjd.aggregation._bases import GramianWeightedAggregator, Weighting
+from torchjd.aggregation._bases import Forwarded, GramianWeightedAggregator, Weighting
 from torchjd.aggregation._mean import MeanWeighting
 from torchjd.aggregation._utils import (
     check_one_weighting_per_gramian,
@@ -162,27 +162,8 @@ class AlignedMTL(GramianWeightedAggregator):
     ) -> None:
         super().__init__(AlignedMTLWeighting(pref_vector, scale_mode))
 
-    @property
-    def pref_vector(self) -> Tensor | None:
-        return self.gramian_weighting.pref_vector
-
-    @pref_vector.setter
-    def pref_vector(self, value: Tensor | None) -> None:
-        self.gramian_weighting.pref_vector = value
-
-    @property
-    def scale_mode(self) -> str:
-        return self.gramian_weighting.scale_mode
-
-    @scale_mode.setter
-    def scale_mode(self, value: Literal["min", "median", "rmse"]) -> None:
-        self.gramian_weighting.scale_mode = value
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(pref_vector={self.pref_vector!r}, "
-            f"scale_mode={self.scale_mode!r})"
-        )
+    pref_vector = Forwarded[Tensor | None]()
+    scale_mode = Forwarded[str]()
 
     def __str__(self) -> str:
         return pref_vector_str(type(self).__name__, self.pref_vector)

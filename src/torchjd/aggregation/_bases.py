@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, overload
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,7 @@ from torchjd.linalg._gramian import compute_gramian
 from torchjd.linalg._matrix import Matrix, PSDMatrix
 
 _T = TypeVar("_T", bound=Tensor)
+_V = TypeVar("_V")
 
 
 class Aggregator(nn.Module, ABC):
@@ -218,3 +219,39 @@ class GramianWeightedAggregator(WeightedAggregator):
     @property
     def need(self) -> Need:
         return Need.MATRIX if type(self)._overrides_forward else Need.GRAMIAN
+
+    def __repr__(self) -> str:
+        """``Name(a=..., b=...)`` over the :class:`Forwarded` hyper-parameters, in the order of
+        their declarations."""
+        names = [
+            name
+            for cls in reversed(type(self).__mro__)
+            for name, value in vars(cls).items()
+            if isinstance(value, Forwarded)
+        ]
+        arguments = ", ".join(f"{name}={getattr(self, name)!r}" for name in names)
+        return f"{type(self).__name__}({arguments})"
+
+
+class Forwarded(Generic[_V]):
+    """A hyper-parameter of a :class:`GramianWeightedAggregator` held by its Gramian weighting:
+    reading or setting it on the aggregator reads or sets (and so validates) the weighting's
+    attribute of the same name. Declared once, as ``pref_vector = Forwarded[Tensor | None]()``;
+    the aggregator's ``repr`` lists these hyper-parameters in their order of declaration."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type) -> Forwarded[_V]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type) -> _V: ...
+
+    def __get__(self, instance: object, owner: type) -> Forwarded[_V] | _V:
+        if instance is None:
+            return self
+        return getattr(instance.gramian_weighting, self.name)  # type: ignore[attr-defined]
+
+    def __set__(self, instance: object, value: _V) -> None:
+        setattr(instance.gramian_weighting, self.name, value)  # type: ignore[attr-defined]

@@ -7,7 +7,7 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from torchjd.aggregation._bases import GramianWeightedAggregator, NoGrad, Weighting
+from torchjd.aggregation._bases import Forwarded, GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.linalg._block_pivoting import BlockPivotingProjector
 from torchjd.linalg._gramian import normalize
 from torchjd.linalg._matrix import PSDMatrix
@@ -360,24 +360,8 @@ class CAGrad(NoGrad, GramianWeightedAggregator):
     def __init__(self, c: float, norm_eps: float = 0.0001) -> None:
         super().__init__(CAGradWeighting(c, norm_eps))
 
-    @property
-    def c(self) -> float:
-        return self.gramian_weighting.c
-
-    @c.setter
-    def c(self, value: float) -> None:
-        self.gramian_weighting.c = value
-
-    @property
-    def norm_eps(self) -> float:
-        return self.gramian_weighting.norm_eps
-
-    @norm_eps.setter
-    def norm_eps(self, value: float) -> None:
-        self.gramian_weighting.norm_eps = value
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(c={self.c}, norm_eps={self.norm_eps})"
+    c = Forwarded[float]()
+    norm_eps = Forwarded[float]()
 
     def __str__(self) -> str:
         return f"CAGrad{str(self.c).removesuffix('.0')}"

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from torchjd.aggregation._bases import GramianWeightedAggregator, NoGrad, Weighting
+from torchjd.aggregation._bases import Forwarded, GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.aggregation._mean import MeanWeighting
 from torchjd.aggregation._utils import (
     check_one_weighting_per_gramian,
@@ -144,26 +144,8 @@ class DualProj(NoGrad, GramianWeightedAggregator):
     ) -> None:
         super().__init__(DualProjWeighting(pref_vector, projector))
 
-    @property
-    def pref_vector(self) -> Tensor | None:
-        return self.gramian_weighting.pref_vector
-
-    @pref_vector.setter
-    def pref_vector(self, value: Tensor | None) -> None:
-        self.gramian_weighting.pref_vector = value
-
-    @property
-    def projector(self) -> DualConeProjector:
-        return self.gramian_weighting.projector
-
-    @projector.setter
-    def projector(self, value: DualConeProjector | None) -> None:
-        self.gramian_weighting.projector = value
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(pref_vector={self.pref_vector!r}, projector={self.projector!r})"
-        )
+    pref_vector = Forwarded[Tensor | None]()
+    projector = Forwarded[DualConeProjector]()
 
     def __str__(self) -> str:
         return pref_vector_str(type(self).__name__, self.pref_vector)

@@ -3,7 +3,7 @@ import math
 import torch
 from torch import Tensor
 
-from torchjd.aggregation._bases import GramianWeightedAggregator, NoGrad, Weighting
+from torchjd.aggregation._bases import Forwarded, GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.linalg._matrix import PSDMatrix
 
 _DEFAULT_MAX_ITERS = 100
@@ -186,24 +186,8 @@ class FairGrad(NoGrad, GramianWeightedAggregator):
     def __init__(self, alpha: float, max_iters: int | None = None) -> None:
         super().__init__(FairGradWeighting(alpha, max_iters))
 
-    @property
-    def alpha(self) -> float:
-        return self.gramian_weighting.alpha
-
-    @alpha.setter
-    def alpha(self, value: float) -> None:
-        self.gramian_weighting.alpha = value
-
-    @property
-    def max_iters(self) -> int | None:
-        return self.gramian_weighting.max_iters
-
-    @max_iters.setter
-    def max_iters(self, value: int | None) -> None:
-        self.gramian_weighting.max_iters = value
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(alpha={self.alpha}, max_iters={self.max_iters})"
+    alpha = Forwarded[float]()
+    max_iters = Forwarded[int | None]()
 
     def __str__(self) -> str:
         return f"{self.alpha}-FairGrad"

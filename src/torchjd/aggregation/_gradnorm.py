@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from torchjd._stateful import Stateful
-from torchjd.aggregation._bases import GramianWeightedAggregator, NoGrad, Weighting
+from torchjd.aggregation._bases import Forwarded, GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.aggregation._lazy_state import LazyStateMixin, warn_reinitialised
 from torchjd.aggregation._losses import LossesInputMixin
 from torchjd.linalg._matrix import PSDMatrix
@@ -180,21 +180,8 @@ class GradNorm(NoGrad, GramianWeightedAggregator, Stateful):
     def __init__(self, alpha: float = 1.5, lr: float = 0.025) -> None:
         super().__init__(GradNormWeighting(alpha=alpha, lr=lr))
 
-    @property
-    def alpha(self) -> float:
-        return self.gramian_weighting.alpha
-
-    @alpha.setter
-    def alpha(self, value: float) -> None:
-        self.gramian_weighting.alpha = value
-
-    @property
-    def lr(self) -> float:
-        return self.gramian_weighting.lr
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        self.gramian_weighting.lr = value
+    alpha = Forwarded[float]()
+    lr = Forwarded[float]()
 
     def update_losses(self, losses: Tensor | Sequence[Tensor]) -> None:
         """Give the loss values of the current step (one per row, in the order of the rows) to
@@ -204,6 +191,3 @@ class GradNorm(NoGrad, GramianWeightedAggregator, Stateful):
     def reset(self) -> None:
         """Forget the weights, the initial losses and any pending losses."""
         self.gramian_weighting.reset()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(alpha={self.alpha!r}, lr={self.lr!r})"

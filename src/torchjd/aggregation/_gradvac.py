@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from torchjd._stateful import Stateful
-from torchjd.aggregation._bases import GramianWeightedAggregator, NoGrad, Weighting
+from torchjd.aggregation._bases import Forwarded, GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.aggregation._pcgrad import _step_indices
 from torchjd.linalg._matrix import PSDMatrix
 
@@ -379,25 +379,9 @@ class GradVac(NoGrad, GramianWeightedAggregator, Stateful):
     def __init__(self, beta: float = 0.5, eps: float = 1e-8) -> None:
         super().__init__(GradVacWeighting(beta=beta, eps=eps))
 
-    @property
-    def beta(self) -> float:
-        return self.gramian_weighting.beta
-
-    @beta.setter
-    def beta(self, value: float) -> None:
-        self.gramian_weighting.beta = value
-
-    @property
-    def eps(self) -> float:
-        return self.gramian_weighting.eps
-
-    @eps.setter
-    def eps(self, value: float) -> None:
-        self.gramian_weighting.eps = value
+    beta = Forwarded[float]()
+    eps = Forwarded[float]()
 
     def reset(self) -> None:
         """Forget the targets of the weighting."""
         self.gramian_weighting.reset()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(beta={self.beta!r}, eps={self.eps!r})"

@@ -5,7 +5,7 @@ import operator
 import torch
 from torch import Tensor
 
-from torchjd.aggregation._bases import GramianWeightedAggregator, Weighting
+from torchjd.aggregation._bases import Forwarded, GramianWeightedAggregator, Weighting
 from torchjd.linalg._matrix import PSDMatrix
 
 
@@ -122,26 +122,8 @@ class Krum(GramianWeightedAggregator):
     def __init__(self, n_byzantine: int, n_selected: int = 1) -> None:
         super().__init__(KrumWeighting(n_byzantine, n_selected))
 
-    @property
-    def n_byzantine(self) -> int:
-        return self.gramian_weighting.n_byzantine
-
-    @n_byzantine.setter
-    def n_byzantine(self, value: int) -> None:
-        self.gramian_weighting.n_byzantine = value
-
-    @property
-    def n_selected(self) -> int:
-        return self.gramian_weighting.n_selected
-
-    @n_selected.setter
-    def n_selected(self, value: int) -> None:
-        self.gramian_weighting.n_selected = value
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(n_byzantine={self.n_byzantine}, n_selected={self.n_selected})"
-        )
+    n_byzantine = Forwarded[int]()
+    n_selected = Forwarded[int]()
 
     def __str__(self) -> str:
         return f"Krum{self.n_byzantine}-{self.n_selected}"

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from torchjd.aggregation._bases import GramianWeightedAggregator, Weighting
+from torchjd.aggregation._bases import Forwarded, GramianWeightedAggregator, Weighting
 from torchjd.linalg._matrix import PSDMatrix
 
 # On accelerators, convergence is checked on the host every this many iterations (see
@@ -289,21 +289,5 @@ class MGDA(GramianWeightedAggregator):
     def __init__(self, epsilon: float = 0.001, max_iters: int = 100) -> None:
         super().__init__(MGDAWeighting(epsilon=epsilon, max_iters=max_iters))
 
-    @property
-    def epsilon(self) -> float:
-        return self.gramian_weighting.epsilon
-
-    @epsilon.setter
-    def epsilon(self, value: float) -> None:
-        self.gramian_weighting.epsilon = value
-
-    @property
-    def max_iters(self) -> int:
-        return self.gramian_weighting.max_iters
-
-    @max_iters.setter
-    def max_iters(self, value: int) -> None:
-        self.gramian_weighting.max_iters = value
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(epsilon={self.epsilon}, max_iters={self.max_iters})"
+    epsilon = Forwarded[float]()
+    max_iters = Forwarded[int]()

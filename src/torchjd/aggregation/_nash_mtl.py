@@ -2,7 +2,7 @@ import torch
 from torch import Tensor
 
 from torchjd._stateful import Stateful
-from torchjd.aggregation._bases import GramianWeightedAggregator, NoGrad, Weighting
+from torchjd.aggregation._bases import Forwarded, GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.aggregation._fairgrad import solve_fair_weights
 from torchjd.aggregation._lazy_state import LazyStateMixin, warn_reinitialised
 from torchjd.linalg._matrix import PSDMatrix
@@ -157,43 +157,10 @@ class NashMTL(NoGrad, GramianWeightedAggregator, Stateful):
     ) -> None:
         super().__init__(_NashMTLWeighting(n_tasks, max_norm, update_weights_every, optim_niter))
 
-    @property
-    def n_tasks(self) -> int:
-        return self.gramian_weighting.n_tasks
-
-    @n_tasks.setter
-    def n_tasks(self, value: int) -> None:
-        self.gramian_weighting.n_tasks = value
-
-    @property
-    def max_norm(self) -> float:
-        return self.gramian_weighting.max_norm
-
-    @max_norm.setter
-    def max_norm(self, value: float) -> None:
-        self.gramian_weighting.max_norm = value
-
-    @property
-    def update_weights_every(self) -> int:
-        return self.gramian_weighting.update_weights_every
-
-    @update_weights_every.setter
-    def update_weights_every(self, value: int) -> None:
-        self.gramian_weighting.update_weights_every = value
-
-    @property
-    def optim_niter(self) -> int:
-        return self.gramian_weighting.optim_niter
-
-    @optim_niter.setter
-    def optim_niter(self, value: int) -> None:
-        self.gramian_weighting.optim_niter = value
+    n_tasks = Forwarded[int]()
+    max_norm = Forwarded[float]()
+    update_weights_every = Forwarded[int]()
+    optim_niter = Forwarded[int]()
 
     def reset(self) -> None:
         self.gramian_weighting.reset()
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(n_tasks={self.n_tasks}, max_norm={self.max_norm}, "
-            f"update_weights_every={self.update_weights_every}, optim_niter={self.optim_niter})"
-        )

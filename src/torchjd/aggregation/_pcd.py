@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from torchjd._stateful import Stateful
-from torchjd.aggregation._bases import GramianWeightedAggregator, NoGrad, Weighting
+from torchjd.aggregation._bases import Forwarded, GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.aggregation._lazy_state import LazyStateMixin, warn_reinitialised
 from torchjd.linalg._matrix import PSDMatrix
 
@@ -251,32 +251,9 @@ class PCD(NoGrad, GramianWeightedAggregator, Stateful):
     def __init__(self, tau: float | Tensor = 0.02, beta: float = 0.999, eps: float = 1e-8) -> None:
         super().__init__(PCDWeighting(tau, beta, eps))
 
-    @property
-    def tau(self) -> float | Tensor:
-        return self.gramian_weighting.tau
-
-    @tau.setter
-    def tau(self, value: float | Tensor) -> None:
-        self.gramian_weighting.tau = value
-
-    @property
-    def beta(self) -> float:
-        return self.gramian_weighting.beta
-
-    @beta.setter
-    def beta(self, value: float) -> None:
-        self.gramian_weighting.beta = value
-
-    @property
-    def eps(self) -> float:
-        return self.gramian_weighting.eps
-
-    @eps.setter
-    def eps(self, value: float) -> None:
-        self.gramian_weighting.eps = value
+    tau = Forwarded[float | Tensor]()
+    beta = Forwarded[float]()
+    eps = Forwarded[float]()
 
     def reset(self) -> None:
         self.gramian_weighting.reset()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(tau={self.tau!r}, beta={self.beta!r}, eps={self.eps!r})"
