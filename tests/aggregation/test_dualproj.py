@@ -150,7 +150,7 @@ def test_batched_and_grouped_match_single_calls() -> None:
     gramians = J @ J.mT
     weighting = DualProjWeighting()
     expected = torch.stack([weighting(G) for G in gramians])
-    assert_close(weighting._forward_batched(gramians), expected)
+    assert_close(type(weighting)._forward_grouped([weighting] * len(gramians), gramians), expected)
     p = torch.tensor([1.0, 2.0, 0.5])
     weightings = [
         DualProjWeighting(),
@@ -164,7 +164,7 @@ def test_batched_and_grouped_match_single_calls() -> None:
     )
     with pytest.raises(ValueError, match="one weighting per"):
         DualProjWeighting._forward_grouped(weightings[:2], gramians)
-    assert DualProjWeighting()._forward_batched(torch.zeros(0, 3, 3)).shape == (0, 3)
+    assert DualProjWeighting._forward_grouped([], torch.zeros(0, 3, 3)).shape == (0, 3)
 
 
 def test_dtype_and_no_grad() -> None:

@@ -62,7 +62,9 @@ def test_batched_matches_single_calls() -> None:
     J = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     gramians = J @ J.mT
     expected = torch.stack([IMTLGWeighting()(G) for G in gramians])
-    assert_close(IMTLGWeighting()._forward_batched(gramians), expected)
+    assert_close(
+        IMTLGWeighting._forward_grouped([IMTLGWeighting()] * len(gramians), gramians), expected
+    )
 
 
 def test_dtype_and_no_grad() -> None:

@@ -95,15 +95,6 @@ class AlignedMTLWeighting(Weighting[PSDMatrix]):
         prefs = self.weighting(stat).to(dtype=stat.dtype, device=stat.device)
         return _aligned_mtl_weights(stat, prefs, self.scale_mode)
 
-    def _forward_batched(self, gramians: Tensor) -> Tensor:
-        """Weights ``[b, m]`` of a batch of Gramians ``[b, m, m]``, each weighted by this
-        instance."""
-        b, m = gramians.shape[0], gramians.shape[-1]
-        if b == 0:
-            return gramians.new_zeros(0, m)
-        prefs = self.weighting(gramians[0]).to(dtype=gramians.dtype, device=gramians.device)
-        return _aligned_mtl_weights(gramians, prefs.expand(b, m), self.scale_mode)
-
     @classmethod
     def _forward_grouped(
         cls, weightings: Sequence[AlignedMTLWeighting], gramians: Tensor

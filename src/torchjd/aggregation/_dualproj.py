@@ -76,16 +76,6 @@ class DualProjWeighting(NoGrad, Weighting[PSDMatrix]):
         prefs = self.weighting(stat).to(dtype=stat.dtype, device=stat.device)
         return self.projector(prefs, stat)
 
-    @torch.no_grad()
-    def _forward_batched(self, gramians: Tensor) -> Tensor:
-        """Weights ``[b, m]`` of a batch of Gramians ``[b, m, m]``, each weighted by this
-        instance."""
-        b, m = gramians.shape[0], gramians.shape[-1]
-        if b == 0:
-            return gramians.new_zeros(0, m)
-        prefs = self.weighting(gramians[0]).to(dtype=gramians.dtype, device=gramians.device)
-        return _dualproj_weights(self.projector, prefs.expand(b, m), gramians)
-
     @classmethod
     @torch.no_grad()
     def _forward_grouped(cls, weightings: Sequence[DualProjWeighting], gramians: Tensor) -> Tensor:

@@ -39,11 +39,6 @@ class IMTLGWeighting(NoGrad, Weighting[PSDMatrix]):
     def forward(self, stat: Tensor, /) -> Tensor:
         return _imtlg_weights(stat)
 
-    @torch.no_grad()
-    def _forward_batched(self, gramians: Tensor) -> Tensor:
-        """Weights ``[b, m]`` of a batch of Gramians ``[b, m, m]``."""
-        return _imtlg_weights(gramians)
-
     @classmethod
     @torch.no_grad()
     def _forward_grouped(cls, weightings: Sequence[IMTLGWeighting], gramians: Tensor) -> Tensor:

@@ -1,6 +1,7 @@
 """Krum: average of the rows that are closest to their nearest neighbours."""
 
 import operator
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -90,10 +91,16 @@ class KrumWeighting(Weighting[PSDMatrix]):
         self._check_rows(stat.shape[0], tuple(stat.shape))
         return _krum_weights(stat, self.n_byzantine, self.n_selected)
 
-    def _forward_batched(self, gramians: Tensor) -> Tensor:
-        """Weights ``[b, m]`` of a batch of Gramians ``[b, m, m]``."""
-        self._check_rows(gramians.shape[-1], tuple(gramians.shape))
-        return _krum_weights(gramians, self.n_byzantine, self.n_selected)
+    @classmethod
+    def _forward_grouped(cls, weightings: Sequence[Weighting], gramians: Tensor) -> Tensor:
+        """Weights ``[b, m]`` of Gramians ``[b, m, m]``, the ``k``-th one weighed by
+        ``weightings[k]``: one vectorised call when they share their hyper-parameters."""
+        settings = {(w.n_byzantine, w.n_selected) for w in weightings}  # type: ignore[attr-defined]
+        if len(settings) != 1:
+            return super()._forward_grouped(weightings, gramians)
+        (n_byzantine, n_selected), first = settings.pop(), weightings[0]
+        first._check_rows(gramians.shape[-1], tuple(gramians.shape))  # type: ignore[attr-defined]
+        return _krum_weights(gramians, n_byzantine, n_selected)
 
 
 class Krum(GramianWeightedAggregator):
