@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from torchjd._stateful import Stateful
 from torchjd.aggregation._bases import Forwarded, GramianWeightedAggregator, NoGrad, Weighting
+from torchjd.aggregation._lazy_state import LazyStateMixin, warn_reinitialised
 from torchjd.aggregation._pcgrad import _step_indices
 from torchjd.linalg._matrix import PSDMatrix
 
@@ -198,7 +197,7 @@ def _check_eps(eps: float) -> float:
     return eps
 
 
-class GradVacWeighting(NoGrad, Weighting[PSDMatrix], Stateful):
+class GradVacWeighting(NoGrad, LazyStateMixin, Weighting[PSDMatrix], Stateful):
     r"""Weighting of :class:`GradVac`: the weights ``w`` such that ``w @ J`` is the sum of the
     vaccinated gradients.
 
@@ -315,35 +314,10 @@ class GradVacWeighting(NoGrad, Weighting[PSDMatrix], Stateful):
         phi_hat = self.phi_hat
         if phi_hat.ndim != 2 or phi_hat.shape[0] != m or phi_hat.dtype != dtype:
             if phi_hat.ndim == 2:
-                warnings.warn(
-                    f"{type(self).__name__} received {m} objectives in {dtype} after "
-                    f"{phi_hat.shape[0]} objectives in {phi_hat.dtype}: its targets phi_hat are "
-                    "re-initialised to zeros. Use one instance per stream of matrices, or call "
-                    "reset() to start over on purpose.",
-                    stacklevel=2,
-                )
+                old = f"{phi_hat.shape[0]} objectives in {phi_hat.dtype}"
+                warn_reinitialised(type(self).__name__, old, f"{m} objectives in {dtype}")
             return torch.zeros(m, m, dtype=dtype, device=device)
         return phi_hat.to(device)
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # The targets' shape and dtype depend on the calls made so far: adopt the incoming ones.
-        incoming = state_dict.get(prefix + "phi_hat")
-        if isinstance(incoming, Tensor):
-            self.phi_hat = torch.empty(
-                incoming.shape, dtype=incoming.dtype, device=self.phi_hat.device
-            )
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
 
 def _shared_or_stacked(values: list[float]) -> float | Tensor:
