@@ -236,7 +236,7 @@ def test_state_dict_round_trip_into_a_fresh_instance(strategy: str) -> None:
     used = GroupedAggregator(groups, GradVac)
     _run_steps(model, used, range(3))
     state = used.state_dict()
-    assert sorted(state) == sorted(
+    assert sorted(k for k in state if not k.endswith("._extra_state")) == sorted(
         f"aggregators.{k}.weighting.weighting.phi_hat" for k in range(len(groups))
     )
     restored = GroupedAggregator(groups, GradVac)
