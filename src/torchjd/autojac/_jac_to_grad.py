@@ -60,22 +60,18 @@ def jac_to_grad(
     is split back into one piece per tensor, cast to its dtype, and added to its ``.grad`` (or
     stored there if it is ``None``).
 
-    How it is computed depends on the aggregator:
+    How it is computed depends on what the aggregator declares it needs
+    (:attr:`~torchjd.aggregation.Aggregator.need`); every way gives the same result up to
+    rounding:
 
-    - When the aggregator's weights come from the Gramian :math:`G = J J^\top` (a
-      :class:`~torchjd.aggregation.GramianWeightedAggregator` whose class does not override
-      ``forward``), ``J`` is never built: :math:`G = \sum_t J_t J_t^\top` is accumulated tensor
-      by tensor (in float32 at least, or in the Jacobians' dtype if it is wider), the weights are
-      :math:`w` = ``aggregator.gramian_weighting(G)`` (so hooks registered on the Gramian
-      weighting run) and each tensor receives :math:`w^\top J_t`.
-    - When they depend only on the number of rows (:class:`~torchjd.aggregation.Mean`,
-      :class:`~torchjd.aggregation.Sum`, :class:`~torchjd.aggregation.Constant`,
-      :class:`~torchjd.aggregation.Random`), not even the Gramian is computed.
-    - Otherwise, or when forward hooks or pre-hooks are registered on the aggregator or on
-      ``aggregator.weighting`` (or globally), the aggregator is called on the concatenated
-      matrix ``J``, so that every hook sees exactly ``J`` and the aggregate.
-
-    Both ways give the same result up to rounding.
+    - the Gramian (a :class:`~torchjd.aggregation.GramianWeightedAggregator` that does not
+      override ``forward``): ``J`` is never built; :math:`G = \sum_t J_t J_t^\top` is accumulated
+      tensor by tensor (in float32 at least), :math:`w` = ``aggregator.gramian_weighting(G)`` (its
+      hooks run) and each tensor receives :math:`w^\top J_t`;
+    - the number of rows only (Mean, Sum, Constant, Random): not even the Gramian is computed;
+    - the whole matrix (any other aggregator, or forward hooks or pre-hooks on the aggregator, on
+      ``aggregator.weighting`` or global ones): the aggregator is called on the concatenated
+      ``J``, so that every hook sees exactly ``J`` and the aggregate.
 
     :param tensors: The tensors whose ``.jac`` to aggregate (any iterable, e.g.
         ``model.parameters()``, iterated once). Non-empty, without the same tensor twice; each must
