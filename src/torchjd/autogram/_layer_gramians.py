@@ -48,6 +48,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import reduce
 from typing import Any
 
 import torch
@@ -56,6 +57,7 @@ from torch.nn import functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from torchjd.autogram._vjp import TensorSpec, stacked_vjps
+from torchjd.linalg._gramian import sum_of_gramians
 
 
 @dataclass(frozen=True)
@@ -611,15 +613,8 @@ def _trainable(module: nn.Module) -> dict[str, Tensor]:
 
 def _gramian_of_jacobians(jacobians: dict[str, Tensor], n_rows: int) -> Tensor:
     """``sum_p J_p J_p^T`` for per-parameter Jacobians ``[n_rows, *p.shape]``."""
-    gramian: Tensor | None = None
-    for jac in jacobians.values():
-        matrix = jac.reshape(n_rows, -1)
-        if gramian is None:
-            gramian = matrix @ matrix.T
-        else:
-            gramian.addmm_(matrix, matrix.T)
-    assert gramian is not None
-    return gramian
+    blocks = list(jacobians.values())
+    return sum_of_gramians(blocks, reduce(torch.promote_types, (b.dtype for b in blocks)))
 
 
 def _accumulate(total: dict[str, Tensor] | None, jac: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -31,6 +31,7 @@ from torchjd.distributed._comm import (
     rng_state_from_slot,
     shard_size,
 )
+from torchjd.linalg._gramian import sum_of_gramians
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ class GramianExchange(_CollectiveSteps):
         if not wanted and not self.ex.share_rng:
             return
         dtype = reduce(torch.promote_types, [g.gramian_dtype for g, _ in wanted], torch.float32)
-        small = [(s.to(dtype) @ s.to(dtype).T).reshape(-1) for _, s in wanted]
+        small = [sum_of_gramians([s], dtype).reshape(-1) for _, s in wanted]
         if self.ex.share_rng:
             small.append(rng_slot(self.ex.rank, dtype, groups[0].device))
         summed = torch.cat(small)
