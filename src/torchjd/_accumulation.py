@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from torchjd._validation import rows_shape
+from torchjd._validation import mark_consumed, rows_shape
 
 
 class IncompatibleJacobianError(ValueError, RuntimeError):
@@ -83,3 +83,10 @@ def accumulate_grads(tensors: Sequence[Tensor], gradients: Sequence[Tensor]) -> 
             t.grad = gradient
         else:
             t.grad.add_(gradient)
+
+
+def consume_jacs(tensors: Sequence[Tensor]) -> None:
+    """Delete the ``.jac`` fields (the aggregation keeps the values), remembering it."""
+    for t in tensors:
+        del t.jac
+        mark_consumed(t)

@@ -21,15 +21,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-from torchjd._accumulation import accumulate_grads, check_grad_targets
+from torchjd._accumulation import accumulate_grads, check_grad_targets, consume_jacs
 from torchjd._protocol import Need
 from torchjd._synchronization import warn_if_unsynchronized
-from torchjd._validation import check_unique, rows_shape
+from torchjd._validation import check_aggregator, validated_jacobians
 from torchjd.aggregation import Aggregator, WeightedAggregator
 from torchjd.linalg._gramian import sum_of_gramians
-
-# Set on a tensor whose `.jac` an aggregation consumed, to explain a missing `.jac` later.
-_CONSUMED = "_torchjd_jac_consumed"
 
 
 @dataclass(eq=False)
@@ -85,74 +82,6 @@ class Steps:
         for group in groups:
             assert group.weights is not None
             group.gradients = combine(group.tensors, group.jacobians, group.weights)
-
-
-def check_aggregator(aggregator: object, name: str = "aggregator") -> None:
-    if not isinstance(aggregator, Aggregator):
-        hint = " (a string names no aggregator)" if isinstance(aggregator, str) else ""
-        raise TypeError(
-            f"`{name}` must be an Aggregator of torchjd.aggregation (e.g. `UPGrad()`), got an "
-            f"object of type {type(aggregator).__name__}{hint}. To use a function `J -> vector`, "
-            "subclass `torchjd.aggregation.Aggregator` and implement `forward`."
-        )
-
-
-def validated_jacobians(tensors: list[Tensor], name: str = "tensors") -> list[Tensor]:
-    """The ``.jac`` fields of ``tensors``, after every check; nothing is mutated."""
-    if not tensors:
-        raise ValueError(
-            f"`{name}` must contain at least one tensor, got an empty collection. A generator "
-            "such as `model.parameters()` can be iterated only once: if it was already consumed "
-            "(e.g. at an earlier step), pass a list, e.g. `list(model.parameters())`."
-        )
-    for i, t in enumerate(tensors):
-        if not hasattr(t, "jac"):
-            raise ValueError(f"Element {i} of `{name}` {_missing_jac_reason(t)}")
-    jacobians = [t.jac for t in tensors]
-    for i, j in enumerate(jacobians):
-        if not isinstance(j, Tensor) or j.ndim == 0:
-            what = f"shape {tuple(j.shape)}" if isinstance(j, Tensor) else type(j).__name__
-            raise ValueError(
-                f"The `.jac` of element {i} of `{name}` must be a tensor of shape "
-                f"{rows_shape(tensors[i].shape)}, got {what}."
-            )
-    rows = [j.shape[0] for j in jacobians]
-    if any(r != rows[0] for r in rows):
-        raise ValueError(
-            f"The `.jac` fields of `{name}` must all have the same number of rows (one per "
-            f"objective), got {rows}. Each must come from the same objectives."
-        )
-    check_unique(tensors, name)
-    for i, (t, j) in enumerate(zip(tensors, jacobians)):
-        if j.shape[1:] != t.shape:
-            raise ValueError(
-                f"The `.jac` of element {i} of `{name}` must have shape {rows_shape(t.shape)} "
-                f"for a tensor of shape {tuple(t.shape)}, got {tuple(j.shape)}."
-            )
-    if rows[0] == 0:
-        raise ValueError(
-            f"The `.jac` fields of `{name}` have 0 rows: there is no objective to aggregate."
-        )
-    return jacobians
-
-
-def _missing_jac_reason(t: Tensor) -> str:
-    shape = tuple(t.shape)
-    if getattr(t, _CONSUMED, False):
-        return (
-            f"(shape {shape}) has no `.jac`: an earlier `jac_to_grad` consumed it. Pass "
-            "`retain_jac=True` to that call to keep it, or compute the Jacobian again."
-        )
-    if t.grad is not None:
-        return (
-            f"(shape {shape}) has no `.jac` but has a `.grad`: `mtl_backward` gives the task "
-            "heads ordinary gradients and the shared parameters a `.jac`, so pass only the "
-            "shared parameters (e.g. `trunk.parameters()`)."
-        )
-    return (
-        f"(shape {shape}) has no `.jac` field. Fill it with `backward` or `mtl_backward` first "
-        "(or leave that tensor out)."
-    )
 
 
 def _has_forward_hooks(module: nn.Module) -> bool:
@@ -228,9 +157,7 @@ def run(groups: list[Group], steps: Steps, *, retain_jac: bool, stacklevel: int)
         jacobians = [j for g in groups for j in g.jacobians]
         warn_if_unsynchronized(jacobians, stacklevel=stacklevel + 1)
     if not retain_jac:  # the groups keep references to the Jacobians
-        for t in (t for g in groups for t in g.tensors):
-            del t.jac
-            setattr(t, _CONSUMED, True)
+        consume_jacs([t for g in groups for t in g.tensors])
     steps.prepare(groups)
     with steps.scope():
         for batch in _runs(groups):

@@ -8,6 +8,8 @@ from collections.abc import Iterable, Sequence
 
 from torch import Tensor
 
+from torchjd.aggregation import Aggregator
+
 
 def check_chunk_size(parallel_chunk_size: object) -> None:
     """``parallel_chunk_size`` must be ``None`` or an ``int >= 1`` (a ``bool`` is refused)."""
@@ -142,3 +144,83 @@ def check_initial_jacobians(
             f"The Jacobians of `{jac_name}` have 0 rows: give at least one row (objective)."
         )
     return jacs
+
+
+def check_aggregator(aggregator: object, name: str = "aggregator") -> None:
+    if not isinstance(aggregator, Aggregator):
+        hint = " (a string names no aggregator)" if isinstance(aggregator, str) else ""
+        raise TypeError(
+            f"`{name}` must be an Aggregator of torchjd.aggregation (e.g. `UPGrad()`), got an "
+            f"object of type {type(aggregator).__name__}{hint}. To use a function `J -> vector`, "
+            "subclass `torchjd.aggregation.Aggregator` and implement `forward`."
+        )
+
+
+def validated_jacobians(tensors: list[Tensor], name: str = "tensors") -> list[Tensor]:
+    """The ``.jac`` fields of ``tensors``, after every check; nothing is mutated."""
+    if not tensors:
+        raise ValueError(
+            f"`{name}` must contain at least one tensor, got an empty collection. A generator "
+            "such as `model.parameters()` can be iterated only once: if it was already consumed "
+            "(e.g. at an earlier step), pass a list, e.g. `list(model.parameters())`."
+        )
+    for i, t in enumerate(tensors):
+        if not hasattr(t, "jac"):
+            raise ValueError(f"Element {i} of `{name}` {_missing_jac_reason(t)}")
+    jacobians = [t.jac for t in tensors]
+    for i, j in enumerate(jacobians):
+        if not isinstance(j, Tensor) or j.ndim == 0:
+            what = f"shape {tuple(j.shape)}" if isinstance(j, Tensor) else type(j).__name__
+            raise ValueError(
+                f"The `.jac` of element {i} of `{name}` must be a tensor of shape "
+                f"{rows_shape(tensors[i].shape)}, got {what}."
+            )
+    rows = [j.shape[0] for j in jacobians]
+    if any(r != rows[0] for r in rows):
+        raise ValueError(
+            f"The `.jac` fields of `{name}` must all have the same number of rows (one per "
+            f"objective), got {rows}. Each must come from the same objectives."
+        )
+    check_unique(tensors, name)
+    for i, (t, j) in enumerate(zip(tensors, jacobians)):
+        if j.shape[1:] != t.shape:
+            raise ValueError(
+                f"The `.jac` of element {i} of `{name}` must have shape {rows_shape(t.shape)} "
+                f"for a tensor of shape {tuple(t.shape)}, got {tuple(j.shape)}."
+            )
+    if rows[0] == 0:
+        raise ValueError(
+            f"The `.jac` fields of `{name}` have 0 rows: there is no objective to aggregate."
+        )
+    return jacobians
+
+
+def _missing_jac_reason(t: Tensor) -> str:
+    shape = tuple(t.shape)
+    if was_consumed(t):
+        return (
+            f"(shape {shape}) has no `.jac`: an earlier `jac_to_grad` consumed it. Pass "
+            "`retain_jac=True` to that call to keep it, or compute the Jacobian again."
+        )
+    if t.grad is not None:
+        return (
+            f"(shape {shape}) has no `.jac` but has a `.grad`: `mtl_backward` gives the task "
+            "heads ordinary gradients and the shared parameters a `.jac`, so pass only the "
+            "shared parameters (e.g. `trunk.parameters()`)."
+        )
+    return (
+        f"(shape {shape}) has no `.jac` field. Fill it with `backward` or `mtl_backward` first "
+        "(or leave that tensor out)."
+    )
+
+
+# Set on a tensor whose `.jac` an aggregation consumed, to explain a missing `.jac` later.
+_CONSUMED = "_torchjd_jac_consumed"
+
+
+def mark_consumed(t: Tensor) -> None:
+    setattr(t, _CONSUMED, True)
+
+
+def was_consumed(t: Tensor) -> bool:
+    return getattr(t, _CONSUMED, False)
