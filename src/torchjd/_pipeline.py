@@ -160,7 +160,7 @@ def run(groups: list[Group], steps: Steps, *, retain_jac: bool, stacklevel: int)
         consume_jacs([t for g in groups for t in g.tensors])
     steps.prepare(groups)
     with steps.scope():
-        for batch in _runs(groups):
+        for batch in _runs(groups) if len(groups) > 1 else [groups]:
             _weigh(batch)
     steps.combine([g for g in groups if g.route is not Need.MATRIX])
     accumulate_grads(
