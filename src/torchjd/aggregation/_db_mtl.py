@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -114,6 +116,12 @@ class DBMTL(NoGrad, LossesInputMixin, LazyStateMixin, Aggregator, Stateful):
     @eps.setter
     def eps(self, value: float) -> None:
         self._eps = _check_non_negative("eps", value)
+
+    def update_losses(self, losses: Tensor | Sequence[Tensor]) -> None:
+        """Give the loss values of the current step, one per objective (row of the Jacobian), in
+        the order of the rows. Call it before each aggregation: the values are used by the next
+        call only."""
+        super().update_losses(losses)
 
     def reset(self) -> None:
         """Forget the smoothed gradients, the call count and any pending losses."""

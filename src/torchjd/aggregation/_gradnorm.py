@@ -117,6 +117,12 @@ class GradNormWeighting(NoGrad, LossesInputMixin, LazyStateMixin, Weighting[PSDM
     def lr(self, value: float) -> None:
         self._lr = _check_lr(value)
 
+    def update_losses(self, losses: Tensor | Sequence[Tensor]) -> None:
+        """Give the loss values of the current step, one per objective (row of the Jacobian), in
+        the order of the rows. Call it before each aggregation: the values are used by the next
+        call only."""
+        super().update_losses(losses)
+
     def reset(self) -> None:
         """Forget the weights, the initial losses and any pending losses."""
         for name in (*_STATE, "_losses"):

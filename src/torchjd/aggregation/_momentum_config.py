@@ -163,10 +163,10 @@ class MConFIGBackward(Stateful):
     paper's second moment is that of a pseudo-gradient built from the ConFIG direction), and
     plain SGD uses the direction as is.
 
-    State: that of its :attr:`aggregator` (momenta ``[m, n]`` over all the parameters, in the
-    parameters' dtype, on their device), and the index of the next loss. :meth:`state_dict` /
-    :meth:`load_state_dict` save and restore it (a fresh instance continues identically);
-    :meth:`reset` forgets it.
+    State: that of its ``aggregator``, a :class:`MomentumConFIG` (momenta ``[m, n]`` over all
+    the parameters, in the parameters' dtype, on their device), and the index of the next loss.
+    :meth:`state_dict` / :meth:`load_state_dict` save and restore it (a fresh instance continues
+    identically); :meth:`reset` forgets it.
 
     :param params: the parameters to update (an iterable of tensors that require grad); they
         must share a dtype and a device.
