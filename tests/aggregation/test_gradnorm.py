@@ -276,3 +276,16 @@ def test_same_outputs_and_state_on_cuda() -> None:
     for value in on_cuda.state_dict().values():
         if isinstance(value, torch.Tensor) and value.numel() > 0:
             assert value.device.type == "cuda"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_match_float32(dtype: torch.dtype) -> None:
+    # The update is computed in float64 and stored in the input's dtype.
+    half, full = GradNormWeighting(lr=0.1), GradNormWeighting(lr=0.1)
+    gramian = torch.tensor([[4.0, 1.0], [1.0, 9.0]])
+    for losses in ([1.0, 2.0], [0.5, 1.9], [0.4, 1.8]):
+        half.update_losses(torch.tensor(losses))
+        full.update_losses(torch.tensor(losses))
+        out = half(gramian.to(dtype))
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), full(gramian), rtol=1e-2, atol=1e-2)

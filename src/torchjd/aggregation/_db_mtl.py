@@ -29,9 +29,12 @@ def _check_non_negative(name: str, value: float) -> float:
 def balance_to_largest_norm(rows: Tensor) -> Tensor:
     r"""The weights :math:`\max_j \|\hat g_j\| / \|\hat g_i\|` (0 for a zero row), so that each
     row of ``weights[:, None] * rows`` has the largest row norm."""
-    norms = rows.norm(dim=1)
+    # At least float32: the norm of a half-precision row can overflow its dtype.
+    wide = torch.promote_types(rows.dtype, torch.float32)
+    norms = torch.linalg.vector_norm(rows, dim=1, dtype=wide)
     largest = norms.max()
-    return torch.where(norms > 0, largest / torch.where(norms > 0, norms, 1.0), 0.0)
+    weights = torch.where(norms > 0, largest / torch.where(norms > 0, norms, 1.0), 0.0)
+    return weights.to(rows.dtype)
 
 
 class DBMTL(NoGrad, LossesInputMixin, LazyStateMixin, Aggregator, Stateful):

@@ -133,10 +133,18 @@ class GradNormWeighting(NoGrad, LossesInputMixin, LazyStateMixin, Weighting[PSDM
         losses = self._take_losses(m, stat)
         self._prepare_state(m, stat, losses)
         weights = self._weights
-        norms = stat.diagonal().clamp(min=0.0).sqrt()
+        # The m-vector update in float64 (float32 on MPS), where its divisions stay accurate in
+        # any input dtype; the state keeps the input's dtype.
+        solver = torch.float32 if stat.device.type == "mps" else torch.float64
+        norms = stat.diagonal().to(solver).clamp(min=0.0).sqrt()
         self._weights = gradnorm_step(
-            weights, norms, losses, self._initial_losses, self.alpha, self.lr
-        )
+            weights.to(solver),
+            norms,
+            losses.to(solver),
+            self._initial_losses.to(solver),
+            self.alpha,
+            self.lr,
+        ).to(stat.dtype)
         return weights
 
     def _prepare_state(self, m: int, stat: Tensor, losses: Tensor) -> None:
