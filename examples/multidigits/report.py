@@ -211,7 +211,10 @@ _LINESTYLES = dict(zip(GROUPINGS, ("-", "--", "-.", ":")))
 
 
 def _colour(method: str) -> tuple:
-    return matplotlib.colormaps["tab10"](list(METHODS).index(method) % 10)
+    # tab20 holds tab10's hues at even indices and lighter ones at odd indices: the first ten
+    # methods keep tab10's colours, the next ten take the lighter ones.
+    index = list(METHODS).index(method) % 20
+    return matplotlib.colormaps["tab20"](2 * index if index < 10 else 2 * (index - 10) + 1)
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:

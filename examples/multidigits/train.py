@@ -121,11 +121,16 @@ def train_run(data: MultiDigits, config: RunConfig, progress: bool = True) -> Ru
     optimizer = torch.optim.Adam([*trunk.parameters(), *heads.parameters()], lr=config.lr)
     batches = torch.Generator().manual_seed(config.seed)
 
-    jacobian_descent = not config.single_task and METHODS[config.method].make is not None
+    method = METHODS[config.method]
+    jacobian_descent = not config.single_task and method.make is not None
+    # M-ConFIG: one loss back-propagated per step, the direction written into every .grad.
+    own_step = None
+    if not config.single_task and method.make_step is not None:
+        own_step = method.make_step([*trunk.parameters(), *heads.parameters()])
     named_groups = parameter_groups(trunk, config.grouping) if jacobian_descent else []
     groups = [params for _, params in named_groups]
     # One aggregator per group, created once: stateful ones (GradVac, Nash-MTL) keep one state each.
-    aggregators = [METHODS[config.method].make(len(config.tasks)) for _ in groups]
+    aggregators = [method.make(len(config.tasks)) for _ in groups] if method.make else []
 
     train = data.train
     n = len(train)
@@ -155,7 +160,11 @@ def train_run(data: MultiDigits, config: RunConfig, progress: bool = True) -> Ru
                 cosines_log.append(gramian_cosines(group_gramians(groups)))
                 begin += time.perf_counter() - monitor_begin  # monitoring is not timed
                 for group, aggregator in zip(groups, aggregators):
+                    if getattr(aggregator, "requires_losses", False):
+                        aggregator.update_losses(losses)  # GradNorm, DB-MTL
                     jac_to_grad(group, aggregator)
+            elif own_step is not None:
+                own_step.backward(losses)
             else:
                 sum(losses).backward()
             optimizer.step()

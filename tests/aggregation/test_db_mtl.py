@@ -228,3 +228,15 @@ def test_same_outputs_and_state_on_cuda() -> None:
         assert out.device.type == "cuda"
         torch.testing.assert_close(out.cpu(), on_cpu(matrix))
     assert on_cuda.state_dict()["_gradients"].device.type == "cuda"
+
+
+def test_half_precision_matches_float32() -> None:
+    matrix = torch.tensor([[300.0, 300.0, 0.0], [1.0, 0.0, 2.0]])
+    half, full = DBMTL(), DBMTL()
+    for scale in (1.0, 0.5):
+        half.update_losses(torch.tensor([2.0, 0.1]))
+        full.update_losses(torch.tensor([2.0, 0.1]))
+        out = half((scale * matrix).half())
+        expected = full(scale * matrix)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)

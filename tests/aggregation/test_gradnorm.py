@@ -276,3 +276,60 @@ def test_same_outputs_and_state_on_cuda() -> None:
     for value in on_cuda.state_dict().values():
         if isinstance(value, torch.Tensor) and value.numel() > 0:
             assert value.device.type == "cuda"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_match_float32(dtype: torch.dtype) -> None:
+    # The update is computed in float64 and stored in the input's dtype.
+    half, full = GradNormWeighting(lr=0.1), GradNormWeighting(lr=0.1)
+    gramian = torch.tensor([[4.0, 1.0], [1.0, 9.0]])
+    for losses in ([1.0, 2.0], [0.5, 1.9], [0.4, 1.8]):
+        half.update_losses(torch.tensor(losses))
+        full.update_losses(torch.tensor(losses))
+        out = half(gramian.to(dtype))
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), full(gramian), rtol=1e-2, atol=1e-2)
+
+
+def test_batched_groups_equal_successive_calls() -> None:
+    # The batched entry point of the grouped path: each weighting keeps its own state and losses.
+    generator = torch.Generator().manual_seed(8)
+    grouped = [GradNormWeighting(lr=0.1), GradNormWeighting(alpha=0.5, lr=0.3)]
+    looped = [GradNormWeighting(lr=0.1), GradNormWeighting(alpha=0.5, lr=0.3)]
+    for _ in range(3):
+        matrices = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64)
+        gramians = matrices @ matrices.transpose(1, 2)
+        losses = torch.rand(2, 3, generator=generator, dtype=torch.float64) + 0.1
+        for weighting, values in zip([*grouped, *looped], [*losses, *losses]):
+            weighting.update_losses(values)
+        batched = GradNormWeighting._forward_grouped(grouped, gramians)
+        expected = torch.stack([w(g) for w, g in zip(looped, gramians)])
+        torch.testing.assert_close(batched, expected)
+
+
+def test_batched_groups_check_every_group_before_changing_any() -> None:
+    first, second = GradNormWeighting(), GradNormWeighting()
+    first.update_losses(torch.ones(2))
+    with pytest.raises(ValueError, match="update_losses"):
+        GradNormWeighting._forward_grouped([first, second], torch.eye(2).repeat(2, 1, 1))
+    torch.testing.assert_close(first(torch.eye(2)), torch.ones(2))  # its losses are still there
+
+
+def test_grouped_aggregator_with_losses_given_to_every_group() -> None:
+    from torchjd.grouping import GroupedAggregator
+
+    torch.manual_seed(0)
+    p, q = torch.randn(3, requires_grad=True), torch.randn(2, 2, requires_grad=True)
+    grouped = GroupedAggregator([[p], [q]], lambda: GradNorm(lr=0.1))
+    looped = [GradNorm(lr=0.1), GradNorm(lr=0.1)]
+    generator = torch.Generator().manual_seed(9)
+    for _ in range(3):
+        jacs = [torch.randn(2, 3, generator=generator), torch.randn(2, 2, 2, generator=generator)]
+        losses = torch.rand(2, generator=generator) + 0.2
+        p.jac, q.jac = jacs
+        for aggregator in [*grouped.aggregators, *looped]:
+            aggregator.update_losses(losses)
+        grouped.jac_to_grad()
+        for tensor, jac, aggregator in zip((p, q), jacs, looped):
+            torch.testing.assert_close(tensor.grad.reshape(-1), aggregator(jac.reshape(2, -1)))
+            tensor.grad = None

@@ -186,3 +186,11 @@ def test_same_outputs_and_state_on_cuda() -> None:
         for value in on_cuda.state_dict().values()
         if isinstance(value, torch.Tensor)
     )
+
+
+def test_half_precision_gramian_in_float32() -> None:
+    # The Gramian of rows of norm 1e3 (1e6) overflows float16: it is computed in float32.
+    matrix = torch.tensor([[1000.0, 0.0], [0.0, 500.0]])
+    out = MoCo()(matrix.half())
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), MoCo()(matrix), rtol=1e-3, atol=0.0)

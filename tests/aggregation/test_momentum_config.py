@@ -267,3 +267,14 @@ def test_training_step_on_cuda_matches_the_cpu() -> None:
         assert step_cuda.backward(on_cuda.losses(shift)) == step_cpu.backward(on_cpu.losses(shift))
         np.testing.assert_allclose(on_cuda.grad(), on_cpu.grad(), rtol=1e-4, atol=1e-5)
     assert step_cuda.aggregator._momenta.device.type == "cuda"
+
+
+def test_half_precision_gramian_in_float32() -> None:
+    matrix = 300.0 * J_B
+    half, full = MomentumConFIG(), MomentumConFIG()
+    for scale in (1.0, -0.5):
+        out = half((scale * matrix).half())
+        expected = full(scale * matrix)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-1)
+    assert half._gramian.dtype == torch.float32

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -27,9 +29,12 @@ def _check_non_negative(name: str, value: float) -> float:
 def balance_to_largest_norm(rows: Tensor) -> Tensor:
     r"""The weights :math:`\max_j \|\hat g_j\| / \|\hat g_i\|` (0 for a zero row), so that each
     row of ``weights[:, None] * rows`` has the largest row norm."""
-    norms = rows.norm(dim=1)
+    # At least float32: the norm of a half-precision row can overflow its dtype.
+    wide = torch.promote_types(rows.dtype, torch.float32)
+    norms = torch.linalg.vector_norm(rows, dim=1, dtype=wide)
     largest = norms.max()
-    return torch.where(norms > 0, largest / torch.where(norms > 0, norms, 1.0), 0.0)
+    weights = torch.where(norms > 0, largest / torch.where(norms > 0, norms, 1.0), 0.0)
+    return weights.to(rows.dtype)
 
 
 class DBMTL(NoGrad, LossesInputMixin, LazyStateMixin, Aggregator, Stateful):
@@ -114,6 +119,12 @@ class DBMTL(NoGrad, LossesInputMixin, LazyStateMixin, Aggregator, Stateful):
     @eps.setter
     def eps(self, value: float) -> None:
         self._eps = _check_non_negative("eps", value)
+
+    def update_losses(self, losses: Tensor | Sequence[Tensor]) -> None:
+        """Give the loss values of the current step, one per objective (row of the Jacobian), in
+        the order of the rows. Call it before each aggregation: the values are used by the next
+        call only."""
+        super().update_losses(losses)
 
     def reset(self) -> None:
         """Forget the smoothed gradients, the call count and any pending losses."""

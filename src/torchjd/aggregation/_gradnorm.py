@@ -30,9 +30,15 @@ def _check_lr(value: float) -> float:
 
 
 def gradnorm_step(
-    weights: Tensor, norms: Tensor, losses: Tensor, initial_losses: Tensor, alpha: float, lr: float
+    weights: Tensor,
+    norms: Tensor,
+    losses: Tensor,
+    initial_losses: Tensor,
+    alpha: float | Tensor,
+    lr: float | Tensor,
 ) -> Tensor:
-    r"""GradNorm's next loss weights (Chen et al., 2018, Eq. 2 and Algorithm 1).
+    r"""GradNorm's next loss weights (Chen et al., 2018, Eq. 2 and Algorithm 1), for vectors
+    ``[..., m]`` (``alpha`` and ``lr`` floats or of shape ``[..., 1]``).
 
     :math:`G_i = w_i \|\nabla L_i\|`, :math:`\bar G = \frac1m \sum_i G_i`,
     :math:`\tilde L_i = L_i / L_i(0)`, :math:`r_i = \tilde L_i / \frac1m \sum_j \tilde L_j`; the
@@ -43,18 +49,17 @@ def gradnorm_step(
     they all reach 0). A task whose initial loss is 0 counts as training at rate 1 (and all do if
     the mean rate is 0), so the result stays finite.
     """
-    m = weights.shape[0]
+    m = weights.shape[-1]
     ratios = torch.where(initial_losses > 0, losses / initial_losses, 1.0)  # L~_i
-    mean_ratio = ratios.mean()
+    mean_ratio = ratios.mean(dim=-1, keepdim=True)
     rates = torch.where(mean_ratio > 0, ratios / mean_ratio, 1.0)  # r_i
     weighted_norms = weights * norms  # G_i
-    targets = weighted_norms.mean() * rates.pow(alpha)  # G_bar r_i^alpha
+    targets = weighted_norms.mean(dim=-1, keepdim=True) * rates.pow(alpha)  # G_bar r_i^alpha
     gradient = torch.sign(weighted_norms - targets) * norms
     stepped = (weights - lr * gradient).clamp(min=0.0)
-    total = stepped.sum()
-    return torch.where(
-        total > 0, stepped * (m / total.clamp(min=torch.finfo(total.dtype).tiny)), 1.0
-    )
+    total = stepped.sum(dim=-1, keepdim=True)
+    scale = m / total.clamp(min=torch.finfo(total.dtype).tiny)
+    return torch.where(total > 0, stepped * scale, 1.0)
 
 
 class GradNormWeighting(NoGrad, LossesInputMixin, LazyStateMixin, Weighting[PSDMatrix], Stateful):
@@ -117,6 +122,12 @@ class GradNormWeighting(NoGrad, LossesInputMixin, LazyStateMixin, Weighting[PSDM
     def lr(self, value: float) -> None:
         self._lr = _check_lr(value)
 
+    def update_losses(self, losses: Tensor | Sequence[Tensor]) -> None:
+        """Give the loss values of the current step, one per objective (row of the Jacobian), in
+        the order of the rows. Call it before each aggregation: the values are used by the next
+        call only."""
+        super().update_losses(losses)
+
     def reset(self) -> None:
         """Forget the weights, the initial losses and any pending losses."""
         for name in (*_STATE, "_losses"):
@@ -127,10 +138,53 @@ class GradNormWeighting(NoGrad, LossesInputMixin, LazyStateMixin, Weighting[PSDM
         losses = self._take_losses(m, stat)
         self._prepare_state(m, stat, losses)
         weights = self._weights
-        norms = stat.diagonal().clamp(min=0.0).sqrt()
+        # The m-vector update in float64 (float32 on MPS), where its divisions stay accurate in
+        # any input dtype; the state keeps the input's dtype.
+        solver = torch.float32 if stat.device.type == "mps" else torch.float64
+        norms = stat.diagonal().to(solver).clamp(min=0.0).sqrt()
         self._weights = gradnorm_step(
-            weights, norms, losses, self._initial_losses, self.alpha, self.lr
-        )
+            weights.to(solver),
+            norms,
+            losses.to(solver),
+            self._initial_losses.to(solver),
+            self.alpha,
+            self.lr,
+        ).to(stat.dtype)
+        return weights
+
+    @classmethod
+    @torch.no_grad()
+    def _forward_grouped(cls, weightings: Sequence[GradNormWeighting], gramians: Tensor) -> Tensor:
+        """Weights ``[b, m]`` of Gramians ``[b, m, m]``, the ``k``-th one weighted by
+        ``weightings[k]`` with its own state and pending losses, as ``b`` successive calls would;
+        each instance's state is updated. The instances must be distinct."""
+        b, m = gramians.shape[0], gramians.shape[-1]
+        if len(weightings) != b:
+            raise ValueError(
+                f"Got {len(weightings)} weightings for {b} Gramians: give one weighting per "
+                "Gramian."
+            )
+        if b == 0:
+            return gramians.new_zeros(0, m)
+        like = gramians[0]
+        for weighting in weightings:  # all checked before any state changes
+            weighting._check_pending_losses(m)
+        losses = [w._take_losses(m, like) for w in weightings]
+        for weighting, values in zip(weightings, losses):
+            weighting._prepare_state(m, like, values)
+        weights = torch.stack([w._weights for w in weightings])
+        solver = torch.float32 if gramians.device.type == "mps" else torch.float64
+        per_group = {"dtype": solver, "device": gramians.device}
+        new_weights = gradnorm_step(
+            weights.to(solver),
+            gramians.diagonal(dim1=-2, dim2=-1).to(solver).clamp(min=0.0).sqrt(),
+            torch.stack(losses).to(solver),
+            torch.stack([w._initial_losses for w in weightings]).to(solver),
+            torch.tensor([[w.alpha] for w in weightings], **per_group),
+            torch.tensor([[w.lr] for w in weightings], **per_group),
+        ).to(gramians.dtype)
+        for weighting, row in zip(weightings, new_weights):
+            weighting._weights = row.clone()
         return weights
 
     def _prepare_state(self, m: int, stat: Tensor, losses: Tensor) -> None:

@@ -64,6 +64,13 @@ class LossesInputMixin(nn.Module):
 
     def _take_losses(self, m: int, like: Tensor) -> Tensor:
         """The pending losses, in ``like``'s dtype and on its device, and forget them."""
+        self._check_pending_losses(m)
+        pending = self._losses
+        self._losses = torch.empty(0, device=pending.device)
+        return pending.to(dtype=like.dtype, device=like.device)
+
+    def _check_pending_losses(self, m: int) -> None:
+        """Raise ``ValueError`` unless ``m`` loss values are pending."""
         pending = self._losses
         name = type(self).__name__
         if pending.numel() == 0:
@@ -76,5 +83,3 @@ class LossesInputMixin(nn.Module):
                 f"{name} received {pending.shape[0]} loss values for {m} objectives (rows): give "
                 "one loss per row, in the order of the rows."
             )
-        self._losses = torch.empty(0, device=pending.device)
-        return pending.to(dtype=like.dtype, device=like.device)

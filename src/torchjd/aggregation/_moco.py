@@ -24,8 +24,18 @@ def _check_non_negative(name: str, value: float) -> float:
     return value
 
 
+def _gramian_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision states are multiplied in float32: their inner products overflow easily."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _solver_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _gramian_of(rows: Tensor) -> Tensor:
+    wide = rows.to(_gramian_dtype(rows.dtype))
+    return wide @ wide.T
 
 
 def moco_weights_step(gramian: Tensor, weights: Tensor, gamma: float, rho: float) -> Tensor:
@@ -166,7 +176,7 @@ class MoCo(NoGrad, LazyStateMixin, Aggregator, Stateful):
         solver = _solver_dtype(matrix.device)
         gamma_k = self.gamma * k ** (-self.gamma_sigma)
         weights = moco_weights_step(
-            (tracked @ tracked.T).to(solver), self._weights.to(solver), gamma_k, self.rho
+            _gramian_of(tracked).to(solver), self._weights.to(solver), gamma_k, self.rho
         ).to(matrix.dtype)
         self._weights = weights
         return weights @ tracked

@@ -24,6 +24,11 @@ def _check_beta(value: float) -> float:
     return value
 
 
+def _gramian_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision states are multiplied in float32: their inner products overflow easily."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class MomentumConFIG(NoGrad, LazyStateMixin, Aggregator, Stateful):
     r"""The direction of Momentum ConFIG (M-ConFIG), from `ConFIG: Towards Conflict-free Training
     of Physics Informed Neural Networks <https://arxiv.org/abs/2408.11104>`_ (Liu et al., ICLR
@@ -42,8 +47,9 @@ class MomentumConFIG(NoGrad, LazyStateMixin, Aggregator, Stateful):
     :class:`ConFIG` (float64 eigendecomposition, then cast back); the result is a combination of
     the momenta.
 
-    State: the momenta (``[m, n]``, as large as the Jacobian), the update counts and the Gramian
-    of the momenta, in the input's dtype, following its device; re-initialised (with a warning)
+    State: the momenta (``[m, n]``, as large as the Jacobian, in the input's dtype), the update
+    counts and the Gramian of the momenta (in float32 for half-precision inputs, where inner
+    products overflow easily), following the input's device; re-initialised (with a warning)
     when the shape or the dtype changes; :meth:`reset` forgets them. ``state_dict()`` of a used
     instance loads into a fresh one. Not differentiable (runs under :func:`torch.no_grad`).
 
@@ -83,7 +89,8 @@ class MomentumConFIG(NoGrad, LazyStateMixin, Aggregator, Stateful):
         # In place: the momenta are as large as the Jacobian.
         self._momenta.lerp_(matrix, 1.0 - self.beta)
         self._counts = self._counts + 1
-        self._gramian = self._momenta @ self._momenta.T
+        wide = self._momenta.to(_gramian_dtype(self._momenta.dtype))
+        self._gramian = wide @ wide.T
         return self._direction()
 
     def _prepare_state(self, m: int, n: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -99,7 +106,7 @@ class MomentumConFIG(NoGrad, LazyStateMixin, Aggregator, Stateful):
             )
         self._momenta = torch.zeros(m, n, dtype=dtype, device=device)
         self._counts = torch.zeros(m, dtype=torch.long, device=device)
-        self._gramian = torch.zeros(m, m, dtype=dtype, device=device)
+        self._gramian = torch.zeros(m, m, dtype=_gramian_dtype(dtype), device=device)
 
     def _update_row(self, i: int, gradient: Sequence[Tensor], slices: Sequence[slice]) -> None:
         """Update the momentum of row ``i`` with a gradient given by pieces (``gradient[k]`` fills
@@ -113,7 +120,8 @@ class MomentumConFIG(NoGrad, LazyStateMixin, Aggregator, Stateful):
             else:
                 segment.lerp_(piece.reshape(-1), 1.0 - self.beta)
         self._counts[i] += 1
-        products = self._momenta @ row  # m_j . m_i for every j
+        wide = _gramian_dtype(row.dtype)
+        products = self._momenta.to(wide) @ row.to(wide)  # m_j . m_i for every j
         self._gramian[i] = products
         self._gramian[:, i] = products
 
@@ -163,10 +171,10 @@ class MConFIGBackward(Stateful):
     paper's second moment is that of a pseudo-gradient built from the ConFIG direction), and
     plain SGD uses the direction as is.
 
-    State: that of its :attr:`aggregator` (momenta ``[m, n]`` over all the parameters, in the
-    parameters' dtype, on their device), and the index of the next loss. :meth:`state_dict` /
-    :meth:`load_state_dict` save and restore it (a fresh instance continues identically);
-    :meth:`reset` forgets it.
+    State: that of its ``aggregator``, a :class:`MomentumConFIG` (momenta ``[m, n]`` over all
+    the parameters, in the parameters' dtype, on their device), and the index of the next loss.
+    :meth:`state_dict` / :meth:`load_state_dict` save and restore it (a fresh instance continues
+    identically); :meth:`reset` forgets it.
 
     :param params: the parameters to update (an iterable of tensors that require grad); they
         must share a dtype and a device.
