@@ -62,7 +62,6 @@ def exchange_jacobians(
     one all-reduce (``mean``) or all-gather (``stack``)."""
     dtype = _common_dtype([*jacobians, *grads])
     device = jacobians[0].device
-    m = jacobians[0].shape[0]
     sizes = [j.numel() for j in jacobians] + [g.numel() for g in grads]
     pieces = [j.reshape(-1) for j in jacobians] + [g.reshape(-1) for g in grads]
     n_data = sum(sizes)
@@ -84,7 +83,8 @@ def exchange_jacobians(
     table = gathered.view(ex.world_size, local.numel())
     blocks = table[:, :n_data].split(sizes, dim=1)
     global_jacobians = [
-        b.reshape(ex.world_size * m, *j.shape[1:]).to(j.dtype) for b, j in zip(blocks, jacobians)
+        b.reshape(ex.world_size * len(j), *j.shape[1:]).to(j.dtype)
+        for b, j in zip(blocks, jacobians)
     ]
     reduced = [
         b.sum(dim=0).view(g.shape).to(g.dtype) for b, g in zip(blocks[len(jacobians) :], grads)
