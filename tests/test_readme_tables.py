@@ -1,4 +1,5 @@
-"""The README's table of aggregators agrees with what the classes declare about themselves."""
+"""The tables of aggregators (README, the guide to choosing one) agree with what the classes
+declare about themselves."""
 
 import re
 from pathlib import Path
@@ -10,14 +11,16 @@ from tests.aggregation._registry import AGGREGATORS
 from torchjd import Stateful
 from torchjd.aggregation import Aggregator, Weighting
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+GUIDE = ROOT / "docs" / "choosing_an_aggregator.md"
 _BASES = {"Aggregator", "WeightedAggregator", "GramianWeightedAggregator", "Weighting"}
 _CHECK = "✓"
 
 
-def _rows() -> list[dict[str, str]]:
-    text = README.read_text()
-    table = text.split("## Aggregators", 1)[1].split("\n\n", 2)[1]
+def _rows(path: Path = README, heading: str = "## Aggregators") -> list[dict[str, str]]:
+    text = path.read_text()
+    table = text.split(heading, 1)[1].split("\n\n", 2)[1]
     lines = [line for line in table.splitlines() if line.startswith("|")]
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     rows = []
@@ -112,3 +115,22 @@ def test_non_conflicting_column_matches_the_registry_claims(row: dict[str, str])
         assert row["non-conflicting"] != ""
     if row["non-conflicting"] == "":
         assert not any(claims)
+
+
+GUIDE_ROWS = [row for row in _rows(GUIDE, "### Guarantees") if _class(row["aggregator"])]
+_INPUTS = {"row count": "$m$ only", "gramian": "$G$", "matrix": "$J$"}
+
+
+@pytest.mark.parametrize("row", GUIDE_ROWS, ids=[row["aggregator"] for row in GUIDE_ROWS])
+def test_the_guide_agrees_with_the_declarations(row: dict[str, str]) -> None:
+    aggregator = _instance(_class(row["aggregator"]))  # type: ignore[arg-type]
+    assert row["input"].startswith(_INPUTS[aggregator.need.value])
+    assert (row["randomised"] == _CHECK) is aggregator.randomized
+    stateful = isinstance(aggregator, Stateful) or isinstance(_weighting_of(aggregator), Stateful)
+    assert (row["stateful"] == _CHECK) is stateful
+
+
+def _weighting_of(aggregator: Aggregator) -> object:
+    if aggregator.need.value == "gramian":
+        return aggregator.gramian_weighting  # type: ignore[attr-defined]
+    return getattr(aggregator, "weighting", None)
