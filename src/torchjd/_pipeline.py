@@ -12,6 +12,7 @@ the many-group case.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Hashable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ class Group:
     def device(self) -> torch.device:
         return self.jacobians[0].device
 
-    @property
+    @functools.cached_property
     def weighting(self) -> nn.Module:
         """The weighting that reads the statistic of the route (row count or Gramian)."""
         if self.route is Need.GRAMIAN:
