@@ -324,3 +324,26 @@ def test_gramians_of_row_count_aggregators_only_on_request() -> None:
 
 def test_cosine_similarities_before_the_first_call_are_empty() -> None:
     assert GroupedAggregator([_params(1)], UPGrad).cosine_similarities() == []
+
+
+# Loss values
+
+
+def test_update_losses_reaches_every_group() -> None:
+    from torchjd.aggregation import GradNorm
+
+    a, b = _params(2)
+    grouped = GroupedAggregator([[a], [b]], GradNorm)
+    grouped.update_losses(torch.tensor([2.0, 1.0]))
+    a.jac, b.jac = torch.eye(2), torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+    weights = grouped.jac_to_grad()
+    assert all(w is not None and w.shape == (2,) for w in weights)
+    a.jac, b.jac = torch.eye(2), torch.eye(2)
+    with pytest.raises(ValueError, match="loss"):  # used by one step only
+        grouped.jac_to_grad()
+
+
+def test_update_losses_needs_an_aggregator_that_uses_them() -> None:
+    grouped = GroupedAggregator([_params(1)], UPGrad)
+    with pytest.raises(TypeError, match="uses loss values"):
+        grouped.update_losses(torch.ones(2))
