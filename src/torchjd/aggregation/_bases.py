@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Generic, TypeVar, overload
 import torch
 from torch import Tensor, nn
 
+from torchjd._precision import is_half, promoted
 from torchjd._protocol import Need
 from torchjd.linalg._gramian import compute_gramian
 from torchjd.linalg._matrix import Matrix, PSDMatrix
@@ -147,6 +148,10 @@ class Weighting(nn.Module, ABC, Generic[_T]):
         """Compute one weight per objective (per row of ``stat``)."""
 
     def __call__(self, stat: _T, /) -> Tensor:
+        if is_half(stat.dtype) and not self.row_count_only:
+            # Epsilons underflow and linalg routines are missing in half precision: solve in the
+            # working dtype (torchjd._precision) and return the weights in the input's dtype.
+            return super().__call__(promoted(stat)).to(dtype=stat.dtype)
         return super().__call__(stat)
 
     def __lshift__(self, fn: Callable[[Tensor], _T]) -> Weighting[Tensor]:
@@ -181,9 +186,12 @@ class WeightedAggregator(Aggregator):
         self.weighting = weighting
 
     def forward(self, matrix: Tensor, /) -> Tensor:
-        weights = self.weighting(matrix)
+        # Half-precision rows are weighed (and their Gramian formed) in float32, so that neither
+        # the Gramian nor the weighted sum overflows; weights read from the shape need no copy.
+        work = matrix if self.weighting.row_count_only else promoted(matrix)
+        weights = self.weighting(work)
         # A user-given weight vector (Constant, pref_vector) may differ in dtype or device.
-        return weights.to(dtype=matrix.dtype, device=matrix.device) @ matrix
+        return (weights.to(dtype=work.dtype, device=matrix.device) @ work).to(dtype=matrix.dtype)
 
     @property
     def need(self) -> Need:
