@@ -12,7 +12,7 @@ from torch import Tensor
 
 
 def finite_part(stat: Tensor, dims: int = 2) -> tuple[Tensor, Tensor]:
-    """``(safe, nan_where_non_finite)`` for a batch of inputs whose last ``dims`` dims are one input.
+    """``(safe, nan_where_non_finite)`` for a batch of inputs, each made of the last ``dims`` dims.
 
     ``safe`` is ``stat`` with every input that holds an infinity or a NaN replaced by zeros (so
     that a decomposition of it cannot fail); ``nan_where_non_finite`` has shape
