@@ -8,11 +8,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from torchjd._precision import working_dtype
 from torchjd._stateful import Stateful
 from torchjd.aggregation._bases import Forwarded, GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.aggregation._lazy_state import LazyStateMixin, warn_reinitialised
 from torchjd.aggregation._pcgrad import _step_indices
 from torchjd.linalg._matrix import PSDMatrix
+from torchjd.linalg._nonfinite import finite_part, poison
 
 
 def _draw_orders(n_problems: int, m: int) -> Tensor:
@@ -33,13 +35,6 @@ def _draw_orders(n_problems: int, m: int) -> Tensor:
 
 
 _TWO_TASK_ORDERS = torch.tensor([[[1], [0]]])
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half-precision inputs are computed in float32: ``eps`` (1e-8) underflows in float16, and
-    norms and products of moderate gradients overflow it."""
-    return torch.float32 if dtype in _HALF_DTYPES else dtype
 
 
 def _per_task(value: float | Tensor, n_problems: int, m: int, like: Tensor) -> Tensor:
@@ -51,6 +46,22 @@ def _per_task(value: float | Tensor, n_problems: int, m: int, like: Tensor) -> T
 
 
 def _gradvac_weights(
+    gramian: Tensor,
+    phi_hat: Tensor,
+    orders: Tensor,
+    beta: float | Tensor,
+    eps: float | Tensor,
+) -> tuple[Tensor, Tensor]:
+    """:func:`_finite_gradvac_weights`, with NaN weights and untouched targets for the Gramians
+    that hold an infinity or a NaN (whose comparisons with the targets would all be False, which
+    would give weights of 1)."""
+    safe, nan_where_non_finite = finite_part(gramian)
+    weights, new_phi_hat = _finite_gradvac_weights(safe, phi_hat, orders, beta, eps)
+    skipped = torch.isnan(nan_where_non_finite)[..., None, None]
+    return poison(weights, nan_where_non_finite), torch.where(skipped, phi_hat, new_phi_hat)
+
+
+def _finite_gradvac_weights(
     gramian: Tensor,
     phi_hat: Tensor,
     orders: Tensor,
@@ -269,7 +280,7 @@ class GradVacWeighting(NoGrad, LazyStateMixin, Weighting[PSDMatrix], Stateful):
     def forward(self, stat: Tensor, /) -> Tensor:
         m, dtype = stat.shape[0], stat.dtype
         phi_hat = self._targets_for(m, dtype, stat.device)
-        compute = _compute_dtype(dtype)
+        compute = working_dtype(dtype)
         weights, new_phi_hat = _gradvac_weights(
             stat[None].to(compute),
             phi_hat[None].to(compute),
@@ -297,7 +308,7 @@ class GradVacWeighting(NoGrad, LazyStateMixin, Weighting[PSDMatrix], Stateful):
             return gramians.new_zeros(0, m)
         dtype = gramians.dtype
         states = [w._targets_for(m, dtype, gramians.device) for w in weightings]
-        compute = _compute_dtype(dtype)
+        compute = working_dtype(dtype)
         weights, new_states = _gradvac_weights(
             gramians.to(compute),
             torch.stack(states).to(compute),

@@ -15,12 +15,17 @@ def project_onto_simplex(y: Tensor) -> Tensor:
     :math:`s_k > c_k`; the result is :math:`\max(y - c_\rho, 0)`.
 
     Branch-free (no host synchronisation), in the dtype and on the device of ``y``; ``y`` of shape
-    ``[..., m]`` with ``m >= 1``. NaN entries give NaN outputs.
+    ``[..., m]`` with ``m >= 1``. NaN entries give NaN outputs, and so does an infinite entry.
+
+    The projection is unchanged by adding a constant to every entry: ``y`` is first shifted so
+    that its largest entry is 0, which keeps the ``1`` of the constraint visible next to huge
+    entries (without it, ``1e17 - 1`` rounds to ``1e17`` and every weight to 0).
 
     >>> project_onto_simplex(torch.tensor([0.5, 0.1, 0.1]))
     tensor([0.6000, 0.2000, 0.2000])
     """
     m = y.shape[-1]
+    y = y - y.amax(dim=-1, keepdim=True)
     s, _ = torch.sort(y, dim=-1, descending=True)
     k = torch.arange(1, m + 1, dtype=y.dtype, device=y.device)
     c = (torch.cumsum(s, dim=-1) - 1.0) / k

@@ -1,0 +1,343 @@
+"""Every aggregator, weighting and scalarizer of the registries on the hard-input bank.
+
+Checks, in float64, float32, bfloat16 and float16: a finite input gives a finite output of the
+input's dtype; a non-finite input gives a non-finite output, without raising (the policy stated
+in :mod:`torchjd.aggregation`; TrimmedMean trims non-finite rows instead); on inputs with
+cond(J Jᵀ) <= 1e3 the result is within the relative error of ``ACCURACY`` of the float64 result
+on the same (rounded) input; and where non-conflict is claimed, ``J_i · d >= -τ ||J_i|| ||d||``
+per row, with τ from ``CONFLICT`` (relative to ``||J|| ||d||`` when the row norms are more than
+100 apart, where the regularisation of the projectors legitimately dominates), Pareto-stationary
+inputs included.
+"""
+
+import os
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor
+
+from tests.scalarization._registry import SCALARIZERS
+from tests.scalarization._registry import Entry as ScalarizerEntry
+from torchjd._precision import working_dtype
+from torchjd.aggregation import Aggregator, GramianWeightedAggregator
+from torchjd.linalg import BlockPivotingProjector
+from torchjd.linalg._gramian import compute_gramian
+
+from ._bank import ACCURACY, CONFLICT, DTYPE_IDS, DTYPES, Case, matrix_cases, value_cases
+from ._entry import Entry
+from ._registry import AGGREGATORS
+
+# Defects fixed on another line of work: each case must fail until then (strict xfail), and its
+# entry must be deleted once it passes. Keys: (registry id, "check[dtype]").
+_SDMGRAD = "far from the float64 result at m = 128 and n = 4096 (relative error 0.5)"
+_MGDA = "Frank-Wolfe stops early: conflicts with a row of rank-deficient matrices"
+_HUGE = "weights beyond the float16 range (inf) from a singular Gramian"
+_COSMOS = "NaN from zero values in float16 (an epsilon underflows)"
+_FAMO_HALF = "off the float64 result in half precision (its softmax is summed in another dtype)"
+PENDING_ELSEWHERE: dict[tuple[str, str], str] = {
+    ("SDMGrad", "accuracy[f32]"): _SDMGRAD,
+    ("SDMGrad", "accuracy[bf16]"): _SDMGRAD,
+    ("SDMGrad", "accuracy[f16]"): _SDMGRAD,
+    ("MGDA", "non_conflict[f64]"): _MGDA,
+    ("MGDA", "non_conflict[f32]"): _MGDA,
+    ("FairGrad(1)", "weighting[f16]"): _HUGE,
+    ("FairGrad(0.1)", "weighting[f16]"): _HUGE,
+    ("NashMTL", "weighting[f16]"): _HUGE,
+    ("MoDo", "weighting[f16]"): "finite weights from a Gramian that overflows float16",
+    ("GeometricMean", "scalarizer[bf16]"): "loses 3 to 6% in bfloat16",
+    ("COSMOS-uniform", "scalarizer[f16]"): _COSMOS,
+    ("COSMOS-ramp", "scalarizer[f16]"): _COSMOS,
+    ("PBI-uniform", "scalarizer[f16]"): "0 instead of the float64 result on zero values in float16",
+    ("FAMO", "scalarizer[f16]"): "NaN from zero values in float16",
+    ("FAMO-min-losses", "scalarizer[bf16]"): _FAMO_HALF,
+    ("FAMO-min-losses", "scalarizer[f16]"): _FAMO_HALF,
+}
+
+# Configurations whose result does not conflict with any row, and the extent of the claim:
+# "always" (per row, whatever the row norms), or "close" (per row when the row norms are within a
+# factor of 100; relative to ||J|| otherwise).
+NON_CONFLICTING: dict[str, str] = {
+    "MGDA": "always",
+    "UPGrad": "close",
+    "UPGrad(pref)": "close",
+    "UPGrad(exact)": "close",
+    "UPGrad(quadprog)": "close",
+    "DualProj": "close",
+    "DualProj(pref)": "close",
+    "DualProj(exact)": "close",
+    "CAGrad(2)": "close",
+}
+
+# Their random draws depend on the dtype (uniform numbers drawn in the input's dtype): a result
+# in float32 cannot be compared with a float64 one drawn differently.
+_DRAWS_IN_DTYPE = {"GradDrop", "GradDrop(leak)", "Random"}
+# TrimmedMean is robust by design: it trims non-finite rows (documented exception).
+_TRIMS_NON_FINITE = {"TrimmedMean(1)"}
+# Weightings that select rows (Krum, robust by design) give finite weights from a non-finite
+# Gramian; the aggregation w @ J still carries the infinity or NaN (0 * NaN is NaN). The
+# normalised mean of test_normalised_mean.py is a user's example, not part of the library.
+_SELECTS_ROWS = {"Krum(0)", "Krum(1, 2)", "NormalisedMean(test)"}
+# A Gramian rounded to half precision need not be positive semi-definite: quadprog refuses it
+# with a ValueError (BlockPivotingProjector retries with a ridge instead).
+_REFUSES_INDEFINITE = {"UPGrad(quadprog)"}
+
+# One quadratic program per row in Python: about a second per call at m = 128. Its m = 128 case
+# runs in the finiteness check only.
+_SLOW_AT_M128 = {"UPGrad(quadprog)"}
+
+_CASES = matrix_cases()
+_COUNT_FILE = os.environ.get("TORCHJD_BANK_COUNT")
+
+
+def _count() -> None:
+    """Record one call of the bank (to report its size, when TORCHJD_BANK_COUNT names a file)."""
+    if _COUNT_FILE:
+        with open(_COUNT_FILE, "a") as file:
+            file.write("1\n")
+
+
+def _marked(entry_id: str, check: str, dtype: torch.dtype) -> tuple:
+    reason = PENDING_ELSEWHERE.get((entry_id, f"{check}[{DTYPE_IDS[dtype]}]"))
+    return (pytest.mark.xfail(strict=True, reason=reason),) if reason else ()
+
+
+def _params(entries: list, check: str, dtypes: tuple = DTYPES) -> list:
+    return [
+        pytest.param(
+            entry, dtype, id=f"{entry.id}-{DTYPE_IDS[dtype]}", marks=_marked(entry.id, check, dtype)
+        )
+        for entry in entries
+        for dtype in dtypes
+    ]
+
+
+def _fitting(entry: Entry, case: Case) -> Case | None:
+    """The case cut to the number of rows the entry accepts, or None when it cannot be."""
+    if entry.needs_fixed_m is not None:
+        k = entry.needs_fixed_m
+        return Case(case.name, case.matrix[:k]) if case.m >= k else None
+    return case if case.m >= entry.min_rows else None
+
+
+def _cases(entry: Entry, large: bool = False) -> list[Case]:
+    """The cases the entry accepts; m = 128 only where ``large`` or the entry is fast there."""
+    cases = [fitted for case in _CASES if (fitted := _fitting(entry, case)) is not None]
+    if large or entry.id not in _SLOW_AT_M128:
+        return cases
+    return [case for case in cases if case.m <= 32]
+
+
+def _aggregate(entry: Entry, matrix: Tensor) -> Tensor:
+    _count()
+    torch.manual_seed(0)
+    return entry.make()(matrix)
+
+
+def _failures(check: Callable[[Case], str | None], cases: list[Case]) -> list[str]:
+    return [f"{case.name}: {message}" for case in cases if (message := check(case)) is not None]
+
+
+@pytest.mark.parametrize(("entry", "dtype"), _params(AGGREGATORS, "finite"))
+def test_finite_input_gives_finite_output_of_its_dtype(entry: Entry, dtype: torch.dtype) -> None:
+    def check(case: Case) -> str | None:
+        matrix = case.matrix.to(dtype)
+        if not torch.isfinite(matrix).all():
+            return None
+        out = _aggregate(entry, matrix)
+        if out.dtype != dtype:
+            return f"dtype {out.dtype}"
+        if not torch.isfinite(out).all():
+            return "non-finite output"
+        return None
+
+    failures = _failures(check, _cases(entry, large=True))
+    assert not failures, failures
+
+
+@pytest.mark.parametrize(("entry", "dtype"), _params(AGGREGATORS, "non_finite"))
+def test_non_finite_input_gives_non_finite_output(entry: Entry, dtype: torch.dtype) -> None:
+    def check(case: Case) -> str | None:
+        matrix = case.matrix.to(dtype)
+        if torch.isfinite(matrix).all():
+            return None
+        try:
+            out = _aggregate(entry, matrix)
+        except Exception as error:  # the policy: never raised
+            return f"raised {type(error).__name__}: {error}"
+        if out.dtype != dtype:
+            return f"dtype {out.dtype}"
+        if entry.id in _TRIMS_NON_FINITE:
+            return None
+        return "finite output" if torch.isfinite(out).all() else None
+
+    failures = _failures(check, _cases(entry))
+    assert not failures, failures
+
+
+@pytest.mark.parametrize(
+    ("entry", "dtype"),
+    _params(
+        [e for e in AGGREGATORS if e.id not in _DRAWS_IN_DTYPE],
+        "accuracy",
+        (torch.float32, torch.bfloat16, torch.float16),
+    ),
+)
+def test_accuracy_against_float64(entry: Entry, dtype: torch.dtype) -> None:
+    def check(case: Case) -> str | None:
+        matrix = case.matrix.to(dtype)
+        rounded = Case(case.name, matrix.double())
+        if not rounded.well_conditioned:
+            return None
+        expected = _aggregate(entry, rounded.matrix)
+        out = _aggregate(entry, matrix).double()
+        if not expected.any():  # e.g. below a threshold on the norm: then exactly zero too
+            return None if not out.any() else f"{out} where float64 gives 0"
+        error = float((out - expected).norm() / expected.norm())
+        return f"relative error {error:.2e}" if not error <= ACCURACY[dtype] else None
+
+    failures = _failures(check, _cases(entry))
+    assert not failures, failures
+
+
+def _regularisation(aggregator: Aggregator, dtype: torch.dtype) -> float:
+    """The multiple of the identity that the projector adds to the normalised Gramian: by the
+    optimality conditions of its problems, ``(J d)_i >= -eps tr(G) w_i``."""
+    projector = getattr(aggregator, "projector", None)
+    if projector is None:
+        return 0.0
+    reg_eps = projector.reg_eps
+    if isinstance(projector, BlockPivotingProjector):
+        # Its documented floor on the diagonal, in the dtype in which the Gramian is normalised.
+        reg_eps = max(reg_eps, min(16 * torch.finfo(working_dtype(dtype)).eps, 1e-6))
+    return reg_eps
+
+
+def _conflict(entry: Entry, case: Case, d: Tensor, dtype: torch.dtype) -> str | None:
+    """The rows with which ``d`` conflicts beyond the tolerance (everything in float64)."""
+    J = case.matrix
+    products = J @ d
+    row_norms = J.norm(dim=1)
+    always = NON_CONFLICTING[entry.id] == "always"
+    scale = row_norms if case.close_row_norms or always else J.norm()
+    # The weights of d = Jᵀ w, from the float64 Gramian: they bound what rounding and the
+    # regularisation of the projectors may add to the claim.
+    aggregator = entry.make()
+    assert isinstance(aggregator, GramianWeightedAggregator)
+    w = aggregator.gramian_weighting(compute_gramian(J)).abs()
+    # d is rounded to the dtype: allowed on top of the claim (a zero result is rounding noise).
+    rounding = 8 * torch.finfo(dtype).eps * row_norms * (w @ row_norms)
+    regularisation = _regularisation(aggregator, dtype) * J.norm() ** 2 * w
+    bad = products < -(CONFLICT[dtype] * scale * d.norm() + rounding + regularisation)
+    if bad.any():
+        return f"conflicts with rows {bad.nonzero().flatten().tolist()}: {products.tolist()}"
+    return None
+
+
+@pytest.mark.parametrize(
+    ("entry", "dtype"),
+    _params([e for e in AGGREGATORS if e.id in NON_CONFLICTING], "non_conflict"),
+)
+def test_non_conflicting_where_claimed(entry: Entry, dtype: torch.dtype) -> None:
+    def check(case: Case) -> str | None:
+        matrix = case.matrix.to(dtype)
+        if not torch.isfinite(matrix).all():
+            return None
+        rounded = Case(case.name, matrix.double())
+        return _conflict(entry, rounded, _aggregate(entry, matrix).double(), dtype)
+
+    failures = _failures(check, _cases(entry))
+    assert not failures, failures
+
+
+def test_every_non_conflict_claim_names_a_registry_entry() -> None:
+    ids = {entry.id for entry in AGGREGATORS}
+    assert set(NON_CONFLICTING) <= ids
+    assert {e.id for e in AGGREGATORS if e.non_conflicting} <= set(NON_CONFLICTING)
+    assert {key[0] for key in PENDING_ELSEWHERE} <= ids | {e.id for e in SCALARIZERS}
+
+
+# The Gramian weightings, called directly on a Gramian of the input's dtype.
+_GRAMIAN_ENTRIES = [e for e in AGGREGATORS if isinstance(e.make(), GramianWeightedAggregator)]
+
+
+def _gramian(case: Case, dtype: torch.dtype) -> Tensor:
+    return compute_gramian(case.matrix).to(dtype)
+
+
+@pytest.mark.parametrize(("entry", "dtype"), _params(_GRAMIAN_ENTRIES, "weighting"))
+def test_gramian_weighting_dtype_finiteness_and_non_finite_policy(
+    entry: Entry, dtype: torch.dtype
+) -> None:
+    def check(case: Case) -> str | None:
+        gramian = _gramian(case, dtype)
+        aggregator = entry.make()
+        assert isinstance(aggregator, GramianWeightedAggregator)
+        _count()
+        torch.manual_seed(0)
+        finite = bool(torch.isfinite(gramian).all())
+        try:
+            weights = aggregator.gramian_weighting(gramian)
+        except ValueError as error:
+            if (
+                finite
+                and entry.id in _REFUSES_INDEFINITE
+                and dtype in (torch.float16, torch.bfloat16)
+            ):
+                return None
+            return f"raised ValueError: {error}"
+        except Exception as error:
+            return f"raised {type(error).__name__}: {error}"
+        if weights.dtype != dtype:
+            return f"dtype {weights.dtype}"
+        if finite and not torch.isfinite(weights).all():
+            return f"non-finite weights {weights}"
+        if not finite and entry.id not in _SELECTS_ROWS and torch.isfinite(weights).all():
+            return f"finite input: {bool(torch.isfinite(gramian).all())}, weights {weights}"
+        return None
+
+    failures = _failures(check, _cases(entry))
+    assert not failures, failures
+
+
+# Scalarizers: loss values instead of matrices.
+
+# FAMO refuses values below its `min_losses` (a ValueError, as decided in the spec).
+_REFUSES_BELOW = {"FAMO-min-losses": 0.1}
+
+
+def _scalarize(entry: ScalarizerEntry, values: Tensor) -> Tensor:
+    _count()
+    torch.manual_seed(0)
+    return entry.make(tuple(values.shape))(values)
+
+
+@pytest.mark.parametrize(("entry", "dtype"), _params(SCALARIZERS, "scalarizer"))
+def test_scalarizer_on_hard_values(entry: ScalarizerEntry, dtype: torch.dtype) -> None:
+    failures = []
+    for name, values64 in value_cases():
+        values = values64.to(dtype)
+        finite = bool(torch.isfinite(values).all())
+        try:
+            out = _scalarize(entry, values)
+        except ValueError:
+            # Scalarizers refuse non-finite loss values loudly (their documented contract, unlike
+            # aggregators, which run where a gradient scaler expects non-finite values), and
+            # those that take a logarithm refuse values that are not positive.
+            refused = entry.takes_log and not bool((values > 0).all())
+            refused |= entry.id in _REFUSES_BELOW and bool(
+                (values < _REFUSES_BELOW[entry.id]).any()
+            )
+            if finite and not refused:
+                failures.append(f"{name}: raised")
+            continue
+        if out.dtype != dtype:
+            failures.append(f"{name}: dtype {out.dtype}")
+        elif finite != bool(torch.isfinite(out).all()):
+            failures.append(f"{name}: finite input {finite}, output {out}")
+        elif finite and dtype in ACCURACY and not entry.randomised:
+            expected = _scalarize(entry, values.double())
+            error = float((out.double() - expected).abs() / expected.abs().clamp(min=1e-300))
+            if not error <= ACCURACY[dtype]:
+                failures.append(f"{name}: relative error {error:.2e}")
+    assert not failures, failures
