@@ -20,9 +20,31 @@ from torch import Tensor
 from tests.scalarization._registry import SCALARIZERS
 from tests.scalarization._registry import Entry as ScalarizerEntry
 from torchjd._precision import working_dtype
-from torchjd.aggregation import Aggregator, GramianWeightedAggregator
-from torchjd.linalg import BlockPivotingProjector
+from torchjd.aggregation import (
+    IMTLG,
+    PCD,
+    Aggregator,
+    AlignedMTL,
+    AlignedMTLWeighting,
+    CAGrad,
+    CAGradWeighting,
+    ConFIG,
+    CRMOGMWeighting,
+    DualProjWeighting,
+    GradDrop,
+    GradVacWeighting,
+    GramianWeightedAggregator,
+    IMTLGWeighting,
+    MeanWeighting,
+    MoCo,
+    MomentumConFIG,
+    UPGrad,
+    UPGradWeighting,
+    Weighting,
+)
+from torchjd.linalg import BlockPivotingProjector, QuadprogProjector
 from torchjd.linalg._gramian import compute_gramian
+from torchjd.linalg._simplex import project_onto_simplex
 
 from ._bank import ACCURACY, CONFLICT, DTYPE_IDS, DTYPES, Case, matrix_cases, value_cases
 from ._entry import Entry
@@ -341,3 +363,115 @@ def test_scalarizer_on_hard_values(entry: ScalarizerEntry, dtype: torch.dtype) -
             if not error <= ACCURACY[dtype]:
                 failures.append(f"{name}: relative error {error:.2e}")
     assert not failures, failures
+
+
+# Regressions: the defects found on the bank, each on the input that showed it.
+
+_HALF = [torch.float16, torch.bfloat16]
+
+
+def _relative_error(out: Tensor, expected: Tensor) -> float:
+    return float((out.double() - expected.double()).norm() / expected.double().norm())
+
+
+@pytest.mark.parametrize("dtype", _HALF)
+def test_config_in_half_precision_keeps_the_eigenvalues_it_resolves(dtype: torch.dtype) -> None:
+    # The eigenvalue cut used the half-precision epsilon and returned zeros.
+    torch.manual_seed(0)
+    matrix = torch.randn(128, 64).to(dtype)
+    expected = ConFIG()(matrix.float())
+    assert _relative_error(ConFIG()(matrix), expected) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", _HALF)
+def test_pcd_in_half_precision_is_not_zero(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    matrix = torch.randn(128, 4096).to(dtype)
+    assert _relative_error(PCD()(matrix), PCD()(matrix.float())) <= 1e-2
+
+
+def test_cagrad_on_a_float16_gramian_whose_trace_overflows() -> None:
+    # The trace of the float16 Gramian (about 5e5) overflowed and the weights were zeros.
+    torch.manual_seed(0)
+    matrix = torch.randn(128, 4096).half()
+    expected = CAGrad(c=0.5)(matrix.float())
+    assert _relative_error(CAGrad(c=0.5)(matrix), expected) <= 2e-3
+
+
+@pytest.mark.parametrize("dtype", _HALF)
+@pytest.mark.parametrize("make", [IMTLG, AlignedMTL], ids=["IMTLG", "AlignedMTL"])
+def test_decompositions_run_in_half_precision(make: Callable, dtype: torch.dtype) -> None:
+    # linalg.pinv and linalg.eigh are not implemented in half precision: they raised.
+    torch.manual_seed(0)
+    matrix = torch.randn(4, 6).to(dtype)
+    tolerance = ACCURACY[dtype]
+    assert _relative_error(make()(matrix), make()(matrix.double())) <= tolerance
+    weighting = make().gramian_weighting
+    gramian = compute_gramian(matrix.double())
+    weights = weighting(gramian.to(dtype))
+    assert weights.dtype == dtype
+    assert _relative_error(weights, weighting(gramian.to(dtype).double())) <= tolerance
+
+
+_NAN_MATRIX = torch.tensor([[1.0, 2.0, 3.0], [4.0, float("nan"), 6.0], [0.0, 1.0, -1.0]])
+_NON_FINITE_GRAMIANS = {
+    "nan": torch.full((3, 3), float("nan")),
+    "inf_diagonal": torch.diag(torch.tensor([1.0, float("inf"), 2.0])),
+    "nan_entry": torch.tensor([[1.0, float("nan"), 0.0], [float("nan"), 2.0, 0.0], [0, 0, 3]]),
+}
+
+
+def _weightings() -> dict[str, Callable[[], Weighting]]:
+    return {
+        "UPGrad": UPGradWeighting,
+        "UPGrad(quadprog)": lambda: UPGradWeighting(projector=QuadprogProjector()),
+        "DualProj": DualProjWeighting,
+        "DualProj(quadprog)": lambda: DualProjWeighting(projector=QuadprogProjector()),
+        "CAGrad": lambda: CAGradWeighting(c=0.5),
+        "IMTLG": IMTLGWeighting,
+        "AlignedMTL": AlignedMTLWeighting,
+        "GradVac": GradVacWeighting,
+        "CRMOGM(UPGrad)": lambda: CRMOGMWeighting(UPGradWeighting()),
+    }
+
+
+@pytest.mark.parametrize("gramian_id", list(_NON_FINITE_GRAMIANS))
+@pytest.mark.parametrize("weighting_id", list(_weightings()))
+def test_non_finite_gramian_gives_non_finite_weights(weighting_id: str, gramian_id: str) -> None:
+    # Uniform weights, zeros, or a torch._LinAlgError before.
+    weights = _weightings()[weighting_id]()(_NON_FINITE_GRAMIANS[gramian_id])
+    assert not torch.isfinite(weights).any()
+
+
+@pytest.mark.parametrize(
+    "make", [IMTLG, AlignedMTL, ConFIG, MomentumConFIG, GradDrop, UPGrad, lambda: CAGrad(c=2.0)]
+)
+def test_non_finite_matrix_is_not_raised_nor_hidden(make: Callable[[], Aggregator]) -> None:
+    out = make()(_NAN_MATRIX)
+    assert torch.isnan(out[1])  # the column of the NaN
+
+
+def test_crmogm_mean_gives_nan_and_keeps_its_average_on_a_non_finite_step() -> None:
+    weighting = CRMOGMWeighting(MeanWeighting(), alpha=0.5)
+    assert torch.isnan(weighting(_NAN_MATRIX)).all()  # the first call: no average yet
+    first = weighting(torch.ones(3, 3))
+    assert torch.isnan(weighting(_NAN_MATRIX)).all()
+    torch.testing.assert_close(weighting(torch.ones(3, 3)), first)
+
+
+def test_gradvac_keeps_its_targets_on_a_non_finite_step() -> None:
+    weighting = GradVacWeighting()
+    torch.manual_seed(0)
+    gramian = compute_gramian(torch.randn(3, 5))
+    weighting(gramian)
+    targets = weighting.phi_hat.clone()
+    assert torch.isnan(weighting(_NON_FINITE_GRAMIANS["nan_entry"])).all()
+    torch.testing.assert_close(weighting.phi_hat, targets)
+
+
+def test_simplex_projection_of_huge_entries_stays_on_the_simplex() -> None:
+    # 1e17 - 1 rounds to 1e17: the threshold swallowed the constraint and every weight was 0.
+    y = torch.tensor([-1.0e17, -1.2e17, -3.0e17])
+    torch.testing.assert_close(project_onto_simplex(y), torch.tensor([1.0, 0.0, 0.0]))
+    matrix = 1e8 * torch.randn(4, 7, generator=torch.Generator().manual_seed(0))
+    assert MoCo(beta=0.9, gamma=1.0, rho=0.1)(matrix).any()
