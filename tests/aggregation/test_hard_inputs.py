@@ -11,7 +11,7 @@ inputs included.
 """
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -52,14 +52,13 @@ from ._registry import AGGREGATORS
 
 # Defects fixed on another line of work: each case must fail until then (strict xfail), and its
 # entry must be deleted once it passes. Keys: (registry id, "check[dtype]").
-_SDMGRAD = "far from the float64 result at m = 128 and n = 4096 (relative error 0.5)"
+_SDMGRAD = "far from the float64 result at m = 128 or n = 4096 (relative error 1e-2 to 0.5)"
 _MGDA = "Frank-Wolfe stops early: conflicts with a row of rank-deficient matrices"
 _HUGE = "weights beyond the float16 range (inf) from a singular Gramian"
 _COSMOS = "NaN from zero values in float16 (an epsilon underflows)"
 _FAMO_HALF = "off the float64 result in half precision (its softmax is summed in another dtype)"
 PENDING_ELSEWHERE: dict[tuple[str, str], str] = {
     ("SDMGrad", "accuracy[f32]"): _SDMGRAD,
-    ("SDMGrad", "accuracy[bf16]"): _SDMGRAD,
     ("SDMGrad", "accuracy[f16]"): _SDMGRAD,
     ("MGDA", "non_conflict[f64]"): _MGDA,
     ("MGDA", "non_conflict[f32]"): _MGDA,
@@ -112,6 +111,15 @@ _CASES = matrix_cases()
 _COUNT_FILE = os.environ.get("TORCHJD_BANK_COUNT")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """The bank's problems are small: more threads than cores only make them wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _count() -> None:
     """Record one call of the bank (to report its size, when TORCHJD_BANK_COUNT names a file)."""
     if _COUNT_FILE:
@@ -154,6 +162,17 @@ def _aggregate(entry: Entry, matrix: Tensor) -> Tensor:
     _count()
     torch.manual_seed(0)
     return entry.make()(matrix)
+
+
+_CONDITIONING: dict[tuple[str, int, torch.dtype], bool] = {}
+
+
+def _well_conditioned(case: Case, dtype: torch.dtype) -> bool:
+    """Whether the case rounded to ``dtype`` has cond(J Jᵀ) <= 1e3 (computed once)."""
+    key = (case.name, case.m, dtype)
+    if key not in _CONDITIONING:
+        _CONDITIONING[key] = Case(case.name, case.matrix.to(dtype).double()).well_conditioned
+    return _CONDITIONING[key]
 
 
 def _failures(check: Callable[[Case], str | None], cases: list[Case]) -> list[str]:
@@ -209,7 +228,7 @@ def test_accuracy_against_float64(entry: Entry, dtype: torch.dtype) -> None:
     def check(case: Case) -> str | None:
         matrix = case.matrix.to(dtype)
         rounded = Case(case.name, matrix.double())
-        if not rounded.well_conditioned:
+        if not _well_conditioned(case, dtype):
             return None
         expected = _aggregate(entry, rounded.matrix)
         out = _aggregate(entry, matrix).double()
