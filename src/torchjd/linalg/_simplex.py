@@ -15,11 +15,12 @@ def project_onto_simplex(y: Tensor) -> Tensor:
     :math:`s_k > c_k`; the result is :math:`\max(y - c_\rho, 0)`.
 
     Branch-free (no host synchronisation), in the dtype and on the device of ``y``; ``y`` of shape
-    ``[..., m]`` with ``m >= 1``. NaN entries give NaN outputs, and so does an infinite entry.
+    ``[..., m]`` with ``m >= 1``. NaN entries give NaN outputs.
 
-    The projection is unchanged by adding a constant to every entry: ``y`` is first shifted so
-    that its largest entry is 0, which keeps the ``1`` of the constraint visible next to huge
-    entries (without it, ``1e17 - 1`` rounds to ``1e17`` and every weight to 0).
+    The projection is invariant to adding a constant to every entry, so the maximum of each vector
+    is subtracted first: with entries far larger than 1 (e.g. ``1e7`` in float32), the partial
+    sums ``s_1 + ... + s_k - 1`` would otherwise round the ``- 1`` away and the result would leave
+    the simplex.
 
     >>> project_onto_simplex(torch.tensor([0.5, 0.1, 0.1]))
     tensor([0.6000, 0.2000, 0.2000])
