@@ -97,7 +97,9 @@ class Weighting(nn.Module, ABC, Generic[_T]):
     """Abstract base of every weighting: maps a statistic of the objectives to weights ``[m]``.
 
     ``Weighting[Matrix]`` takes the matrix ``J`` itself; ``Weighting[PSDMatrix]`` takes its Gramian
-    ``J J^T``. Weightings do not validate their input.
+    ``J J^T``. Weightings do not validate their input. A float16 or bfloat16 input is weighed in
+    float32 (see :mod:`torchjd._precision`) and the weights are returned in the input's dtype,
+    except for weightings that read only the number of rows.
 
     Declarations read by :func:`~torchjd.autojac.jac_to_grad` and
     :class:`~torchjd.grouping.GroupedAggregator`: :attr:`row_count_only` (the weights depend only

@@ -38,7 +38,8 @@ class ExcessMTLWeighting(LazyStateMixin, Weighting[Matrix], Stateful):
     :param n_warmup_steps: number of calls used to estimate the baseline, ``>= 0`` (default ``0``).
 
     State: :math:`S` (``[m, n]``), the warm-up sum, :math:`q`, :math:`b` and the step count, in
-    the input's dtype, following its device; all are re-initialised (with a warning) when
+    the input's dtype (float32 for half precision), following its device; all are re-initialised
+    (with a warning) when
     :math:`m`, :math:`n` or the dtype changes, and cleared by :meth:`reset` (the next call then
     behaves like a fresh instance, warm-up included). Runs under :func:`torch.no_grad` (the
     weights are an optimiser state). An input with no row raises ``ValueError``. Entries whose

@@ -229,8 +229,9 @@ class GradVacWeighting(NoGrad, LazyStateMixin, Weighting[PSDMatrix], Stateful):
     gradients. With zero targets (the first call, or ``beta = 0``) a correction is exactly a PCGrad
     projection up to :math:`\epsilon`.
 
-    State: the targets :math:`\hat\Phi` (``[m, m]``, zeros at first, in the input's dtype, on the
-    input's device). They are re-created as zeros when ``m`` or the dtype changes (with a warning
+    State: the targets :math:`\hat\Phi` (``[m, m]``, zeros at first, in the input's dtype, float32
+    for half precision, on the input's device). They are re-created as zeros when ``m`` or the
+    dtype changes (with a warning
     when this discards targets of an earlier call) and follow the input's device. :meth:`reset`
     forgets them. ``state_dict()`` of a used instance loads into a fresh one.
 
@@ -240,7 +241,7 @@ class GradVacWeighting(NoGrad, LazyStateMixin, Weighting[PSDMatrix], Stateful):
     there, without host synchronisation. Not differentiable: runs under :func:`torch.no_grad`.
 
     Half precision: float16 and bfloat16 Gramians are computed in float32 (``eps`` would underflow
-    and the norms overflow); the weights and the stored targets are in the input's dtype.
+    and the norms overflow), and so are the stored targets; the weights are in the input's dtype.
 
     :param beta: EMA rate of the targets, the weight of the new cosine, in ``[0, 1]``
         (default ``0.5``); ``0`` keeps the targets at 0 forever.
