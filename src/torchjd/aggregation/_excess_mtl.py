@@ -39,9 +39,8 @@ class ExcessMTLWeighting(LazyStateMixin, Weighting[Matrix], Stateful):
 
     State: :math:`S` (``[m, n]``), the warm-up sum, :math:`q`, :math:`b` and the step count, in
     the input's dtype (float32 for half precision), following its device; all are re-initialised
-    (with a warning) when
-    :math:`m`, :math:`n` or the dtype changes, and cleared by :meth:`reset` (the next call then
-    behaves like a fresh instance, warm-up included). Runs under :func:`torch.no_grad` (the
+    (with a warning) when :math:`m`, :math:`n` or the dtype changes, and cleared by :meth:`reset`
+    (the next call then behaves like a fresh instance, warm-up included). Runs under :func:`torch.no_grad` (the
     weights are an optimiser state). An input with no row raises ``ValueError``. Entries whose
     square overflows the dtype (above about ``1e19`` in float32) and non-finite entries give NaN
     weights.
