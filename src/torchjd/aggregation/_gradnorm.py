@@ -91,7 +91,8 @@ class GradNormWeighting(NoGrad, LossesInputMixin, LazyStateMixin, Weighting[PSDM
     State: the weights and the initial losses (``[m]``, in the input's dtype, float32 for a
     half-precision input, following its device), and the pending losses. They are re-initialised
     (with a warning) when ``m`` or the dtype changes; :meth:`reset` forgets them. ``state_dict()``
-    of a used instance loads into a fresh one. Not differentiable (runs under :func:`torch.no_grad`).
+    of a used instance loads into a fresh one. Not differentiable (runs under
+    :func:`torch.no_grad`).
 
     :param alpha: the asymmetry :math:`\alpha \ge 0` (default ``1.5``); ``0`` pulls every weighted
         norm to the mean, whatever the training rates.

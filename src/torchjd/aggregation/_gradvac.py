@@ -232,7 +232,8 @@ class GradVacWeighting(NoGrad, LazyStateMixin, Weighting[PSDMatrix], Stateful):
     State: the targets :math:`\hat\Phi` (``[m, m]``, zeros at first, in the input's dtype, float32
     for half precision, on the input's device). They are re-created as zeros when ``m`` or the
     dtype changes (with a warning when this discards targets of an earlier call) and follow the
-    input's device. :meth:`reset` forgets them. ``state_dict()`` of a used instance loads into a fresh one.
+    input's device. :meth:`reset` forgets them. ``state_dict()`` of a used instance loads into a
+    fresh one.
 
     Randomness: for ``i = 0, ..., m - 1``, one ``torch.randperm(m - 1)`` on the global CPU
     generator, whatever the input's device (the order of TorchJD, so a seed gives the same numbers);
