@@ -43,7 +43,8 @@ class ExcessMTLWeighting(LazyStateMixin, Weighting[Matrix], Stateful):
     call then behaves like a fresh instance, warm-up included). Runs under :func:`torch.no_grad`
     (the weights are an optimiser state). An input with no row raises ``ValueError``. Entries whose
     square overflows the dtype (above about ``1e19`` in float32) and non-finite entries give NaN
-    weights."""
+    weights.
+    """
 
     _extra_state_names = ("_step",)
 
