@@ -9,6 +9,7 @@ from torch import Tensor
 from torch.testing import assert_close
 
 from torchjd import Stateful
+from torchjd._precision import working_dtype
 from torchjd.aggregation import GradVac, GradVacWeighting, PCGrad
 from torchjd.aggregation._gradvac import _draw_orders, _gradvac_weights
 
@@ -442,7 +443,8 @@ def test_half_precision_opposite_rows_stay_finite_over_calls(dtype: torch.dtype)
         out = aggregator(matrix)
         assert out.dtype == dtype and out.isfinite().all()
         phi_hat = aggregator.gramian_weighting.phi_hat
-        assert phi_hat.dtype == dtype and phi_hat.isfinite().all()
+        # The state is kept in the dtype in which the weights are computed.
+        assert phi_hat.dtype == working_dtype(dtype) and phi_hat.isfinite().all()
 
 
 def test_half_precision_matches_float32() -> None:

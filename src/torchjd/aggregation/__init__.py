@@ -1,6 +1,22 @@
 """Aggregators (matrix ``[m, n]`` to vector ``[n]``) and weightings (statistic to weights ``[m]``).
 
 Each algorithm lives in its own module and is re-exported here.
+
+**Half precision.** For float16 and bfloat16 inputs, the small problems of an aggregation (the
+``m x m`` Gramian, its normalisation, decompositions and solvers, and the weighted sum of the
+rows) are computed in float32, where their epsilons mean something and nothing overflows; the
+result is returned in the input's dtype. float32 and float64 inputs are computed in their own
+dtype.
+
+**Non-finite values.** An infinity or a NaN in the input gives a non-finite result: it is never
+raised and never hidden (no uniform or zero weights in its place), so that a gradient scaler
+such as :class:`torch.amp.GradScaler` sees it and skips the step. Nothing is checked on the host
+to do so: no synchronisation with the device. Weightings give non-finite weights for a
+non-finite input. After such a step, GradVac, GradNorm, PCD and CRMOGM (around a stateless
+weighting) continue from their previous state; ExcessMTL, DBMTL, MoCo, MomentumConFIG, MoDo and
+SDMGrad keep the non-finite value in their averages until :meth:`reset`. The exceptions are
+the robust aggregators: :class:`TrimmedMean` trims non-finite rows like any outlier, and Krum's
+weights select rows (its aggregation ``w @ J`` still carries the NaN of the matrix).
 """
 
 from torchjd.aggregation._aligned_mtl import AlignedMTL, AlignedMTLWeighting

@@ -17,14 +17,17 @@ from torchjd.aggregation._utils import (
     stacked_preferences,
 )
 from torchjd.linalg._matrix import PSDMatrix
+from torchjd.linalg._nonfinite import finite_part, poison
 
 _SCALE_MODES = ("min", "median", "rmse")
 
 
 def _aligned_mtl_weights(gramians: Tensor, prefs: Tensor, scale_mode: str) -> Tensor:
     """Aligned-MTL's weights ``B p`` of Gramians ``[..., m, m]`` (``m >= 1``) with preference
-    weights ``[..., m]``, differentiable."""
+    weights ``[..., m]``, differentiable (NaN for a Gramian holding an infinity or a NaN, on which
+    ``eigh`` would raise)."""
     m = gramians.shape[-1]
+    gramians, nan_where_non_finite = finite_part(gramians)
     eigenvalues, eigenvectors = torch.linalg.eigh(gramians, UPLO="U")  # ascending
     largest = eigenvalues[..., -1:]
     tolerance = largest * m * torch.finfo(gramians.dtype).eps
@@ -52,7 +55,7 @@ def _aligned_mtl_weights(gramians: Tensor, prefs: Tensor, scale_mode: str) -> Te
     projections = (eigenvectors.mT @ prefs.unsqueeze(-1)).squeeze(-1)
     coefficients = torch.where(kept, projections / safe.sqrt(), 0.0)
     weights = scale.clamp(min=0.0).sqrt() * (eigenvectors @ coefficients.unsqueeze(-1)).squeeze(-1)
-    return torch.where(rank > 0, weights, prefs)
+    return poison(torch.where(rank > 0, weights, prefs), nan_where_non_finite)
 
 
 class AlignedMTLWeighting(Weighting[PSDMatrix]):

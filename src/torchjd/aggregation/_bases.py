@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Generic, TypeVar, overload
 import torch
 from torch import Tensor, nn
 
+from torchjd._precision import is_half, promoted
 from torchjd._protocol import Need
 from torchjd.linalg._gramian import compute_gramian
 from torchjd.linalg._matrix import Matrix, PSDMatrix
@@ -96,7 +97,9 @@ class Weighting(nn.Module, ABC, Generic[_T]):
     """Abstract base of every weighting: maps a statistic of the objectives to weights ``[m]``.
 
     ``Weighting[Matrix]`` takes the matrix ``J`` itself; ``Weighting[PSDMatrix]`` takes its Gramian
-    ``J J^T``. Weightings do not validate their input.
+    ``J J^T``. Weightings do not validate their input. A float16 or bfloat16 input is weighed in
+    float32 (see :mod:`torchjd._precision`) and the weights are returned in the input's dtype,
+    except for weightings that read only the number of rows.
 
     Declarations read by :func:`~torchjd.autojac.jac_to_grad` and
     :class:`~torchjd.grouping.GroupedAggregator`: :attr:`row_count_only` (the weights depend only
@@ -147,6 +150,10 @@ class Weighting(nn.Module, ABC, Generic[_T]):
         """Compute one weight per objective (per row of ``stat``)."""
 
     def __call__(self, stat: _T, /) -> Tensor:
+        if is_half(stat.dtype) and not self.row_count_only:
+            # Epsilons underflow and linalg routines are missing in half precision: solve in the
+            # working dtype (torchjd._precision) and return the weights in the input's dtype.
+            return super().__call__(promoted(stat)).to(dtype=stat.dtype)
         return super().__call__(stat)
 
     def __lshift__(self, fn: Callable[[Tensor], _T]) -> Weighting[Tensor]:
@@ -181,9 +188,12 @@ class WeightedAggregator(Aggregator):
         self.weighting = weighting
 
     def forward(self, matrix: Tensor, /) -> Tensor:
-        weights = self.weighting(matrix)
+        # Half-precision rows are weighed (and their Gramian formed) in float32, so that neither
+        # the Gramian nor the weighted sum overflows; weights read from the shape need no copy.
+        work = matrix if self.weighting.row_count_only else promoted(matrix)
+        weights = self.weighting(work)
         # A user-given weight vector (Constant, pref_vector) may differ in dtype or device.
-        return weights.to(dtype=matrix.dtype, device=matrix.device) @ matrix
+        return (weights.to(dtype=work.dtype, device=matrix.device) @ work).to(dtype=matrix.dtype)
 
     @property
     def need(self) -> Need:

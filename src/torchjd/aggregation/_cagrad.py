@@ -11,6 +11,7 @@ from torchjd.aggregation._bases import Forwarded, GramianWeightedAggregator, NoG
 from torchjd.linalg._block_pivoting import BlockPivotingProjector
 from torchjd.linalg._gramian import normalize
 from torchjd.linalg._matrix import PSDMatrix
+from torchjd.linalg._nonfinite import finite_part, poison
 
 # Up to this many objectives, every face of the simplex is solved at once (2^m - 1 small systems,
 # no host synchronisation); above, an active-set method walks from face to face.
@@ -326,7 +327,10 @@ class CAGradWeighting(NoGrad, Weighting[PSDMatrix]):
             raise ValueError(
                 f"CAGrad needs at least one objective: got a Gramian of shape {tuple(stat.shape)}."
             )
-        return _cagrad_weights(stat, float(self.c), float(self.norm_eps))
+        # The thresholds on the trace and on gamma would turn a NaN into zeros: NaN weights instead.
+        gramian, nan_where_non_finite = finite_part(stat)
+        weights = _cagrad_weights(gramian, float(self.c), float(self.norm_eps))
+        return poison(weights, nan_where_non_finite)
 
 
 class CAGrad(NoGrad, GramianWeightedAggregator):

@@ -3,10 +3,12 @@
 import torch
 from torch import Tensor
 
+from torchjd._precision import promoted
 from torchjd.aggregation._bases import Aggregator, NoGrad
 from torchjd.aggregation._sum import SumWeighting
 from torchjd.aggregation._utils import pref_vector_str, pref_vector_to_weighting
 from torchjd.linalg._matrix import Matrix
+from torchjd.linalg._nonfinite import finite_part, poison
 
 # The direction d is normalised by max(||d||, _NORM_EPS), as torch.nn.functional.normalize does.
 _NORM_EPS = 1e-12
@@ -108,8 +110,12 @@ class ConFIG(NoGrad, Aggregator):
         prefs = self.weighting(matrix)
         if m == 0:
             return matrix.new_zeros(n)
-        weights = _config_weights(matrix @ matrix.T, prefs, n)
-        return weights @ matrix
+        # Half-precision rows: the Gramian, its eigenvalue cut and the sum are done in float32.
+        work = promoted(matrix)
+        # A non-finite Gramian would make eigh raise: NaN weights instead.
+        gramian, nan_where_non_finite = finite_part(work @ work.T)
+        weights = poison(_config_weights(gramian, prefs, n), nan_where_non_finite)
+        return (weights @ work).to(dtype=matrix.dtype)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(pref_vector={self.pref_vector!r})"

@@ -89,8 +89,13 @@ class CRMOGMWeighting(LazyStateMixin, Weighting[Tensor], Stateful):
                 )
             previous = self.initial_weights.to(dtype=current.dtype, device=current.device)
         else:
-            previous = current
-        smoothed = self.alpha * previous + (1 - self.alpha) * current
-        self._smoothed = smoothed.detach().clone()
+            previous = torch.full_like(current, torch.nan)
+        # A non-finite input (a step that a gradient scaler skips) gives NaN weights and leaves
+        # the average untouched; an average that holds no finite weights yet (NaN) starts afresh.
+        # Branch-free, so no host synchronisation.
+        finite = torch.isfinite(stat).all()
+        started = torch.where(torch.isnan(previous), current, previous)
+        smoothed = self.alpha * started + (1 - self.alpha) * current
+        self._smoothed = torch.where(finite, smoothed, previous).detach().clone()
         self._has_state = True
-        return smoothed
+        return torch.where(finite, smoothed, torch.nan)

@@ -37,11 +37,11 @@ class ExcessMTLWeighting(LazyStateMixin, Weighting[Matrix], Stateful):
     :param robust_step_size: the step size :math:`\eta > 0` of the weight update (default ``1.0``).
     :param n_warmup_steps: number of calls used to estimate the baseline, ``>= 0`` (default ``0``).
 
-    State: :math:`S` (``[m, n]``), the warm-up sum, :math:`q`, :math:`b` and the step count, in
-    the input's dtype, following its device; all are re-initialised (with a warning) when
-    :math:`m`, :math:`n` or the dtype changes, and cleared by :meth:`reset` (the next call then
-    behaves like a fresh instance, warm-up included). Runs under :func:`torch.no_grad` (the
-    weights are an optimiser state). An input with no row raises ``ValueError``. Entries whose
+    State: :math:`S` (``[m, n]``), the warm-up sum, :math:`q`, :math:`b` and the step count, in the
+    input's dtype (float32 for half precision), following its device; all are re-initialised (with a
+    warning) when :math:`m`, :math:`n` or the dtype changes, and cleared by :meth:`reset` (the next
+    call then behaves like a fresh instance, warm-up included). Runs under :func:`torch.no_grad`
+    (the weights are an optimiser state). An input with no row raises ``ValueError``. Entries whose
     square overflows the dtype (above about ``1e19`` in float32) and non-finite entries give NaN
     weights.
     """

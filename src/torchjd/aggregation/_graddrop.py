@@ -109,6 +109,9 @@ class GradDrop(NoGrad, Aggregator):
         u = torch.rand(n, dtype=matrix.dtype, device=matrix.device)
         result = torch.where(f_purity > u, kept_positive, 0.0)
         result = result + torch.where(f_purity < u, kept_negative, 0.0)
+        # A non-finite column has an undefined purity too, but its result must stay non-finite
+        # (0 * inf and 0 * NaN are NaN), so that a gradient scaler sees it.
+        result = result + 0.0 * (positive_sum - negative_sum)
         return result if leaked is None else leaked + result
 
     def __repr__(self) -> str:

@@ -88,10 +88,11 @@ class GradNormWeighting(NoGrad, LossesInputMixin, LazyStateMixin, Weighting[PSDM
     :meth:`update_losses` before each call; a call without them, or with a wrong number of them,
     raises ``ValueError``.
 
-    State: the weights and the initial losses (``[m]``, in the input's dtype, following its
-    device), and the pending losses. They are re-initialised (with a warning) when ``m`` or the
-    dtype changes; :meth:`reset` forgets them. ``state_dict()`` of a used instance loads into a
-    fresh one. Not differentiable (runs under :func:`torch.no_grad`).
+    State: the weights and the initial losses (``[m]``, in the input's dtype, float32 for a
+    half-precision input, following its device), and the pending losses. They are re-initialised
+    (with a warning) when ``m`` or the dtype changes; :meth:`reset` forgets them. ``state_dict()``
+    of a used instance loads into a fresh one. Not differentiable (runs under
+    :func:`torch.no_grad`).
 
     :param alpha: the asymmetry :math:`\alpha \ge 0` (default ``1.5``); ``0`` pulls every weighted
         norm to the mean, whatever the training rates.
@@ -139,7 +140,7 @@ class GradNormWeighting(NoGrad, LossesInputMixin, LazyStateMixin, Weighting[PSDM
         self._prepare_state(m, stat, losses)
         weights = self._weights
         # The m-vector update in float64 (float32 on MPS), where its divisions stay accurate in
-        # any input dtype; the state keeps the input's dtype.
+        # any input dtype; the state keeps the input's dtype (float32 for half precision).
         solver = torch.float32 if stat.device.type == "mps" else torch.float64
         norms = stat.diagonal().to(solver).clamp(min=0.0).sqrt()
         self._weights = gradnorm_step(

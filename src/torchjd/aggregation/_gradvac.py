@@ -8,11 +8,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from torchjd._precision import working_dtype
 from torchjd._stateful import Stateful
 from torchjd.aggregation._bases import Forwarded, GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.aggregation._lazy_state import LazyStateMixin, warn_reinitialised
 from torchjd.aggregation._pcgrad import _step_indices
 from torchjd.linalg._matrix import PSDMatrix
+from torchjd.linalg._nonfinite import finite_part, poison
 
 
 def _draw_orders(n_problems: int, m: int) -> Tensor:
@@ -33,13 +35,6 @@ def _draw_orders(n_problems: int, m: int) -> Tensor:
 
 
 _TWO_TASK_ORDERS = torch.tensor([[[1], [0]]])
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half-precision inputs are computed in float32: ``eps`` (1e-8) underflows in float16, and
-    norms and products of moderate gradients overflow it."""
-    return torch.float32 if dtype in _HALF_DTYPES else dtype
 
 
 def _per_task(value: float | Tensor, n_problems: int, m: int, like: Tensor) -> Tensor:
@@ -51,6 +46,22 @@ def _per_task(value: float | Tensor, n_problems: int, m: int, like: Tensor) -> T
 
 
 def _gradvac_weights(
+    gramian: Tensor,
+    phi_hat: Tensor,
+    orders: Tensor,
+    beta: float | Tensor,
+    eps: float | Tensor,
+) -> tuple[Tensor, Tensor]:
+    """:func:`_finite_gradvac_weights`, with NaN weights and untouched targets for the Gramians
+    that hold an infinity or a NaN (whose comparisons with the targets would all be False, which
+    would give weights of 1)."""
+    safe, nan_where_non_finite = finite_part(gramian)
+    weights, new_phi_hat = _finite_gradvac_weights(safe, phi_hat, orders, beta, eps)
+    skipped = torch.isnan(nan_where_non_finite)[..., None, None]
+    return poison(weights, nan_where_non_finite), torch.where(skipped, phi_hat, new_phi_hat)
+
+
+def _finite_gradvac_weights(
     gramian: Tensor,
     phi_hat: Tensor,
     orders: Tensor,
@@ -218,10 +229,11 @@ class GradVacWeighting(NoGrad, LazyStateMixin, Weighting[PSDMatrix], Stateful):
     gradients. With zero targets (the first call, or ``beta = 0``) a correction is exactly a PCGrad
     projection up to :math:`\epsilon`.
 
-    State: the targets :math:`\hat\Phi` (``[m, m]``, zeros at first, in the input's dtype, on the
-    input's device). They are re-created as zeros when ``m`` or the dtype changes (with a warning
-    when this discards targets of an earlier call) and follow the input's device. :meth:`reset`
-    forgets them. ``state_dict()`` of a used instance loads into a fresh one.
+    State: the targets :math:`\hat\Phi` (``[m, m]``, zeros at first, in the input's dtype, float32
+    for half precision, on the input's device). They are re-created as zeros when ``m`` or the
+    dtype changes (with a warning when this discards targets of an earlier call) and follow the
+    input's device. :meth:`reset` forgets them. ``state_dict()`` of a used instance loads into a
+    fresh one.
 
     Randomness: for ``i = 0, ..., m - 1``, one ``torch.randperm(m - 1)`` on the global CPU
     generator, whatever the input's device (the order of TorchJD, so a seed gives the same numbers);
@@ -229,7 +241,7 @@ class GradVacWeighting(NoGrad, LazyStateMixin, Weighting[PSDMatrix], Stateful):
     there, without host synchronisation. Not differentiable: runs under :func:`torch.no_grad`.
 
     Half precision: float16 and bfloat16 Gramians are computed in float32 (``eps`` would underflow
-    and the norms overflow); the weights and the stored targets are in the input's dtype.
+    and the norms overflow), and so are the stored targets; the weights are in the input's dtype.
 
     :param beta: EMA rate of the targets, the weight of the new cosine, in ``[0, 1]``
         (default ``0.5``); ``0`` keeps the targets at 0 forever.
@@ -269,7 +281,7 @@ class GradVacWeighting(NoGrad, LazyStateMixin, Weighting[PSDMatrix], Stateful):
     def forward(self, stat: Tensor, /) -> Tensor:
         m, dtype = stat.shape[0], stat.dtype
         phi_hat = self._targets_for(m, dtype, stat.device)
-        compute = _compute_dtype(dtype)
+        compute = working_dtype(dtype)
         weights, new_phi_hat = _gradvac_weights(
             stat[None].to(compute),
             phi_hat[None].to(compute),
@@ -297,7 +309,7 @@ class GradVacWeighting(NoGrad, LazyStateMixin, Weighting[PSDMatrix], Stateful):
             return gramians.new_zeros(0, m)
         dtype = gramians.dtype
         states = [w._targets_for(m, dtype, gramians.device) for w in weightings]
-        compute = _compute_dtype(dtype)
+        compute = working_dtype(dtype)
         weights, new_states = _gradvac_weights(
             gramians.to(compute),
             torch.stack(states).to(compute),

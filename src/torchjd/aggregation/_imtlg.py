@@ -9,6 +9,7 @@ from torch import Tensor
 
 from torchjd.aggregation._bases import GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.linalg._matrix import PSDMatrix
+from torchjd.linalg._nonfinite import finite_part, poison
 
 # Below this absolute value, the sum of the unnormalised weights is treated as zero.
 _SUM_EPS = 1e-12
@@ -16,13 +17,14 @@ _SUM_EPS = 1e-12
 
 def _imtlg_weights(gramians: Tensor) -> Tensor:
     """IMTL-G's weights of a batch of Gramians ``[..., m, m]``, in their dtype and on their
-    device."""
+    device (NaN for a Gramian holding an infinity or a NaN, on which ``pinv`` would raise)."""
+    gramians, nan_where_non_finite = finite_part(gramians)
     norms = gramians.diagonal(dim1=-2, dim2=-1).clamp(min=0.0).sqrt()  # d_i = ||g_i||
     v = (torch.linalg.pinv(gramians) @ norms.unsqueeze(-1)).squeeze(-1)  # v = G^+ d
     total = v.sum(dim=-1, keepdim=True)
     usable = total.abs() >= _SUM_EPS
     safe_total = torch.where(usable, total, torch.ones_like(total))
-    return torch.where(usable, v / safe_total, torch.zeros_like(v))
+    return poison(torch.where(usable, v / safe_total, torch.zeros_like(v)), nan_where_non_finite)
 
 
 class IMTLGWeighting(NoGrad, Weighting[PSDMatrix]):

@@ -14,6 +14,7 @@ from torchjd.aggregation._bases import Aggregator, NoGrad
 from torchjd.aggregation._config import _config_weights, _solver_dtype
 from torchjd.aggregation._lazy_state import LazyStateMixin, warn_reinitialised
 from torchjd.linalg._matrix import Matrix
+from torchjd.linalg._nonfinite import finite_part, poison
 
 _STATE = ("_momenta", "_counts", "_gramian")
 
@@ -134,9 +135,12 @@ class MomentumConFIG(NoGrad, LazyStateMixin, Aggregator, Stateful):
             corrections > 0, 1.0 / torch.where(corrections > 0, corrections, 1.0), 0.0
         )
         corrected_gramian = scale[:, None] * self._gramian.to(solver) * scale[None, :]
+        # A non-finite Gramian would make eigh raise: NaN weights instead.
+        corrected_gramian, nan_where_non_finite = finite_part(corrected_gramian)
         weights = _config_weights(
             corrected_gramian, torch.ones_like(scale), momenta.shape[1]
         )  # on m_hat
+        weights = poison(weights, nan_where_non_finite)
         return (weights * scale).to(momenta.dtype) @ momenta
 
     def __repr__(self) -> str:

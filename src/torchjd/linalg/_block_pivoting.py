@@ -94,10 +94,10 @@ class BlockPivotingProjector(NormalizingProjector):
 
     * a Gramian of trace 0 is mapped to the zero matrix even when ``norm_eps`` is 0 (instead of
       dividing by zero);
-    * the diagonal of :math:`\hat G` is raised to at least ``min(16 eps, 1e-6)``, with ``eps`` the
-      machine epsilon of ``G``'s dtype (when ``reg_eps`` is smaller): about the rounding error of
-      the normalisation, so that a rank-deficient Gramian with ``reg_eps=0`` still has a unique
-      answer;
+    * the diagonal of :math:`\hat G` is raised by at least ``min(16 eps, 1e-6)`` times its largest
+      entry, with ``eps`` the machine epsilon of ``G``'s dtype (when ``reg_eps`` is smaller):
+      about the rounding error of the normalised entries, so that a rank-deficient Gramian with
+      ``reg_eps=0`` still has a unique answer;
     * a problem whose last factorisation failed or that did not converge (only possible when
       :math:`\hat G` is not numerically positive definite, e.g. a float32 Gramian with large
       rounding errors and ``reg_eps=0``) is solved again with a growing ridge :math:`\tau I`
@@ -175,7 +175,12 @@ class BlockPivotingProjector(NormalizingProjector):
         A = G_hat.to(dtype=_solver_dtype(G.device))
         floor = min(16.0 * info.eps, 1e-6)
         if self.reg_eps < floor:
-            A.diagonal(dim1=-2, dim2=-1).add_(floor - self.reg_eps)
+            # Relative to the largest diagonal entry, which bounds the rounding error of every
+            # entry (the diagonal sums to 1: with many rows, a fixed floor would dominate it).
+            diagonal = A.diagonal(dim1=-2, dim2=-1)
+            largest = (diagonal - self.reg_eps).amax(dim=-1, keepdim=True)
+            scale = torch.where(largest > 0.0, largest, 1.0)
+            diagonal.add_((floor * scale - self.reg_eps).clamp(min=0.0))
         return A
 
 

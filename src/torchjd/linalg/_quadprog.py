@@ -8,8 +8,10 @@ import torch
 from torch import Tensor
 
 from torchjd._optional import require
+from torchjd._precision import promoted
 from torchjd.linalg._gramian import normalize, regularize
 from torchjd.linalg._matrix import PSDMatrix
+from torchjd.linalg._nonfinite import finite_part
 from torchjd.linalg._projector import NormalizingProjector, check_projection_shapes
 
 if TYPE_CHECKING:
@@ -67,6 +69,11 @@ class QuadprogProjector(NormalizingProjector):
         check_projection_shapes(U, G)
         m = G.shape[0]
         with torch.no_grad():
+            # Non-finite values would be hidden by the trace threshold (NaN < eps is False) or
+            # make quadprog fail: the weights are NaN instead.
+            dtype = G.dtype
+            # A half-precision Gramian is normalised in float32 (its trace may overflow).
+            G, nan_where_non_finite = finite_part(promoted(G))
             eps = max(self.norm_eps, torch.finfo(G.dtype).tiny)  # never divide by a zero trace
             G_hat = regularize(normalize(G, eps), self.reg_eps)
             G_np = G_hat.cpu().to(torch.float64).numpy()
@@ -74,8 +81,8 @@ class QuadprogProjector(NormalizingProjector):
             W_np = np.zeros_like(U_np)
             for i, u in enumerate(U_np):
                 W_np[i] = _project_one(G_np, u)
-            W = torch.from_numpy(W_np).to(dtype=G.dtype, device=G.device)
-            return W.reshape(U.shape)
+            W = torch.from_numpy(W_np).to(dtype=G.dtype, device=G.device) + nan_where_non_finite
+            return W.to(dtype=dtype).reshape(U.shape)
 
 
 def _project_one(G: np.ndarray, u: np.ndarray) -> np.ndarray:
