@@ -17,10 +17,16 @@ def project_onto_simplex(y: Tensor) -> Tensor:
     Branch-free (no host synchronisation), in the dtype and on the device of ``y``; ``y`` of shape
     ``[..., m]`` with ``m >= 1``. NaN entries give NaN outputs.
 
+    The projection is invariant to adding a constant to every entry, so the maximum of each vector
+    is subtracted first: with entries far larger than 1 (e.g. ``1e7`` in float32), the partial
+    sums ``s_1 + ... + s_k - 1`` would otherwise round the ``- 1`` away and the result would leave
+    the simplex.
+
     >>> project_onto_simplex(torch.tensor([0.5, 0.1, 0.1]))
     tensor([0.6000, 0.2000, 0.2000])
     """
     m = y.shape[-1]
+    y = y - y.amax(dim=-1, keepdim=True)
     s, _ = torch.sort(y, dim=-1, descending=True)
     k = torch.arange(1, m + 1, dtype=y.dtype, device=y.device)
     c = (torch.cumsum(s, dim=-1) - 1.0) / k
