@@ -109,7 +109,9 @@ def _solve(gramians: Tensor, epsilon: float | Tensor, max_iters: int | Sequence[
     the exact minimum-norm weights where it conflicts with a row beyond the tolerance."""
     gramian = promoted(gramians)
     alpha = _mgda_weights(gramian, epsilon, max_iters)
-    return _finish(gramian, alpha, _conflict_tolerance(gramians.dtype)).to(gramians.dtype)
+    if gramians.shape[-1] > 2:  # one or two rows: exact already (closed form), no host check
+        alpha = _finish(gramian, alpha, _conflict_tolerance(gramians.dtype))
+    return alpha.to(gramians.dtype)
 
 
 def _finish(gramian: Tensor, alpha: Tensor, tolerance: float) -> Tensor:
