@@ -131,8 +131,9 @@ def _finish(gramian: Tensor, alpha: Tensor, tolerance: float) -> Tensor:
         return alpha
     m = gramian.shape[-1]
     flat_gramians = gramian.reshape(-1, m, m)
+    eps = torch.finfo(gramian.dtype).eps
     rows = [
-        min_norm_weights(flat_gramians[k]).to(alpha.dtype) if conflict else None
+        min_norm_weights(flat_gramians[k], eps).to(alpha.dtype) if conflict else None
         for k, conflict in enumerate(conflicts.reshape(-1).tolist())
     ]
     flat = alpha.reshape(-1, m)

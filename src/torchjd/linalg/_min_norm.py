@@ -9,49 +9,65 @@ _TOLERANCE = 1e-12
 # Weights below this fraction of the largest one leave the support when a step reaches them.
 _DROP = 1e-14
 _REFINEMENTS = 2
+_ROUNDING = 16
 
 
-def min_norm_weights(gramian: Tensor) -> Tensor:
+def min_norm_weights(gramian: Tensor, eps: float | None = None) -> Tensor:
     r"""The weights :math:`\alpha \in \Delta_m` minimising :math:`\alpha^\top G \alpha`, exactly.
 
     Wolfe's algorithm (P. Wolfe, *Finding the nearest point in a polytope*, Math. Programming 11,
     1976), on the Gramian :math:`G = J J^\top` of one ``[m, m]`` problem, in float64. The support
     :math:`S` starts at the shortest row; each major step adds the row :math:`j` with the smallest
     :math:`(G\alpha)_j = g_j^\top d` while :math:`g_j^\top d < \|d\|^2` (up to a relative
-    :math:`10^{-12}`, per row); each minor step moves towards the minimiser of
+    :math:`10^{-12}` per row, and to the rounding of the Gramian, ``16 * eps`` times
+    :math:`\|g_j\| \sum_i \alpha_i \|g_i\|`); each minor step moves towards the minimiser of
     :math:`\|J^\top x\|^2` over the affine hull of :math:`S` (:math:`\mathbf 1^\top x = 1`) as far
     as the simplex allows and drops the rows whose weight reaches 0. It ends in finitely many
-    steps, at a point where :math:`g_i^\top d \ge \|d\|^2 \ge 0` for every row: whatever the
-    scales of the rows, :math:`d = J^\top \alpha` conflicts with none of them.
+    steps (it also stops when a major step fails to decrease :math:`\|d\|^2`, which only rounding
+    causes), at a point where :math:`g_i^\top d \ge \|d\|^2 \ge 0` for every row up to these
+    tolerances: whatever the scales of the rows, :math:`d = J^\top \alpha` conflicts with none.
 
     The choices of the support read tensors on the host (an inherently sequential active-set
     method); the weights returned are recomputed from :math:`G` on the final support, so they are
     differentiable with respect to ``gramian``. Returned in float64, on ``gramian``'s device.
+
+    :param gramian: the ``[m, m]`` Gramian, ``m >= 1``.
+    :param eps: the relative rounding of ``gramian`` (default: its dtype's machine epsilon; give
+        float32's for a Gramian of float32 rows cast to float64).
     """
     g = gramian.to(torch.float64)
+    if eps is None:
+        eps = torch.finfo(gramian.dtype).eps
     with torch.no_grad():
-        support = _support(g.detach())
+        support = _support(g.detach(), eps)
     return _on_support(g, support)
 
 
-def _support(g: Tensor) -> list[int]:
+def _support(g: Tensor, eps: float) -> list[int]:
     m = g.shape[0]
     diagonal = g.diagonal().clamp(min=0.0)
     norms = diagonal.sqrt()
     support = [int(diagonal.argmin())]
     alpha = g.new_zeros(m)
     alpha[support[0]] = 1.0
+    best = (torch.inf, list(support))
     for _ in range(4 * m + 4):
         products = g @ alpha
         norm2 = torch.clamp(alpha @ products, min=0.0)
-        gaps = products - norm2 + _TOLERANCE * norms * norm2.sqrt()
+        if not float(norm2) < best[0]:  # no progress (rounding): keep the best support
+            break
+        best = (float(norm2), list(support))
+        # Below the rounding of the Gramian (about eps ||g_j|| sum_i alpha_i ||g_i|| in g_j . d),
+        # a row cannot be told to conflict: without this floor, points near 0 would cycle.
+        rounding = _ROUNDING * eps * norms * (alpha @ norms)
+        gaps = products - norm2 + _TOLERANCE * norms * norm2.sqrt() + rounding
         gaps[support] = 0.0
         j = int(gaps.argmin())
         if not bool(gaps[j] < 0):  # optimal (or NaN: nothing to improve)
             break
         support.append(j)
         alpha, support = _minor_steps(g, alpha, support)
-    return support
+    return best[1]
 
 
 def _minor_steps(g: Tensor, alpha: Tensor, support: list[int]) -> tuple[Tensor, list[int]]:
