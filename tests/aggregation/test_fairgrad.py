@@ -247,3 +247,26 @@ def test_zero_row_in_half_precision(dtype: torch.dtype) -> None:
     out = FairGrad(1.0)(matrix)
     assert out.dtype == dtype
     torch.testing.assert_close(out, torch.tensor([0.0, 1.0], dtype=dtype))
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_many_rows_in_half_precision_are_not_taken_for_stationary(
+    dtype: torch.dtype, tolerance: float
+) -> None:
+    # 128 rows in 4096 dimensions: the min-norm point is far from 0 (squared norm ~ 32 for
+    # squared row norms ~ 4096), above what the rounding of a half-precision Gramian can fake.
+    matrix = torch.randn(128, 4096, generator=torch.Generator().manual_seed(0)).to(dtype)
+    expected = FairGrad(1.0)(matrix.double())
+    out = FairGrad(1.0)(matrix)
+    assert out.dtype == dtype
+    error = (out.double() - expected).norm() / expected.norm()
+    assert float(error) <= tolerance
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_gramian_gives_non_finite_weights_without_raising(value: float) -> None:
+    scales = torch.tensor([[1e-6], [1.0], [1e3]], dtype=torch.float64)
+    matrix = scales * torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    gramian = matrix @ matrix.T
+    gramian[0, 1] = gramian[1, 0] = value
+    assert not torch.isfinite(FairGradWeighting(1.0)(gramian)).all()

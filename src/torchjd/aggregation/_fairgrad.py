@@ -3,7 +3,6 @@ import math
 import torch
 from torch import Tensor
 
-from torchjd._precision import working_dtype
 from torchjd.aggregation._bases import Forwarded, GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.linalg._matrix import PSDMatrix
 from torchjd.linalg._min_norm import min_norm_weights
@@ -15,7 +14,7 @@ _MAX_WEIGHT = 100 * _DEGENERATE_WEIGHT
 _RESIDUAL_TOL = 1e-10
 # A convex hull whose min-norm point has a squared norm below this many machine epsilons (relative
 # to its rows) contains 0 up to the rounding of the Gramian.
-_STATIONARITY = 64
+_STATIONARITY = 4
 # The line search tries the steps 2^4, 2^3, ..., 2^-11 and 0 at once.
 _N_STEPS = 16
 _FULL_STEP = 4  # index of the step 2^0
@@ -35,8 +34,8 @@ def solve_fair_weights(gramian: Tensor, alpha: float, max_iters: int) -> Tensor:
     First, the rows that make the input Pareto-stationary are found: while the minimum-norm point
     :math:`J_R^\top \lambda` of the convex hull of the remaining rows :math:`R` (exact, by
     :func:`torchjd.linalg._min_norm.min_norm_weights`) is 0 up to the rounding of the Gramian
-    (:math:`\|J_R^\top \lambda\|^2 \le 64\,\varepsilon\,(\sum_i \lambda_i \|g_i\|)^2`, with
-    :math:`\varepsilon` the machine epsilon of ``gramian``'s dtype, float32's for half precision),
+    (:math:`\|J_R^\top \lambda\|^2 \le 4\,\varepsilon\,(\sum_i \lambda_i \|g_i\|)^2`, with
+    :math:`\varepsilon` the machine epsilon of ``gramian``'s dtype, whose rounding it is),
     the rows of its support join the stationary set :math:`Z` and the others are projected onto
     the orthogonal complement of the span of :math:`J_Z` (a Schur complement of :math:`G`). A zero
     row is such a set on its own. Along these rows the system has no root: the weights grow
@@ -47,13 +46,17 @@ def solve_fair_weights(gramian: Tensor, alpha: float, max_iters: int) -> Tensor:
     row), which give exactly that :math:`d = J^\top x`. With every row stationary, :math:`x = 0`.
     ``[[0, 0], [0, 1]]`` thus gives ``[0, 1]``.
 
-    The system is first solved for every row by :func:`_solve_root`; when the aggregate makes with
-    every row a cosine above :math:`\sqrt{64\varepsilon}`, no row can be stationary and that
+    A non-finite Gramian gives NaN weights. The system is first solved for every row by
+    :func:`_solve_root`; when the aggregate makes with
+    every row a cosine above :math:`\sqrt{4\varepsilon}`, no row can be stationary and that
     solution is returned (the usual case: the search above is skipped).
     """
     g = gramian.to(dtype=torch.float64)
     m = g.shape[0]
-    eps = torch.finfo(working_dtype(gramian.dtype)).eps
+    eps = torch.finfo(gramian.dtype).eps
+    if not bool(torch.isfinite(g).all()):
+        # Non-finite in, non-finite out: NaN weights (an infinity could otherwise be solved away).
+        return torch.full((m,), torch.nan, dtype=g.dtype, device=g.device)
     weights = _solve_root(g, alpha, max_iters)
     if _separates(g, weights, eps):
         return weights
@@ -72,8 +75,8 @@ def solve_fair_weights(gramian: Tensor, alpha: float, max_iters: int) -> Tensor:
 
 def _separates(g: Tensor, weights: Tensor, eps: float) -> bool:
     r"""Whether :math:`d = J^\top x` makes with every row a cosine above
-    :math:`\sqrt{64 \varepsilon}`. Then, for every :math:`\lambda` in the simplex,
-    :math:`\|J^\top \lambda\| \ge \lambda^\top J d / \|d\| > \sqrt{64 \varepsilon}
+    :math:`\sqrt{4 \varepsilon}`. Then, for every :math:`\lambda` in the simplex,
+    :math:`\|J^\top \lambda\| \ge \lambda^\top J d / \|d\| > \sqrt{4 \varepsilon}
     \sum_i \lambda_i \|g_i\|`: no row is stationary, which spares the search (the usual case)."""
     products = g @ weights
     norm = torch.clamp(weights @ products, min=0.0).sqrt()
@@ -238,8 +241,7 @@ class FairGradWeighting(Weighting[PSDMatrix]):
     the zero matrix gives a zero aggregate and ``[[0, 0], [0, 1]]`` gives ``[0, 1]``. The weights
     returned give exactly that aggregate: the stationary rows' weights are the finite part of
     their limit (0 for a zero row; they can be negative), and all are 0 when every row is
-    stationary. float16 and bfloat16 Gramians are tested with float32's epsilon (see
-    :mod:`torchjd._precision`).
+    stationary. "0 up to rounding" is relative to the machine epsilon of the Gramian's dtype.
 
     :param alpha: the fairness parameter :math:`\alpha \ge 0`, required. Any value is accepted
         at construction (as in TorchJD); a negative or non-finite one raises ``ValueError`` at
