@@ -270,3 +270,25 @@ def test_non_finite_gramian_gives_non_finite_weights_without_raising(value: floa
     gramian = matrix @ matrix.T
     gramian[0, 1] = gramian[1, 0] = value
     assert not torch.isfinite(FairGradWeighting(1.0)(gramian)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("alpha", [0.1, 1.0, 10.0])
+@pytest.mark.parametrize("offset", [1e-9, 1e-7, 1e-5, 1e-3, 1e-1])
+def test_near_pareto_stationary_rows_conflict_with_none(
+    offset: float, alpha: float, dtype: torch.dtype
+) -> None:
+    # The stationary rows above lifted by a third coordinate offset * ||row||: a root exists (all
+    # the rows have a positive third coordinate) but needs very large weights; whatever is
+    # returned must conflict with no row: J_i . d >= -tau ||J_i|| ||d||, plus rounding.
+    planar = torch.tensor([[1000.0, 3], [1, -1000], [-100, 100], [2, 2]], dtype=torch.float64)
+    matrix = torch.cat([planar, offset * planar.norm(dim=1, keepdim=True)], dim=1)
+    cast = matrix.to(dtype)
+    d = FairGrad(alpha)(cast).double()
+    tau = 1e-6 if dtype == torch.float64 else 1e-4
+    row_norms = matrix.norm(dim=1)
+    products = matrix @ d
+    # d = J^T w is rounded in the dtype: up to about eps ||J_i|| sum_j |w_j| ||J_j|| in J_i . d.
+    weights = FairGradWeighting(alpha)(cast @ cast.T).double().abs()
+    rounding = 8 * torch.finfo(dtype).eps * row_norms * (weights @ row_norms)
+    assert bool((products >= -tau * row_norms * d.norm() - rounding).all()), products

@@ -5,7 +5,7 @@ from torch import Tensor
 
 from torchjd.aggregation._bases import Forwarded, GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.linalg._matrix import PSDMatrix
-from torchjd.linalg._min_norm import min_norm_weights
+from torchjd.linalg._min_norm import conflict_tolerance, min_norm_weights
 
 _DEFAULT_MAX_ITERS = 100
 # Scale (relative to the typical weight) that the weights reach where the system has no root.
@@ -46,6 +46,14 @@ def solve_fair_weights(gramian: Tensor, alpha: float, max_iters: int) -> Tensor:
     row), which give exactly that :math:`d = J^\top x`. With every row stationary, :math:`x = 0`.
     ``[[0, 0], [0, 1]]`` thus gives ``[0, 1]``.
 
+    Near a Pareto-stationary point, the root exists but may need weights too large for
+    :func:`_solve_root` to reach within ``max_iters`` steps, and the Gramian of nearly dependent
+    rows may be too ill-conditioned for an accurate projection. So the result is checked: where
+    its aggregate conflicts with a row (beyond half of :math:`\tau` = 1e-6 in float64, 1e-4 in
+    float32, 1e-2 in half precision, relative to :math:`\|g_i\| \|d\|`), the weights of the
+    min-norm point, scaled optimally along their ray (:func:`_min_norm_ray`), are returned
+    instead: they conflict with no row, whatever ``max_iters``.
+
     A non-finite Gramian gives NaN weights. The system is first solved for every row by
     :func:`_solve_root`; when the aggregate makes with
     every row a cosine above :math:`\sqrt{4\varepsilon}`, no row can be stationary and that
@@ -57,20 +65,53 @@ def solve_fair_weights(gramian: Tensor, alpha: float, max_iters: int) -> Tensor:
     if not bool(torch.isfinite(g).all()):
         # Non-finite in, non-finite out: NaN weights (an infinity could otherwise be solved away).
         return torch.full((m,), torch.nan, dtype=g.dtype, device=g.device)
+    return _solve(g, alpha, max_iters, eps, conflict_tolerance(gramian.dtype))
+
+
+def _solve(g: Tensor, alpha: float, max_iters: int, eps: float, tolerance: float) -> Tensor:
+    """:func:`solve_fair_weights` on a finite float64 Gramian (recursive on the rows left)."""
+    m = g.shape[0]
     weights = _solve_root(g, alpha, max_iters)
     if _separates(g, weights, eps):
         return weights
     stationary = _stationary_rows(g, eps)
-    if not stationary:
-        return weights
     rest = [i for i in range(m) if i not in stationary]
-    weights = g.new_zeros(m)
-    if rest:
-        projected, coefficients = _project_out(g, stationary, rest, eps)
-        rest_weights = _solve_root(projected, alpha, max_iters)
-        weights[rest] = rest_weights
-        weights[stationary] = -(coefficients @ rest_weights)
-    return weights
+    if stationary:
+        weights = g.new_zeros(m)
+        if rest:
+            projected, coefficients = _project_out(g, stationary, rest, eps)
+            rest_weights = _solve(projected, alpha, max_iters, eps, tolerance)
+            weights[rest] = rest_weights
+            weights[stationary] = -(coefficients @ rest_weights)
+    if not _conflicts(g, weights, tolerance):
+        return weights
+    return _min_norm_ray(g, alpha, eps)
+
+
+def _min_norm_ray(g: Tensor, alpha: float, eps: float) -> Tensor:
+    r"""The fallback :math:`x = c \lambda`: the min-norm point's weights :math:`\lambda`, scaled by
+    the best :math:`c > 0` of the objective of :func:`_solve_root` along that ray,
+    :math:`c^{1 + 1/\alpha} = \sum_{\lambda_i > 0} \lambda_i^{1 - 1/\alpha} / \lambda^\top G
+    \lambda`; zeros where the min-norm point is 0 up to rounding. :math:`J^\top \lambda`
+    conflicts with no row (:math:`g_i^\top J^\top \lambda \ge \|J^\top \lambda\|^2`)."""
+    weights = min_norm_weights(g, eps)
+    norm2 = weights @ g @ weights
+    norms = g.diagonal().clamp(min=0.0).sqrt()
+    if not bool(norm2 > _STATIONARITY * eps * (weights @ norms) ** 2):
+        return torch.zeros_like(weights)
+    p = 1.0 / alpha
+    support = weights[weights > 0]
+    return weights * ((support ** (1.0 - p)).sum() / norm2) ** (1.0 / (1.0 + p))
+
+
+def _conflicts(g: Tensor, weights: Tensor, tolerance: float) -> bool:
+    """Whether :math:`d = J^\top x` is not finite or conflicts with a row beyond half of the
+    tolerance of the claim (the other half is left to the rounding of :math:`d`)."""
+    products = g @ weights
+    norm = torch.clamp(weights @ products, min=0.0).sqrt()
+    row_norms = g.diagonal().clamp(min=0.0).sqrt()
+    conflict = products < -0.5 * tolerance * row_norms * norm
+    return bool((conflict | ~torch.isfinite(products)).any())
 
 
 def _separates(g: Tensor, weights: Tensor, eps: float) -> bool:

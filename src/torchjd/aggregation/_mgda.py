@@ -9,10 +9,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from torchjd._precision import is_half, promoted
+from torchjd._precision import promoted
 from torchjd.aggregation._bases import Forwarded, GramianWeightedAggregator, Weighting
 from torchjd.linalg._matrix import PSDMatrix
-from torchjd.linalg._min_norm import min_norm_weights
+from torchjd.linalg._min_norm import conflict_tolerance, min_norm_weights
 
 # On accelerators, convergence is checked on the host every this many iterations (see
 # ``_mgda_weights``): every check is a synchronisation, so 8 saves 7 of every 8 of them for at most
@@ -97,20 +97,13 @@ def _mgda_weights(
     return alpha
 
 
-def _conflict_tolerance(dtype: torch.dtype) -> float:
-    """The relative tolerance of the non-conflict claim in ``dtype``."""
-    if is_half(dtype):
-        return 1e-2
-    return 1e-4 if dtype == torch.float32 else 1e-6
-
-
 def _solve(gramians: Tensor, epsilon: float | Tensor, max_iters: int | Sequence[int]) -> Tensor:
     """Frank–Wolfe weights of Gramians ``[..., m, m]`` in their working dtype, each replaced by
     the exact minimum-norm weights where it conflicts with a row beyond the tolerance."""
     gramian = promoted(gramians)
     alpha = _mgda_weights(gramian, epsilon, max_iters)
     if gramians.shape[-1] > 2:  # one or two rows: exact already (closed form), no host check
-        alpha = _finish(gramian, alpha, _conflict_tolerance(gramians.dtype))
+        alpha = _finish(gramian, alpha, conflict_tolerance(gramians.dtype))
     return alpha.to(gramians.dtype)
 
 

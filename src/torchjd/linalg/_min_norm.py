@@ -12,6 +12,15 @@ _REFINEMENTS = 2
 _ROUNDING = 16
 
 
+def conflict_tolerance(dtype: torch.dtype) -> float:
+    r"""The relative tolerance :math:`\tau` of a non-conflict claim in ``dtype``:
+    :math:`g_i^\top d \ge -\tau \|g_i\| \|d\|`, with :math:`\tau = 10^{-6}` in float64,
+    :math:`10^{-4}` in float32 and :math:`10^{-2}` in float16 and bfloat16."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return 1e-2
+    return 1e-4 if dtype == torch.float32 else 1e-6
+
+
 def min_norm_weights(gramian: Tensor, eps: float | None = None) -> Tensor:
     r"""The weights :math:`\alpha \in \Delta_m` minimising :math:`\alpha^\top G \alpha`, exactly.
 
