@@ -375,3 +375,14 @@ def test_exact_finish_is_the_min_norm_point_and_is_differentiable() -> None:
     assert_close(weights.detach().sum(), torch.tensor(1.0, dtype=torch.float64))
     weights.sum().backward()
     assert gramian.grad is not None and bool(torch.isfinite(gramian.grad).all())
+
+
+def test_grouped_problems_are_finished_one_by_one() -> None:
+    # A batch of Gramians: the mixed-scale ones are finished exactly, the easy one is untouched.
+    easy = _random_matrix(5, 7, 3)
+    matrices = [_mixed_scales(0), easy, _mixed_scales(1)]
+    gramians = torch.stack([matrix[:5] @ matrix[:5].T for matrix in matrices])
+    weights = MGDAWeighting._forward_grouped([MGDAWeighting()] * 3, gramians)
+    for k, matrix in enumerate(matrices):
+        _assert_no_conflict(matrix[:5], weights[k] @ matrix[:5], weights[k])
+    assert_close(weights[1], MGDAWeighting()(easy @ easy.T))

@@ -284,6 +284,15 @@ class FairGradWeighting(Weighting[PSDMatrix]):
     their limit (0 for a zero row; they can be negative), and all are 0 when every row is
     stationary. "0 up to rounding" is relative to the machine epsilon of the Gramian's dtype.
 
+    Near such points the root exists but may need weights too large for the solver to reach
+    within ``max_iters`` steps. The result is therefore checked: if its aggregate conflicts with
+    a row (:math:`g_i^\top d < -\frac12 \tau \|g_i\| \|d\|`, :math:`\tau` = 1e-6 in float64,
+    1e-4 in float32, 1e-2 in half precision), the weights of the minimum-norm point of the convex
+    hull (the direction of :class:`MGDA`, which conflicts with no row), scaled by the best factor
+    of the objective along that ray, are returned instead. Hence, in every case, the aggregate
+    conflicts with no row up to :math:`\tau` and rounding. A non-finite Gramian gives NaN
+    weights.
+
     :param alpha: the fairness parameter :math:`\alpha \ge 0`, required. Any value is accepted
         at construction (as in TorchJD); a negative or non-finite one raises ``ValueError`` at
         call time, where the :math:`\alpha`-fair utility is undefined.

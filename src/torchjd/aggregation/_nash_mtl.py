@@ -129,7 +129,8 @@ class NashMTL(NoGrad, GramianWeightedAggregator, Stateful):
     stationary rows are projected out and the others share the update fairly, so the result
     conflicts with no row; e.g. ``[[0, 0], [0, 1]]`` gives ``[0, 1]`` (in every dtype), rows with
     0 in their convex hull give zeros, and so does the zero matrix, where the reference fails
-    inside cvxpy.
+    inside cvxpy. Near such points, an unreached root is replaced by the scaled min-norm
+    direction, which conflicts with no row (see :class:`FairGradWeighting`).
 
     :param n_tasks: the number of rows :math:`m` expected, ``> 0`` (another number of rows raises
         ``ValueError``).
