@@ -54,10 +54,10 @@ def solve_fair_weights(gramian: Tensor, alpha: float, max_iters: int) -> Tensor:
     min-norm point, scaled optimally along their ray (:func:`_min_norm_ray`), are returned
     instead: they conflict with no row, whatever ``max_iters``.
 
-    A non-finite Gramian gives NaN weights. The system is first solved for every row by
-    :func:`_solve_root`; when the aggregate makes with
-    every row a cosine above :math:`\sqrt{4\varepsilon}`, no row can be stationary and that
-    solution is returned (the usual case: the search above is skipped).
+    Order of the work: the system is first solved for every row by :func:`_solve_root`; when the
+    aggregate makes with every row a cosine above :math:`\sqrt{4\varepsilon}`, no row can be
+    stationary and that solution is returned (the usual case: the search above is skipped). A
+    non-finite Gramian gives NaN weights.
     """
     g = gramian.to(dtype=torch.float64)
     m = g.shape[0]
