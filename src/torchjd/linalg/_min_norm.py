@@ -83,20 +83,21 @@ def _minor_steps(g: Tensor, alpha: Tensor, support: list[int]) -> tuple[Tensor, 
     """Move towards the affine minimiser on ``support`` until it lies inside the simplex."""
     for _ in range(len(support)):
         x = _affine_minimiser(g, support)
-        current = alpha[support]
+        index = torch.tensor(support, device=g.device)
         if bool((x > 0).all()):
-            alpha = alpha.zero_().index_put_((torch.tensor(support),), x)
-            return alpha, support
-        # The largest step theta in [0, 1] from current towards x that keeps every weight >= 0.
+            return alpha.zero_().index_put_((index,), x), support
+        # The largest step theta in [0, 1] from the current weights towards x that keeps every
+        # weight >= 0; the weight that reaches 0 first leaves the support, with any negligible one.
+        current = alpha[index]
         leaving = x <= 0
-        ratios = current / torch.where(leaving, current - x, torch.ones_like(x))
-        theta = torch.where(leaving, ratios, torch.full_like(x, torch.inf)).min().clamp(0.0, 1.0)
+        ratios = torch.where(leaving, current / torch.where(leaving, current - x, 1.0), torch.inf)
+        theta = ratios.min().clamp(0.0, 1.0)
         moved = current + theta * (x - current)
         keep = moved > _DROP * moved.max()
-        keep[int(torch.where(leaving, ratios, torch.full_like(x, torch.inf)).argmin())] = False
-        alpha = alpha.zero_().index_put_((torch.tensor(support),), moved.clamp(min=0.0))
+        keep[int(ratios.argmin())] = False
+        moved = torch.where(keep, moved, 0.0).clamp(min=0.0)
+        alpha = alpha.zero_().index_put_((index,), moved / moved.sum())
         support = [s for s, k in zip(support, keep.tolist(), strict=True) if k]
-        alpha = alpha / alpha.sum()
         if len(support) == 1:
             break
     return alpha, support
