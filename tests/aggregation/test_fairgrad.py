@@ -43,8 +43,8 @@ def test_edge_cases() -> None:
     # ZR: the zero row's equation has no root; the other gives w = 1/sqrt(6): the row / sqrt(6).
     torch.testing.assert_close(FairGrad(1.0)(ZR), ZR[1] / 6**0.5)
     assert torch.equal(FairGrad(1.0)(ZERO), torch.zeros(3))
-    weights = FairGradWeighting(1.0)(torch.zeros(3, 3))
-    assert torch.isfinite(weights).all() and (weights > 0).all()
+    # Every row stationary (all zero): the limit of the aggregate is 0, given by zero weights.
+    assert torch.equal(FairGradWeighting(1.0)(torch.zeros(3, 3)), torch.zeros(3))
     assert torch.equal(FairGrad(1.0)(torch.zeros(0, 3)), torch.zeros(3))
     assert FairGradWeighting(1.0)(torch.zeros(0, 0)).shape == (0,)
 
@@ -193,3 +193,102 @@ def test_needs_no_optional_dependency(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(importlib.util, "find_spec", without_scipy)
     torch.testing.assert_close(FairGrad(1.0)(J_A), torch.tensor([0.0766, 0.9985, 0.9985]), **_ATOL)
+
+
+# --- Pareto-stationary inputs: no root; the limit of the aggregate conflicts with no row ---------
+
+
+def _stationary_3d(seed: int) -> torch.Tensor:
+    """Four rows in R^3 with 0 in their convex hull: three independent rows and a negative
+    combination of them, rotated."""
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=generator, dtype=torch.float64))
+    rows = torch.diag(0.5 + torch.rand(3, generator=generator, dtype=torch.float64))
+    return torch.cat([rows, -0.7 * rows.sum(dim=0, keepdim=True)]) @ q
+
+
+@pytest.mark.parametrize("alpha", [0.1, 1.0, 10.0])
+@pytest.mark.parametrize("max_iters", [None, 1000])
+def test_pareto_stationary_rows_give_zero(alpha: float, max_iters: int | None) -> None:
+    # 0 = a (1000, 3) + b (1, -1000) + c (-100, 100) + e (2, 2) with a, b, c, e > 0: no d has
+    # J d > 0, so the only update that conflicts with no row is 0.
+    matrix = torch.tensor([[1000.0, 3], [1, -1000], [-100, 100], [2, 2]], dtype=torch.float64)
+    d = FairGrad(alpha, max_iters)(matrix)
+    assert float(d.norm()) <= 1e-12 * float(matrix.norm()), d
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("alpha", [0.1, 1.0, 10.0])
+@pytest.mark.parametrize("seed", range(4))
+def test_pareto_stationary_in_float32(seed: int, alpha: float, dtype: torch.dtype) -> None:
+    # The float32 Gramian's rounding (eigenvalues about -1e-8) is far above the regularisation of
+    # the Newton solve: the stationarity must be detected, not left to the solver.
+    matrix = _stationary_3d(seed)
+    d = FairGrad(alpha)(matrix.to(dtype)).double()
+    assert float(d.norm()) <= 10 * torch.finfo(dtype).eps * float(matrix.norm()), d
+
+
+@pytest.mark.parametrize("alpha", [0.1, 1.0, 10.0])
+def test_partly_stationary_rows_leave_the_others_their_fair_share(alpha: float) -> None:
+    # Rows 0 and 1 are opposite (stationary); row 2 projected off their span is q = (0, 1, 0),
+    # whose equation w ||q||^2 = w^(-1/alpha) gives w = 1: the limit of the aggregate is q, and
+    # it conflicts with no row (J d = (0, 0, 1)).
+    matrix = torch.tensor([[1.0, 0, 0], [-2, 0, 0], [0.3, 1, 0]], dtype=torch.float64)
+    d = FairGrad(alpha)(matrix)
+    torch.testing.assert_close(d, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
+    weights = FairGradWeighting(alpha)(matrix @ matrix.T)
+    torch.testing.assert_close(weights @ matrix, d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_zero_row_in_half_precision(dtype: torch.dtype) -> None:
+    # The zero row's weight would be unbounded (it overflowed to inf, and 0 * inf = NaN).
+    matrix = torch.tensor([[0.0, 0.0], [0.0, 1.0]], dtype=dtype)
+    out = FairGrad(1.0)(matrix)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, torch.tensor([0.0, 1.0], dtype=dtype))
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_many_rows_in_half_precision_are_not_taken_for_stationary(
+    dtype: torch.dtype, tolerance: float
+) -> None:
+    # 128 rows in 4096 dimensions: the min-norm point is far from 0 (squared norm ~ 32 for
+    # squared row norms ~ 4096), above what the rounding of a half-precision Gramian can fake.
+    matrix = torch.randn(128, 4096, generator=torch.Generator().manual_seed(0)).to(dtype)
+    expected = FairGrad(1.0)(matrix.double())
+    out = FairGrad(1.0)(matrix)
+    assert out.dtype == dtype
+    error = (out.double() - expected).norm() / expected.norm()
+    assert float(error) <= tolerance
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_gramian_gives_non_finite_weights_without_raising(value: float) -> None:
+    scales = torch.tensor([[1e-6], [1.0], [1e3]], dtype=torch.float64)
+    matrix = scales * torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    gramian = matrix @ matrix.T
+    gramian[0, 1] = gramian[1, 0] = value
+    assert not torch.isfinite(FairGradWeighting(1.0)(gramian)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("alpha", [0.1, 1.0, 10.0])
+@pytest.mark.parametrize("offset", [1e-9, 1e-7, 1e-5, 1e-3, 1e-1])
+def test_near_pareto_stationary_rows_conflict_with_none(
+    offset: float, alpha: float, dtype: torch.dtype
+) -> None:
+    # The stationary rows above lifted by a third coordinate offset * ||row||: a root exists (all
+    # the rows have a positive third coordinate) but needs very large weights; whatever is
+    # returned must conflict with no row: J_i . d >= -tau ||J_i|| ||d||, plus rounding.
+    planar = torch.tensor([[1000.0, 3], [1, -1000], [-100, 100], [2, 2]], dtype=torch.float64)
+    matrix = torch.cat([planar, offset * planar.norm(dim=1, keepdim=True)], dim=1)
+    cast = matrix.to(dtype)
+    d = FairGrad(alpha)(cast).double()
+    tau = 1e-6 if dtype == torch.float64 else 1e-4
+    row_norms = matrix.norm(dim=1)
+    products = matrix @ d
+    # d = J^T w is rounded in the dtype: up to about eps ||J_i|| sum_j |w_j| ||J_j|| in J_i . d.
+    weights = FairGradWeighting(alpha)(cast @ cast.T).double().abs()
+    rounding = 8 * torch.finfo(dtype).eps * row_norms * (weights @ row_norms)
+    assert bool((products >= -tau * row_norms * d.norm() - rounding).all()), products

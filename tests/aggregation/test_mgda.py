@@ -311,3 +311,78 @@ def test_nan_gramian_gives_nan_weights() -> None:
         gramian = torch.eye(m, dtype=torch.float64)
         gramian[0, 1] = gramian[1, 0] = torch.nan
         assert MGDAWeighting()(gramian).isnan().any()
+
+
+# --- non-conflict, always (per row, whatever the row norms) ------------------------------------
+
+_TAU = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def _assert_no_conflict(matrix: Tensor, d: Tensor, weights: Tensor) -> None:
+    """J_i . d >= -tau ||J_i|| ||d|| per row, in float64, plus what the rounding of the Gramian
+    and of d in their dtype allows (it dominates where d is 0 up to rounding)."""
+    tau = _TAU[d.dtype]
+    J, d = matrix.double(), d.double()
+    row_norms = J.norm(dim=1)
+    rounding = 64 * torch.finfo(matrix.dtype).eps * row_norms * (weights.double() @ row_norms)
+    products = J @ d
+    assert bool((products >= -tau * row_norms * d.norm() - rounding).all()), products
+
+
+def _mixed_scales(seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(-6, 6, 8, dtype=torch.float64)[torch.randperm(8, generator=generator)]
+    return torch.randn(8, 6, generator=generator, dtype=torch.float64) * scales.unsqueeze(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("seed", range(6))
+def test_no_conflict_at_mixed_row_scales(seed: int, dtype: torch.dtype) -> None:
+    # Rows of norms 1e-6 to 1e6: Frank-Wolfe stops far from the min-norm point (cosines with the
+    # short rows down to -0.7); the result must still conflict with none of them.
+    matrix = _mixed_scales(seed).to(dtype)
+    weights = MGDAWeighting()(matrix @ matrix.T)
+    _assert_no_conflict(matrix, weights @ matrix, weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_no_conflict_with_many_rows(dtype: torch.dtype) -> None:
+    matrix = _random_matrix(128, 64, 0).to(dtype)
+    weights = MGDAWeighting()(matrix @ matrix.T)
+    assert weights.dtype == dtype
+    _assert_no_conflict(matrix, weights @ matrix, weights)
+
+
+def test_pareto_stationary_rows_give_zero() -> None:
+    # 0 is in the convex hull of the rows: the min-norm point is 0.
+    matrix = torch.tensor([[1000.0, 3], [1, -1000], [-100, 100], [2, 2]], dtype=torch.float64)
+    d = MGDA()(matrix)
+    assert float(d.norm()) <= 1e-12 * float(matrix.norm())
+    opposite = torch.cat([_random_matrix(4, 5, 1), -_random_matrix(4, 5, 1)])
+    assert float(MGDA()(opposite).norm()) <= 1e-12 * float(opposite.norm())
+
+
+def test_exact_finish_is_the_min_norm_point_and_is_differentiable() -> None:
+    # The optimality conditions of min ||J^T a||^2 over the simplex: J_i . d >= ||d||^2 for
+    # every row, with equality where a_i > 0 (relative to ||J_i|| ||d||).
+    matrix = _mixed_scales(0)
+    gramian = (matrix @ matrix.T).requires_grad_()
+    weights = MGDAWeighting()(gramian)
+    d = weights.detach() @ matrix
+    slack = (matrix @ d - d @ d) / (matrix.norm(dim=1) * d.norm())
+    assert bool((slack >= -1e-9).all()), slack
+    assert bool((slack[weights.detach() > 0].abs() <= 1e-9).all()), slack
+    assert_close(weights.detach().sum(), torch.tensor(1.0, dtype=torch.float64))
+    weights.sum().backward()
+    assert gramian.grad is not None and bool(torch.isfinite(gramian.grad).all())
+
+
+def test_grouped_problems_are_finished_one_by_one() -> None:
+    # A batch of Gramians: the mixed-scale ones are finished exactly, the easy one is untouched.
+    easy = _random_matrix(8, 6, 3)
+    matrices = [_mixed_scales(0), easy, _mixed_scales(1)]
+    gramians = torch.stack([matrix @ matrix.T for matrix in matrices])
+    weights = MGDAWeighting._forward_grouped([MGDAWeighting()] * 3, gramians)
+    for k, matrix in enumerate(matrices):
+        _assert_no_conflict(matrix, weights[k] @ matrix, weights[k])
+    assert_close(weights[1], MGDAWeighting()(easy @ easy.T))

@@ -126,3 +126,24 @@ def test_reinitialises_when_m_or_dtype_changes() -> None:
 def test_gramian_aggregator_wrapping() -> None:
     aggregator = GramianWeightedAggregator(MoDoWeighting())
     torch.testing.assert_close(aggregator(J_B), MoDoWeighting()(G_B) @ J_B)
+
+
+def test_huge_inputs_stay_on_the_simplex() -> None:
+    # All entries of lambda - gamma * gradient equal: the projection is uniform.
+    torch.testing.assert_close(MoDoWeighting()(1e8 * torch.ones(4, 4)), torch.full((4,), 0.25))
+    # Entries about 1e16 apart: the projection is the vertex of the largest one.
+    torch.manual_seed(3)
+    J = 1e8 * torch.randn(4, 10)
+    matrix = J @ J.T
+    y = 0.25 - 0.1 * (matrix.double() @ torch.full((4,), 0.25, dtype=torch.float64) + 0.025)
+    expected = torch.nn.functional.one_hot(y.argmax(), 4).float()
+    torch.testing.assert_close(MoDoWeighting()(matrix), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_follows_float32(dtype: torch.dtype) -> None:
+    weighting, reference = MoDoWeighting(), MoDoWeighting()
+    for matrix in [M_AB, G_B, M_AB]:
+        out = weighting(matrix.to(dtype))
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, reference(matrix.to(dtype).float()).to(dtype))

@@ -241,3 +241,19 @@ def test_changing_n_tasks_without_reset_reinitialises() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         aggregator(J_A.double())  # a dtype change needs no re-initialisation
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_zero_row_in_half_precision_gives_the_other_row(dtype: torch.dtype) -> None:
+    # As in float32: the zero row's weight does not matter, the other's is 1 / ||g||^2 = 1.
+    out = NashMTL(n_tasks=2)(torch.tensor([[0.0, 0.0], [0.0, 1.0]], dtype=dtype))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, torch.tensor([0.0, 1.0], dtype=dtype))
+
+
+def test_pareto_stationary_rows_give_zero() -> None:
+    # 0 is in the convex hull of the rows: no root of alpha * (G alpha) = 1; the non-conflicting
+    # limit is 0 (the solver used to drift to an update conflicting with the second row).
+    matrix = torch.tensor([[1000.0, 3], [1, -1000], [-100, 100], [2, 2]], dtype=torch.float64)
+    d = NashMTL(n_tasks=4, max_norm=0)(matrix)
+    assert float(d.norm()) <= 1e-12 * float(matrix.norm()), d

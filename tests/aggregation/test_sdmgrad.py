@@ -152,3 +152,20 @@ def test_reinitialises_when_m_or_dtype_changes() -> None:
     with pytest.warns(UserWarning, match="re-initialises"):
         out = weighting(torch.eye(2, dtype=torch.float64))
     torch.testing.assert_close(out, make()(torch.eye(2, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_zeros_give_the_preference(dtype: torch.dtype) -> None:
+    # A zero matrix gives a zero gradient: w stays uniform (1e-8 must not underflow to 0 / 0).
+    out = SDMGradWeighting()(torch.zeros(3, 3, dtype=dtype))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, torch.full((3,), 1 / 3, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_follows_float32(dtype: torch.dtype) -> None:
+    weighting, reference = SDMGradWeighting(), SDMGradWeighting()
+    for matrix in [M_AB, M_AB.T]:
+        out = weighting(matrix.to(dtype))
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, reference(matrix.to(dtype).float()).to(dtype))

@@ -77,3 +77,11 @@ def test_ties_and_nan(dtype: torch.dtype) -> None:
         project_onto_simplex(torch.ones(4, dtype=dtype)), torch.full((4,), 0.25, dtype=dtype)
     )
     assert project_onto_simplex(torch.tensor([float("nan"), 0.1], dtype=dtype)).isnan().any()
+
+
+def test_large_common_offset_is_not_rounded_away() -> None:
+    # In float32, -1e7 - 1 rounds to -1e7 in the partial sums unless the offset is removed first.
+    y = torch.full((4,), -1e7)
+    torch.testing.assert_close(project_onto_simplex(y), torch.full((4,), 0.25))
+    y = torch.tensor([3e15, -2e16, 1e16, 5e14])
+    torch.testing.assert_close(project_onto_simplex(y), torch.tensor([0.0, 0.0, 1.0, 0.0]))

@@ -75,3 +75,12 @@ def test_repr_str() -> None:
     assert repr(cosmos) == "COSMOS(lambda_=0.5, weights=tensor([0.5000, 0.5000]))"
     assert repr(COSMOS(1, torch.tensor([0.5, 0.5]))).startswith("COSMOS(lambda_=1, ")
     assert str(cosmos) == "COSMOS"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_zeros_give_zero(dtype: torch.dtype) -> None:
+    # cos(r, 0) = 0 by the max(., 1e-8) of the denominator, which must not underflow in fp16 (its
+    # gradient, -lambda r / 1e-8, does not fit in float16: that overflow is the true value's).
+    out = COSMOS(2.0, R)(torch.zeros(3, dtype=dtype))
+    assert out.dtype == dtype
+    assert_close(out, torch.tensor(0.0, dtype=dtype))

@@ -206,3 +206,28 @@ def test_repr_str() -> None:
     assert repr(FAMO(3)) == "FAMO(shape=(3,), lr=0.025, weight_decay=0.001)"
     assert repr(FAMO((2, 3))) == "FAMO(shape=(2, 3), lr=0.025, weight_decay=0.001)"
     assert str(FAMO(3)) == "FAMO"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_zeros_are_finite(dtype: torch.dtype) -> None:
+    # u = 1e-8 (which underflows in float16): c = 1e-8 and the result is 1e-8 * log(1e-8).
+    values = torch.zeros(3, dtype=dtype, requires_grad=True)
+    out = FAMO(3)(values)
+    assert out.dtype == dtype
+    assert_close(out.double(), torch.tensor(EPS * math.log(EPS), dtype=torch.float64))
+    out.backward()
+    assert values.grad is not None and torch.isfinite(values.grad).all()
+
+
+def test_equal_log_decreases_do_not_move_the_logits() -> None:
+    # Every log-loss falls by the same delta: g_k = z_k (delta - delta * sum(z)) = 0 exactly, so
+    # Adam (without weight decay) leaves the logits where they are. A softmax that sums to 1 only
+    # up to rounding gives a g of about 1e-8 that Adam would rescale into a step of about lr.
+    famo = FAMO(3, weight_decay=0.0)
+    logits = torch.tensor([0.3, -1.1, 0.7])
+    with torch.no_grad():
+        famo._w.copy_(logits)
+    before = torch.tensor([1e6, 2e6, 3e6], dtype=torch.float64)
+    famo(before)
+    famo.update(before / 2)
+    assert_close(famo._w.detach(), logits, rtol=0, atol=1e-6)

@@ -68,3 +68,12 @@ def test_matches_numpy(values: list[float]) -> None:
 def test_repr_str() -> None:
     assert repr(GeometricMean()) == "GeometricMean()"
     assert str(GeometricMean()) == "GeometricMean"
+
+
+def test_bfloat16_is_within_rounding() -> None:
+    # (3000 * 4000 * 1000 * 2000) ** (1 / 4) = 2213.36..., rounded once to bfloat16 (2^-8).
+    values = torch.tensor([3000.0, 4000.0, 1000.0, 2000.0], dtype=torch.bfloat16)
+    expected = torch.tensor((3000.0 * 4000.0 * 1000.0 * 2000.0) ** 0.25, dtype=torch.float64)
+    out = GeometricMean()(values)
+    assert out.dtype == torch.bfloat16
+    assert_close(out.double(), expected, rtol=2**-8, atol=0)

@@ -91,3 +91,21 @@ def test_repr_str() -> None:
     pbi = PBI(5.0, torch.tensor([0.5, 0.5]))
     assert repr(pbi) == "PBI(theta=5.0, weights=tensor([0.5000, 0.5000]), reference=None)"
     assert str(pbi) == "PBI"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_values_whose_result_fits(dtype: torch.dtype) -> None:
+    # f = (3000, 4000, 1000), w_hat = (1, 1, 1) / sqrt(3): d1 = 8000 / sqrt(3), and
+    # ||f||^2 = 2.6e7 (beyond float16's 65504) gives d2 = sqrt(2.6e7 - 8000^2 / 3).
+    values = torch.tensor([3000.0, 4000.0, 1000.0])
+    d1 = 8000 / math.sqrt(3)
+    d2 = math.sqrt(2.6e7 - d1**2 + 1e-12)
+    out = PBI(2.0, torch.ones(3))(values.to(dtype))
+    assert out.dtype == dtype
+    assert_close(out.double(), torch.tensor(d1 + 2 * d2, dtype=torch.float64), rtol=2**-8, atol=0)
+
+
+def test_half_precision_keeps_the_smoothing() -> None:
+    # On the ray, d2 = sqrt(1e-12) = 1e-6; 1e-12 underflows in float16.
+    out = PBI(5.0, torch.ones(2))(torch.zeros(2, dtype=torch.float16))
+    assert_close(out.double(), torch.tensor(5e-6, dtype=torch.float64), rtol=2**-8, atol=0)

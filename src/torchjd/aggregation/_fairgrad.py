@@ -5,12 +5,16 @@ from torch import Tensor
 
 from torchjd.aggregation._bases import Forwarded, GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.linalg._matrix import PSDMatrix
+from torchjd.linalg._min_norm import conflict_tolerance, min_norm_weights
 
 _DEFAULT_MAX_ITERS = 100
 # Scale (relative to the typical weight) that the weights reach where the system has no root.
 _DEGENERATE_WEIGHT = 1e7
 _MAX_WEIGHT = 100 * _DEGENERATE_WEIGHT
 _RESIDUAL_TOL = 1e-10
+# A convex hull whose min-norm point has a squared norm below this many machine epsilons (relative
+# to its rows) contains 0 up to the rounding of the Gramian.
+_STATIONARITY = 4
 # The line search tries the steps 2^4, 2^3, ..., 2^-11 and 0 at once.
 _N_STEPS = 16
 _FULL_STEP = 4  # index of the step 2^0
@@ -24,6 +28,147 @@ def _barrier(y: Tensor, p: float) -> Tensor:
 
 
 def solve_fair_weights(gramian: Tensor, alpha: float, max_iters: int) -> Tensor:
+    r"""The weights solving :math:`G x = x^{\circ(-1/\alpha)}` or, where no root exists, the
+    limit of the aggregate :math:`J^\top x` at a Pareto-stationary point; in float64.
+
+    First, the rows that make the input Pareto-stationary are found: while the minimum-norm point
+    :math:`J_R^\top \lambda` of the convex hull of the remaining rows :math:`R` (exact, by
+    :func:`torchjd.linalg._min_norm.min_norm_weights`) is 0 up to the rounding of the Gramian
+    (:math:`\|J_R^\top \lambda\|^2 \le 4\,\varepsilon\,(\sum_i \lambda_i \|g_i\|)^2`, with
+    :math:`\varepsilon` the machine epsilon of ``gramian``'s dtype, whose rounding it is),
+    the rows of its support join the stationary set :math:`Z` and the others are projected onto
+    the orthogonal complement of the span of :math:`J_Z` (a Schur complement of :math:`G`). A zero
+    row is such a set on its own. Along these rows the system has no root: the weights grow
+    without bound and drive :math:`J_Z d` to 0. The limit of :math:`d` is therefore the solution
+    of the same system for the projected remaining rows, :math:`d = P J_R^\top x_R`, which
+    conflicts with no row (:math:`J_Z d = 0`); it is returned as the weights
+    :math:`x_R` and :math:`x_Z = -G_{ZZ}^{+} G_{ZR} x_R` (finite, possibly negative; 0 for a zero
+    row), which give exactly that :math:`d = J^\top x`. With every row stationary, :math:`x = 0`.
+    ``[[0, 0], [0, 1]]`` thus gives ``[0, 1]``.
+
+    Near a Pareto-stationary point, the root exists but may need weights too large for
+    :func:`_solve_root` to reach within ``max_iters`` steps, and the Gramian of nearly dependent
+    rows may be too ill-conditioned for an accurate projection. So the result is checked: where
+    its aggregate conflicts with a row (beyond half of :math:`\tau` = 1e-6 in float64, 1e-4 in
+    float32, 1e-2 in half precision, relative to :math:`\|g_i\| \|d\|`), the weights of the
+    min-norm point, scaled optimally along their ray (:func:`_min_norm_ray`), are returned
+    instead: they conflict with no row, whatever ``max_iters``.
+
+    Order of the work: the system is first solved for every row by :func:`_solve_root`; when the
+    aggregate makes with every row a cosine above :math:`\sqrt{4\varepsilon}`, no row can be
+    stationary and that solution is returned (the usual case: the search above is skipped). A
+    non-finite Gramian gives NaN weights.
+    """
+    g = gramian.to(dtype=torch.float64)
+    m = g.shape[0]
+    eps = torch.finfo(gramian.dtype).eps
+    if not bool(torch.isfinite(g).all()):
+        # Non-finite in, non-finite out: NaN weights (an infinity could otherwise be solved away).
+        return torch.full((m,), torch.nan, dtype=g.dtype, device=g.device)
+    return _solve(g, alpha, max_iters, eps, conflict_tolerance(gramian.dtype))
+
+
+def _solve(g: Tensor, alpha: float, max_iters: int, eps: float, tolerance: float) -> Tensor:
+    """:func:`solve_fair_weights` on a finite float64 Gramian (recursive on the rows left)."""
+    m = g.shape[0]
+    weights = _solve_root(g, alpha, max_iters)
+    if _separates(g, weights, eps):
+        return weights
+    stationary = _stationary_rows(g, eps)
+    rest = [i for i in range(m) if i not in stationary]
+    if stationary:
+        weights = g.new_zeros(m)
+        if rest:
+            projected, coefficients = _project_out(g, stationary, rest, eps)
+            rest_weights = _solve(projected, alpha, max_iters, eps, tolerance)
+            weights[rest] = rest_weights
+            weights[stationary] = -(coefficients @ rest_weights)
+    if not _conflicts(g, weights, tolerance):
+        return weights
+    return _min_norm_ray(g, alpha, eps)
+
+
+def _min_norm_ray(g: Tensor, alpha: float, eps: float) -> Tensor:
+    r"""The fallback :math:`x = c \lambda`: the min-norm point's weights :math:`\lambda`, scaled by
+    the best :math:`c > 0` of the objective of :func:`_solve_root` along that ray,
+    :math:`c^{1 + 1/\alpha} = \sum_{\lambda_i > 0} \lambda_i^{1 - 1/\alpha} / \lambda^\top G
+    \lambda`; zeros where the min-norm point is 0 up to rounding. :math:`J^\top \lambda`
+    conflicts with no row (:math:`g_i^\top J^\top \lambda \ge \|J^\top \lambda\|^2`)."""
+    weights = min_norm_weights(g, eps)
+    norm2 = weights @ g @ weights
+    norms = g.diagonal().clamp(min=0.0).sqrt()
+    if not bool(norm2 > _STATIONARITY * eps * (weights @ norms) ** 2):
+        return torch.zeros_like(weights)
+    p = 1.0 / alpha
+    support = weights[weights > 0]
+    return weights * ((support ** (1.0 - p)).sum() / norm2) ** (1.0 / (1.0 + p))
+
+
+def _conflicts(g: Tensor, weights: Tensor, tolerance: float) -> bool:
+    """Whether :math:`d = J^\top x` is not finite or conflicts with a row beyond half of the
+    tolerance of the claim (the other half is left to the rounding of :math:`d`)."""
+    products = g @ weights
+    norm = torch.clamp(weights @ products, min=0.0).sqrt()
+    row_norms = g.diagonal().clamp(min=0.0).sqrt()
+    conflict = products < -0.5 * tolerance * row_norms * norm
+    return bool((conflict | ~torch.isfinite(products)).any())
+
+
+def _separates(g: Tensor, weights: Tensor, eps: float) -> bool:
+    r"""Whether :math:`d = J^\top x` makes with every row a cosine above
+    :math:`\sqrt{4 \varepsilon}`. Then, for every :math:`\lambda` in the simplex,
+    :math:`\|J^\top \lambda\| \ge \lambda^\top J d / \|d\| > \sqrt{4 \varepsilon}
+    \sum_i \lambda_i \|g_i\|`: no row is stationary, which spares the search (the usual case)."""
+    products = g @ weights
+    norm = torch.clamp(weights @ products, min=0.0).sqrt()
+    row_norms = g.diagonal().clamp(min=0.0).sqrt()
+    return bool((products > (_STATIONARITY * eps) ** 0.5 * row_norms * norm).all())
+
+
+def _stationary_rows(g: Tensor, eps: float) -> list[int]:
+    """The rows of the stationary set :math:`Z` (see :func:`solve_fair_weights`), sorted."""
+    m = g.shape[0]
+    norms = g.diagonal().clamp(min=0.0).sqrt()
+    stationary: list[int] = []
+    while len(stationary) < m:
+        rest = [i for i in range(m) if i not in stationary]
+        projected = _project_out(g, stationary, rest, eps)[0] if stationary else g
+        # Rows that are 0 up to rounding (once projected) are stationary sets of their own: all
+        # join at once (e.g. every row, once a spanning set has been projected out).
+        zero = projected.diagonal() <= _STATIONARITY * eps * norms[rest] ** 2
+        if bool(zero.any()):
+            stationary = sorted(stationary + [r for r, z in zip(rest, zero.tolist()) if z])
+            continue
+        weights = min_norm_weights(projected, eps)
+        if not bool(torch.isfinite(weights).all()):
+            break
+        norm2 = weights @ projected @ weights
+        if bool(norm2 > _STATIONARITY * eps * (weights @ norms[rest]) ** 2):
+            break
+        stationary = sorted(stationary + [r for r, w in zip(rest, weights.tolist()) if w > 0])
+    return stationary
+
+
+def _project_out(
+    g: Tensor, stationary: list[int], rest: list[int], eps: float
+) -> tuple[Tensor, Tensor]:
+    """The Gramian of the rows ``rest`` projected onto the orthogonal complement of the rows
+    ``stationary``, :math:`G_{RR} - G_{RZ} C`, and :math:`C = G_{ZZ}^{+} G_{ZR}`."""
+    z = torch.tensor(stationary, device=g.device)
+    r = torch.tensor(rest, device=g.device)
+    g_zz, g_zr = g[z][:, z], g[z][:, r]
+    # The pseudo-inverse of G_ZZ scaled to a unit diagonal (rows of any norms), cutting what is
+    # zero up to rounding (a zero row, rows that are dependent), as the stationarity test does.
+    scale = g_zz.diagonal().clamp(min=0.0).sqrt()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    unit = g_zz / scale.unsqueeze(0) / scale.unsqueeze(1)
+    inverse = torch.linalg.pinv(unit, rtol=_STATIONARITY * eps, hermitian=True)
+    coefficients = (inverse @ (g_zr / scale.unsqueeze(1))) / scale.unsqueeze(1)
+    projected = g[r][:, r] - g_zr.T @ coefficients
+    return 0.5 * (projected + projected.T), coefficients
+
+
+def _solve_root(g: Tensor, alpha: float, max_iters: int) -> Tensor:
     r"""The weights :math:`x > 0` solving :math:`G x = x^{\circ(-1/\alpha)}`, in float64.
 
     ``G`` is first divided by its mean diagonal :math:`c` (the solution scales as
@@ -48,14 +193,10 @@ def solve_fair_weights(gramian: Tensor, alpha: float, max_iters: int) -> Tensor:
     after ``max_iters`` steps. These tests read values back to the host (every step on CPU, every
     fifth elsewhere).
 
-    When :math:`G` has no root (a non-negative vector :math:`v \ne 0` with :math:`G v = 0`, e.g. a
-    zero row or two opposite rows), the regularisation keeps the weights along :math:`v` finite
-    (about :math:`10^7` times the usual size); :math:`J^\top v = 0`, so they barely move the
-    aggregate :math:`J^\top x` in exact arithmetic. In low precision (a float32 Gramian of a
-    Jacobian with more rows than columns, whose zero eigenvalues are only zero up to rounding),
-    such large weights amplify rounding errors: the output is then finite but not meaningful.
+    Where :math:`G` has no root (a non-negative vector :math:`v \ne 0` with :math:`G v = 0`),
+    :func:`solve_fair_weights` has already set the stationary rows aside; the regularisation only
+    keeps the weights finite along directions that are null up to rounding.
     """
-    g = gramian.to(dtype=torch.float64)
     p = 1.0 / alpha
     scale = g.diagonal().mean()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -128,13 +269,29 @@ class FairGradWeighting(Weighting[PSDMatrix]):
     needs no optional dependency: it finds the same root with a torch-native damped Newton method
     in float64 on the :math:`m \times m` system (see ``solve_fair_weights`` in this module), on
     the Gramian's device, and casts the weights back to the Gramian's dtype. Where a root exists,
-    the two agree to the reference solver's tolerance. Where none exists (:math:`G` has a
-    non-negative null vector: a zero row, two opposite rows, ...) the weights along that null
-    vector are large (about :math:`10^7` times their usual size) but finite and, in exact
-    arithmetic, do not affect :math:`J^\top w`; e.g. the zero matrix gives a zero aggregate and
-    ``[[0, 0], [0, 1]]`` gives ``[0, 1]``, where the reference returns solver artefacts. In float32,
-    such inputs (or a Jacobian with more rows than columns) can give an output that is finite but
-    dominated by rounding errors.
+    the two agree to the reference solver's tolerance.
+
+    Pareto-stationary inputs (deviation from the reference, which returns solver artefacts
+    there): where 0 is in the convex hull of some rows (a zero row, two opposite rows, rows
+    whose positive combination vanishes), no root exists; the weights of these rows grow without
+    bound and drive their products with the update to 0. The rows are detected first, from the
+    exact minimum-norm point of the convex hull (0 up to the rounding of the Gramian), and the
+    limit of the aggregate is returned: the solution of the same system for the other rows
+    projected off the span of the stationary ones. It conflicts with no row (it is orthogonal to
+    the stationary rows and fair among the others) and is 0 when every row is stationary: e.g.
+    the zero matrix gives a zero aggregate and ``[[0, 0], [0, 1]]`` gives ``[0, 1]``. The weights
+    returned give exactly that aggregate: the stationary rows' weights are the finite part of
+    their limit (0 for a zero row; they can be negative), and all are 0 when every row is
+    stationary. "0 up to rounding" is relative to the machine epsilon of the Gramian's dtype.
+
+    Near such points the root exists but may need weights too large for the solver to reach
+    within ``max_iters`` steps. The result is therefore checked: if its aggregate conflicts with
+    a row (:math:`g_i^\top d < -\frac12 \tau \|g_i\| \|d\|`, :math:`\tau` = 1e-6 in float64,
+    1e-4 in float32, 1e-2 in half precision), the weights of the minimum-norm point of the convex
+    hull (the direction of :class:`MGDA`, which conflicts with no row), scaled by the best factor
+    of the objective along that ray, are returned instead. Hence, in every case, the aggregate
+    conflicts with no row up to :math:`\tau` and rounding. A non-finite Gramian gives NaN
+    weights.
 
     :param alpha: the fairness parameter :math:`\alpha \ge 0`, required. Any value is accepted
         at construction (as in TorchJD); a negative or non-finite one raises ``ValueError`` at

@@ -1,6 +1,7 @@
 import torch
 from torch import Tensor
 
+from torchjd._precision import promoted
 from torchjd._stateful import Stateful
 from torchjd.aggregation._bases import Weighting
 from torchjd.aggregation._lazy_state import LazyStateMixin, warn_reinitialised
@@ -30,8 +31,12 @@ class MoDoWeighting(LazyStateMixin, Weighting[Matrix], Stateful):
     :param gamma: step size :math:`\gamma > 0` of the weight update (default ``0.1``).
     :param rho: regularisation :math:`\rho \ge 0` (default ``0.1``).
 
-    State: :math:`\lambda`, a tensor in the input's dtype that follows the input's device. It is
-    re-initialised to uniform (with a warning) when the number of rows or the dtype changes;
+    In float16 and bfloat16 the step is computed in float32 (see :mod:`torchjd._precision`) and the
+    weights are returned in the input's dtype.
+
+    State: :math:`\lambda`, a tensor in the input's working dtype (float32 for half-precision
+    inputs, the input's dtype otherwise) that follows the input's device. It is re-initialised to
+    uniform (with a warning) when the number of rows or the working dtype changes;
     :meth:`reset` clears it. Runs under :func:`torch.no_grad` (the weights are an optimiser state,
     not a function to differentiate through).
 
@@ -75,11 +80,12 @@ class MoDoWeighting(LazyStateMixin, Weighting[Matrix], Stateful):
         m = stat.shape[0]
         if m == 0:
             raise ValueError("`MoDoWeighting` needs at least one objective, got a 0-row input.")
-        lam = self._current_weights(m, stat)
-        gradient = stat @ lam + self.rho * lam
+        matrix = promoted(stat)
+        lam = self._current_weights(m, matrix)
+        gradient = matrix @ lam + self.rho * lam
         lam = project_onto_simplex(lam - self.gamma * gradient)
         self._weights = lam
-        return lam.clone()
+        return lam.to(dtype=stat.dtype, copy=True)
 
     def _current_weights(self, m: int, stat: Tensor) -> Tensor:
         lam = self._weights

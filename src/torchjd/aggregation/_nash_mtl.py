@@ -124,10 +124,13 @@ class NashMTL(NoGrad, GramianWeightedAggregator, Stateful):
     float64 on the Gramian's device, with at most ``5 * optim_niter`` Newton steps (it usually
     converges in fewer than 10). Results agree with TorchJD's to its solver tolerance on
     full-rank inputs; solver-failure paths of the reference are not reproduced. Where no root
-    exists (a zero row, two opposite rows, the zero matrix), the weights along the null directions
-    of :math:`\Gamma` are large but finite and do not affect :math:`J^\top \alpha`: e.g.
-    ``[[0, 0], [0, 1]]`` gives ``[0, 1]`` and the zero matrix gives zeros, where the reference fails
-    inside cvxpy.
+    exists (Pareto-stationary rows: a zero row, two opposite rows, rows with 0 in their convex
+    hull), the limit of the aggregate is returned, as in :class:`FairGradWeighting`: the
+    stationary rows are projected out and the others share the update fairly, so the result
+    conflicts with no row; e.g. ``[[0, 0], [0, 1]]`` gives ``[0, 1]`` (in every dtype), rows with
+    0 in their convex hull give zeros, and so does the zero matrix, where the reference fails
+    inside cvxpy. Near such points, an unreached root is replaced by the scaled min-norm
+    direction, which conflicts with no row (see :class:`FairGradWeighting`).
 
     :param n_tasks: the number of rows :math:`m` expected, ``> 0`` (another number of rows raises
         ``ValueError``).

@@ -1,6 +1,7 @@
 import torch
 from torch import Tensor
 
+from torchjd._precision import promoted
 from torchjd._stateful import Stateful
 from torchjd.aggregation._bases import Weighting
 from torchjd.aggregation._lazy_state import LazyStateMixin, warn_reinitialised
@@ -38,9 +39,13 @@ class SDMGradWeighting(LazyStateMixin, Weighting[Matrix], Stateful):
     :param pref_vector: the vector :math:`\tilde w` (1-D, one entry per row, cast to the input's
         dtype and device) or ``None`` for uniform.
 
-    State: :math:`w`, in the input's dtype, following the input's device; re-initialised to
-    uniform (with a warning) when the number of rows or the dtype changes; :meth:`reset` clears
-    it. Runs under :func:`torch.no_grad` (the weights come from an inner optimisation loop).
+    In float16 and bfloat16 the call is computed in float32 (where :math:`10^{-8}` does not
+    underflow; see :mod:`torchjd._precision`) and the weights are returned in the input's dtype.
+
+    State: :math:`w`, in the input's working dtype (float32 for half-precision inputs, the input's
+    dtype otherwise), following the input's device; re-initialised to uniform (with a warning)
+    when the number of rows or the working dtype changes; :meth:`reset` clears it.
+    Runs under :func:`torch.no_grad` (the weights come from an inner optimisation loop).
     """
 
     def __init__(
@@ -116,11 +121,12 @@ class SDMGradWeighting(LazyStateMixin, Weighting[Matrix], Stateful):
         m = stat.shape[0]
         if m == 0:
             raise ValueError("`SDMGradWeighting` needs at least one objective, got a 0-row input.")
-        pref = self._preference(m, stat)
-        w = self._current_weights(m, stat)
+        matrix = promoted(stat)
+        pref = self._preference(m, matrix)
+        w = self._current_weights(m, matrix)
 
-        sigma = stat.diagonal().clamp(min=0.0).sqrt().mean()
-        a_bar = stat / (sigma**2 + 1e-8)
+        sigma = matrix.diagonal().clamp(min=0.0).sqrt().mean()
+        a_bar = matrix / (sigma**2 + 1e-8)
         lambda_pref = self.lambda_ * pref
         velocity = None
         for _ in range(self.n_iter):
@@ -129,7 +135,7 @@ class SDMGradWeighting(LazyStateMixin, Weighting[Matrix], Stateful):
             w = project_onto_simplex(w - self.lr * velocity)
 
         self._weights = w
-        return (w + lambda_pref) / (1.0 + self.lambda_)
+        return ((w + lambda_pref) / (1.0 + self.lambda_)).to(dtype=stat.dtype)
 
     def _preference(self, m: int, stat: Tensor) -> Tensor:
         if self.pref_vector is None:

@@ -5,6 +5,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torchjd._precision import promoted
 from torchjd._stateful import Stateful
 from torchjd.scalarization._scalarizer import Scalarizer
 from torchjd.scalarization._utils import (
@@ -135,7 +136,8 @@ class FAMO(Scalarizer, Stateful):
     def forward(self, values: Tensor, /) -> Tensor:
         b = self._check(values)
         self._prev_losses = values.detach().clone()
-        z = torch.softmax(self._w.detach().flatten(), dim=0).reshape(values.shape).to(values)
+        # The softmax is computed in the dtype of the sum, so that its entries sum to 1 there.
+        z = torch.softmax(self._w.detach().flatten().to(values), dim=0).reshape(values.shape)
         u = values - b + _EPS
         c = 1.0 / (z / u.detach()).sum()
         return c * (z * torch.log(u)).sum()
@@ -151,11 +153,14 @@ class FAMO(Scalarizer, Stateful):
                 "`update` needs the values of a previous forward pass: call the FAMO instance on "
                 "the values before the optimizer step, then `update` with the new values."
             )
+        values = promoted(values)
         b = self._check(values)
         with torch.no_grad():
             prev = self._prev_losses.to(values)
             delta = (torch.log(prev - b + _EPS) - torch.log(values - b + _EPS)).flatten()
-            z = torch.softmax(self._w.flatten(), dim=0).to(delta)
+            # In the dtype of the sum below: a float32 softmax sums to 1 only up to about 3e-8
+            # in float64, which biases g when the values barely move (Adam rescales it).
+            z = torch.softmax(self._w.flatten().to(delta), dim=0)
             grad = z * (delta - (z * delta).sum())
             grad = grad.reshape(self._w.shape).to(self._w)
         if self._optimizer is None:

@@ -27,6 +27,9 @@ class Random(Scalarizer):
     tensor(1.1963)
     """
 
+    # The draws are made in the values' own dtype (as in the reference), half precision included.
+    _promotes_half = False
+
     def forward(self, values: Tensor, /) -> Tensor:
         check_values_tensor(values)
         check_values(values)
