@@ -255,6 +255,11 @@ def test_closed_form_for_two_matches_quadprog_on_random_problems() -> None:
         G = J @ J.T
         U = torch.randn(6, 2, generator=generator, dtype=torch.float64)
         torch.testing.assert_close(ours(U, G), reference(U, G), rtol=1e-6, atol=1e-6)
+        # In float32 the closed form runs in float32 (no float64 solve); quadprog solves the same
+        # float32-normalised problem in float64.
+        W32 = ours(U.float(), G.float())
+        assert W32.dtype == torch.float32
+        torch.testing.assert_close(W32, reference(U.float(), G.float()), rtol=1e-5, atol=1e-5)
 
 
 def _without_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:

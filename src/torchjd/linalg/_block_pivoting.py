@@ -6,6 +6,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from torchjd._precision import working_dtype
 from torchjd.linalg._matrix import PSDMatrix
 from torchjd.linalg._projector import NormalizingProjector, check_projection_shapes
 
@@ -30,7 +31,6 @@ _POWER_ITERATIONS = 4
 # Batches of several Gramians are solved in chunks of at most this many matrix entries.
 _MAX_CHUNK_ENTRIES = 2**24
 _JACOBI_ITERATIONS = 8
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
 # On accelerators, problems with m up to this are solved by enumerating their 2^m free sets:
 # branch-free, so no device synchronisation (block pivoting reads its stopping test on the host).
 _ENUMERATE_MAX_M = 8
@@ -80,7 +80,9 @@ class BlockPivotingProjector(NormalizingProjector):
     ones (rank-deficient Jacobians) can take tens.
 
     **Small problems, no synchronisation.** With ``m = 2`` the solution has a closed form (the
-    optimality conditions of the four free sets, evaluated branch-free). On a device other than
+    optimality conditions of the four free sets, evaluated branch-free), computed in ``G``'s dtype
+    (float32 for half precision) rather than float64: a few divisions, as accurate there as the
+    tolerances against quadprog require. On a device other than
     the CPU, problems with ``3 <= m <= 8`` are solved by trying all :math:`2^m` free sets at once
     (one batched factorisation each) and keeping the one that satisfies the optimality conditions
     (the least violating, up to rounding): nothing is read on the host, so a GPU does not wait for
@@ -163,20 +165,65 @@ class BlockPivotingProjector(NormalizingProjector):
 
         ``G / trace`` (the zero matrix when the trace is below ``norm_eps``, or zero) plus
         ``reg_eps * I``, in ``G``'s dtype (float32 for half-precision Gramians, whose trace may
-        overflow), then cast to the solver's dtype; branch-free on the values."""
-        if G.dtype in _HALF_DTYPES:
-            G = G.float()
+        overflow), then cast to the solver's dtype (the working dtype itself for ``m <= 2``,
+        whose closed forms are as accurate in it); branch-free on the values."""
+        G = G.to(dtype=working_dtype(G.dtype))
         info = torch.finfo(G.dtype)
         trace = G.diagonal(dim1=-2, dim2=-1).sum(dim=-1)[..., None, None]
         # Dividing by +inf gives the zero matrix below the threshold (a NaN trace stays NaN).
         too_small = trace < max(self.norm_eps, info.tiny)
-        G_hat = G / torch.where(too_small, torch.inf, trace)
-        G_hat.diagonal(dim1=-2, dim2=-1).add_(self.reg_eps)
-        A = G_hat.to(dtype=_solver_dtype(G.device))
+        A = G / torch.where(too_small, torch.inf, trace)
+        A.diagonal(dim1=-2, dim2=-1).add_(self.reg_eps)
+        if G.shape[-1] > 2:
+            A = A.to(dtype=_solver_dtype(G.device))
         floor = min(16.0 * info.eps, 1e-6)
         if self.reg_eps < floor:
             A.diagonal(dim1=-2, dim2=-1).add_(floor - self.reg_eps)
         return A
+
+
+def summed_diagonal_projections(
+    projector: BlockPivotingProjector, prefs: Tensor, G: Tensor
+) -> Tensor:
+    """``projector.solve_batched(torch.diag_embed(prefs), G).sum(dim=-2)``: for each Gramian
+    ``G[k]`` (``[b, m, m]``), the sum over ``i`` of the solutions for ``u = prefs[k, i] e_i``
+    (UPGrad's weights), shape ``[b, m]``, in ``G``'s dtype.
+
+    For ``m <= 2`` it is a closed form in ``G``'s working dtype, with a handful of operations. With
+    ``A = [[a, c], [c, d]]`` and ``u = p_1 e_1``, ``y = A u = p_1 (a, c)``: index 1 is never freed,
+    so (:func:`_solve_two`) the solution is ``p_1^+ (1, max(0, -c / d))``, and symmetrically for
+    ``u = p_2 e_2``. The ratios are those of ``s A = G + s r I`` (``s`` the trace, or infinity
+    below ``norm_eps``, ``r`` the ridge), so ``A`` is never built. A matrix that is not
+    numerically positive definite takes the general path where that can be checked without
+    synchronisation (on the CPU)."""
+    m = G.shape[-1]
+    if m > 2:
+        return projector.solve_batched(torch.diag_embed(prefs), G).sum(dim=-2)
+    Gw = G.to(dtype=working_dtype(G.dtype))
+    p = prefs.to(dtype=Gw.dtype, device=Gw.device).clamp(min=0.0)
+    if m == 1:
+        return (p + 0.0 * Gw[..., 0]).to(dtype=G.dtype)  # the product keeps a NaN or inf of G
+    info = torch.finfo(Gw.dtype)
+    diag = Gw.diagonal(dim1=-2, dim2=-1)
+    trace = diag.sum(dim=-1, keepdim=True)
+    scale = torch.where(trace < max(projector.norm_eps, info.tiny), torch.inf, trace)
+    den = diag.add(scale, alpha=_ridge(projector.reg_eps, info.eps))  # s (a, d)
+    off = Gw[..., 0, 1:]  # s c
+    # Positive definite: s a > 0 and s^2 (a d - c^2) > 0 (a NaN passes and stays in the result).
+    if _reads_on_host(G.device) and bool(
+        ((den.prod(dim=-1, keepdim=True) - off.square()).minimum(den) <= 0.0).any()
+    ):
+        return projector.solve_batched(torch.diag_embed(prefs), G).sum(dim=-2)
+    # (max(0, -c / a), max(0, -c / d)); adding 0 * (trace + s c) turns an infinite entry into
+    # NaN, as the normalisation does.
+    t = off.div(den).neg_().clamp_(min=0.0).add_(trace + off, alpha=0.0)
+    return p.flip(-1).mul_(t).add_(p).to(dtype=G.dtype)
+
+
+def _ridge(reg_eps: float, eps: float) -> float:
+    """What the diagonal of the normalised Gramian receives: ``reg_eps``, raised to
+    ``min(16 eps, 1e-6)`` (``eps`` of the normalisation's dtype)."""
+    return max(reg_eps, min(16.0 * eps, 1e-6))
 
 
 def _check_last_dim(U: Tensor, m: int) -> None:
