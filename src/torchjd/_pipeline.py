@@ -192,10 +192,12 @@ def _weigh(batch: list[Group]) -> None:
     if first.route is Need.ROW_COUNT:
         # The weighting reads only the number of rows, the dtype and the device of its input.
         stats = torch.empty((len(batch), first.m, 0), dtype=first.dtype, device=first.device)
-    else:
+    elif len(batch) > 1:
         stats = torch.stack([g.gramian for g in batch])  # type: ignore[misc]
     if len(batch) == 1:
-        weights = first.weighting(stats[0]).unsqueeze(0)
+        stat = stats[0] if first.route is Need.ROW_COUNT else first.gramian
+        weights = first.weighting(stat)
+        weights = weights[None] if isinstance(weights, Tensor) else weights
     else:
         weights = type(first.weighting)._forward_grouped([g.weighting for g in batch], stats)
     if not isinstance(weights, Tensor) or weights.shape != (len(batch), first.m):
