@@ -197,17 +197,25 @@ def _weigh(batch: list[Group]) -> None:
     if len(batch) == 1:
         stat = stats[0] if first.route is Need.ROW_COUNT else first.gramian
         weights = first.weighting(stat)
-        weights = weights[None] if isinstance(weights, Tensor) else weights
+        expected: tuple[int, ...] = (first.m,)
     else:
         weights = type(first.weighting)._forward_grouped([g.weighting for g in batch], stats)
-    if not isinstance(weights, Tensor) or weights.shape != (len(batch), first.m):
-        got = tuple(weights.shape[1:]) if isinstance(weights, Tensor) else type(weights).__name__
+        expected = (len(batch), first.m)
+    if not isinstance(weights, Tensor) or weights.shape != expected:
+        got = (
+            tuple(weights.shape[len(expected) - 1 :])
+            if isinstance(weights, Tensor)
+            else type(weights).__name__
+        )
         raise ValueError(
             f"The weighting of {first.aggregator!r} must return one weight per row "
             f"({first.m}), got {got}."
         )
     if first.route is Need.GRAMIAN:
         weights = weights.to(dtype=first.dtype)
+    if len(batch) == 1:
+        first.weights = weights
+        return
     for group, w in zip(batch, weights.unbind(0)):
         group.weights = w
 
