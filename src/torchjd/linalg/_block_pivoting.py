@@ -31,6 +31,9 @@ _POWER_ITERATIONS = 4
 # Batches of several Gramians are solved in chunks of at most this many matrix entries.
 _MAX_CHUNK_ENTRIES = 2**24
 _JACOBI_ITERATIONS = 8
+# A shared float64 matrix whose condition number is provably below this is inverted once, and the
+# problems whose fixed sets are the smaller ones solve systems of the fixed sets' size instead.
+_MAX_CONDITION_FOR_INVERSE = 1e8
 # On accelerators, problems with m up to this are solved by enumerating their 2^m free sets:
 # branch-free, so no device synchronisation (block pivoting reads its stopping test on the host).
 _ENUMERATE_MAX_M = 8
@@ -421,6 +424,7 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     shared = A.ndim == 2
     large = _is_large(P, m)
     eye = None if large else torch.eye(m, dtype=u.dtype, device=u.device)
+    H = _inverse_if_well_conditioned(A) if large and shared else None
 
     q = u @ A if shared else _add_product(torch.zeros_like(u), u, A)  # A u
     neg_q = -q
@@ -437,7 +441,7 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     # F: the free set (z_F may be positive, y_F = 0); z = 0 off F.
     if large:
         F = _guess_free_set(A, neg_q)
-        z, failed = _solve_free_set(A, neg_q, F, eye)
+        z, failed = _solve_free_set(A, neg_q, F, eye, H, u)
         y = _add_product(q, z, A)
         infeasible = torch.where(F, z < neg_tol_z, y < neg_tol_y)
     else:
@@ -509,7 +513,7 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
             history, best = history[-_PATIENCE - 1 :], best[-_PATIENCE - 1 :]
         F = exchange if F is None else F ^ exchange
 
-        z, failed = _solve_free_set(A, neg_q, F, eye)
+        z, failed = _solve_free_set(A, neg_q, F, eye, H, u)
         y = _add_product(q, z, A)
         infeasible = torch.where(F, z < neg_tol_z, y < neg_tol_y)
 
@@ -573,16 +577,28 @@ def _compact_below(n_active: int, m: int) -> int:
 
 
 def _solve_free_set(
-    A: Tensor, neg_q: Tensor, F: Tensor, eye: Tensor | None
+    A: Tensor,
+    neg_q: Tensor,
+    F: Tensor,
+    eye: Tensor | None,
+    H: Tensor | None = None,
+    u: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Solve ``A_FF z_F = -q_F`` with ``z = 0`` off ``F``, for each row of ``F`` at once; also
     return whether each factorisation failed.
 
     ``A_FF`` is padded with the identity to a common size: ``m`` for small batches (``eye`` is the
     identity), the largest free set of the batch for large ones (``eye`` is None; gathering costs
-    less than factorising ``m x m`` systems then).
+    less than factorising ``m x m`` systems then). With ``H = A^{-1}`` (shared ``A``) and the
+    problems' lower bounds ``u``, a batch whose fixed sets are at most half as large is solved
+    through systems of the fixed sets' size instead (:func:`_solve_fixed_gathered`).
     """
     if eye is None:
+        if H is not None and u is not None:
+            n_fixed = F.shape[-1] - F.sum(dim=-1)
+            size = int(n_fixed.max())  # host synchronisation, as for the gathered systems
+            if 2 * size <= F.shape[-1]:
+                return _solve_fixed_gathered(H, u, F, n_fixed, size)
         return _solve_gathered(A, neg_q, F)
     free_pairs = F.unsqueeze(-1) & F.unsqueeze(-2)
     if A.ndim == 2:
@@ -593,6 +609,44 @@ def _solve_free_set(
         M = torch.where(free_pairs.view(c, P // c, m, m), A.unsqueeze(1), eye).view(P, m, m)
     L, info = torch.linalg.cholesky_ex(M)
     return torch.cholesky_solve((neg_q * F).unsqueeze(-1), L).squeeze(-1), info > 0
+
+
+def _inverse_if_well_conditioned(A: Tensor) -> Tensor | None:
+    """``A^{-1}`` for a shared float64 matrix whose condition number is below
+    ``_MAX_CONDITION_FOR_INVERSE`` (bounded by ``tr(A) tr(A^{-1})``, one host read), else None."""
+    if A.dtype != torch.float64:
+        return None
+    L, info = torch.linalg.cholesky_ex(A)
+    H = torch.cholesky_inverse(L)
+    bound = A.diagonal().sum() * H.diagonal().sum()
+    if bool(info != 0) or not float(bound) < _MAX_CONDITION_FOR_INVERSE:
+        return None
+    return H
+
+
+def _solve_fixed_gathered(
+    H: Tensor, u: Tensor, F: Tensor, n_fixed: Tensor, size: int
+) -> tuple[Tensor, Tensor]:
+    """What :func:`_solve_gathered` returns, through the fixed sets ``B`` (the complement of
+    ``F``): the minimiser of ``v^T A v`` subject to ``v_B = u_B`` is ``v = H_{:B} lambda`` with
+    ``H_BB lambda = u_B`` (``H = A^{-1}``; ``lambda = (A v)_B``), so each problem factorises a
+    system of the size of its fixed set, padded with the identity to ``size``. Returns
+    ``z = v - u`` on ``F`` (0 off it) and whether each factorisation failed."""
+    P, m = u.shape
+    slot = torch.arange(size, device=u.device)
+    valid = slot < n_fixed.unsqueeze(-1)  # [P, size]
+    # Position j of problem p holds the j-th index of its fixed set, or 0 (masked) after it.
+    order = torch.argsort(F.to(torch.int8), dim=-1, stable=True)[:, :size]
+    index = torch.where(valid, order, 0)
+    rows = H.index_select(0, index.flatten()).view(P, size, m)  # H[b_j, :]
+    H_BB = rows.gather(2, index.unsqueeze(1).expand(P, size, size))
+    eye = torch.eye(size, dtype=H.dtype, device=H.device)
+    H_BB = torch.where(valid.unsqueeze(-1) & valid.unsqueeze(-2), H_BB, eye)
+    u_B = torch.where(valid, u.gather(-1, index), 0.0).unsqueeze(-1)
+    L, info = torch.linalg.cholesky_ex(H_BB)
+    lam = torch.cholesky_solve(u_B, L).squeeze(-1) * valid  # [P, size]
+    v = (lam.unsqueeze(1) @ rows).squeeze(1)  # sum_j lambda_j H[b_j, :] (H is symmetric)
+    return torch.where(F, v - u, 0.0), info > 0
 
 
 def _solve_gathered(A: Tensor, neg_q: Tensor, F: Tensor) -> tuple[Tensor, Tensor]:
