@@ -113,10 +113,14 @@ def _steps(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, object]:
         per_sample.backward(weighting(engine.compute_gramian(per_sample)))
         hooked.zero_grad(set_to_none=True)
 
-    with torch.no_grad():
-        stored_gramian = Engine(copy.deepcopy(model), batch_dim=0).compute_gramian(
-            cross_entropy(model(x), y, reduction="none")
-        )
+    # The Gramian of this batch, computed once by an engine on a copy of the model (the engine
+    # needs the graph of the hooked copy's outputs, so not under no_grad).
+    replica = copy.deepcopy(model)
+    stored_gramian = (
+        Engine(replica, batch_dim=0)
+        .compute_gramian(cross_entropy(replica(x), y, reduction="none"))
+        .detach()
+    )
 
     def autojac_style() -> None:
         per_sample = losses()

@@ -3,7 +3,11 @@
 Usage::
 
     python benchmarks/compare_torchjd.py [--rounds 5] [--venv /tmp/torchjd-0.18-venv]
-                                         [--only SUBSTRING ...] [--repeats-scale 1.0]
+                                         [--only SUBSTRING ...] [--write-readme]
+
+``--write-readme`` (with every case, i.e. without ``--only``) replaces the block between the
+markers ``<!-- compare-torchjd:begin -->`` and ``<!-- compare-torchjd:end -->`` of
+``benchmarks/README.md`` with the table, the date, the torch version and a note on the machine.
 
 TorchJD 0.18.0 is never installed in the project's environment: the script creates (once) a
 throw-away virtual environment **outside the repository** (``--venv``, default
@@ -30,8 +34,10 @@ table also gives each library's loop / whole-model ratio.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -43,6 +49,9 @@ from typing import Any  # torch is imported by the workers only
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+README = HERE / "README.md"
+BEGIN_MARK = "<!-- compare-torchjd:begin -->"
+END_MARK = "<!-- compare-torchjd:end -->"
 DEFAULT_VENV = Path("/tmp/torchjd-0.18-venv")
 TORCH_VERSION = "2.13.0"
 TORCHJD_VERSION = "0.18.0"
@@ -270,13 +279,43 @@ def format_table(
     return "\n".join(lines)
 
 
+def machine_note() -> str:
+    """One line on where the figures come from."""
+    cpu = platform.processor() or platform.machine()
+    model = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+                 if ln.startswith("model name")]  # fmt: skip
+        model = names[0] if names else ""
+    return f"{model or cpu}, {os.cpu_count()} logical cores, {platform.system()}"
+
+
+def replace_block(text: str, block: str) -> str:
+    """``text`` with what lies between the two markers replaced by ``block``."""
+    if text.count(BEGIN_MARK) != 1 or text.count(END_MARK) != 1:
+        raise ValueError(
+            f"The README must hold the markers {BEGIN_MARK} and {END_MARK} once each, in order."
+        )
+    head, rest = text.split(BEGIN_MARK)
+    if END_MARK not in rest:
+        raise ValueError(f"{END_MARK} must come after {BEGIN_MARK}.")
+    _, tail = rest.split(END_MARK)
+    return f"{head}{BEGIN_MARK}\n{block.strip()}\n{END_MARK}{tail}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument("--only", nargs="*", default=None, help="cases containing a substring")
+    parser.add_argument(
+        "--write-readme", action="store_true", help="replace the table block of README.md"
+    )
     args = parser.parse_args()
+    if args.write_readme and args.only:
+        parser.error("--write-readme needs every case: drop --only.")
     if args.worker is not None:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return
@@ -302,14 +341,20 @@ def main() -> None:
     }
     import torch
 
-    print(
+    header = (
         f"torch {torch.__version__}, one thread, median over {args.rounds} interleaved rounds of "
         "each round's median over repeated calls. Process CPU time (less disturbed than wall "
         "time by the other processes of a shared machine; both libraries alike); the last column "
         "is the same ratio in wall time. Expect several percent of noise."
     )
+    table = format_table(names, medians["ours"][0], medians["theirs"][0], medians)
+    print(header)
     print()
-    print(format_table(names, medians["ours"][0], medians["theirs"][0], medians))
+    print(table)
+    if args.write_readme:
+        today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+        note = f"Measured on {today} with TorchJD {TORCHJD_VERSION}; machine: {machine_note()}."
+        README.write_text(replace_block(README.read_text(), f"{note} {header}\n\n{table}"))
 
 
 if __name__ == "__main__":

@@ -192,20 +192,30 @@ def _weigh(batch: list[Group]) -> None:
     if first.route is Need.ROW_COUNT:
         # The weighting reads only the number of rows, the dtype and the device of its input.
         stats = torch.empty((len(batch), first.m, 0), dtype=first.dtype, device=first.device)
-    else:
+    elif len(batch) > 1:
         stats = torch.stack([g.gramian for g in batch])  # type: ignore[misc]
     if len(batch) == 1:
-        weights = first.weighting(stats[0]).unsqueeze(0)
+        stat = stats[0] if first.route is Need.ROW_COUNT else first.gramian
+        weights = first.weighting(stat)
+        expected: tuple[int, ...] = (first.m,)
     else:
         weights = type(first.weighting)._forward_grouped([g.weighting for g in batch], stats)
-    if not isinstance(weights, Tensor) or weights.shape != (len(batch), first.m):
-        got = tuple(weights.shape[1:]) if isinstance(weights, Tensor) else type(weights).__name__
+        expected = (len(batch), first.m)
+    if not isinstance(weights, Tensor) or weights.shape != expected:
+        got = (
+            tuple(weights.shape[len(expected) - 1 :])
+            if isinstance(weights, Tensor)
+            else type(weights).__name__
+        )
         raise ValueError(
             f"The weighting of {first.aggregator!r} must return one weight per row "
             f"({first.m}), got {got}."
         )
     if first.route is Need.GRAMIAN:
         weights = weights.to(dtype=first.dtype)
+    if len(batch) == 1:
+        first.weights = weights
+        return
     for group, w in zip(batch, weights.unbind(0)):
         group.weights = w
 

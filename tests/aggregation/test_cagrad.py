@@ -62,6 +62,9 @@ def test_edge_cases() -> None:
     assert torch.equal(CAGrad(0.5)(ZERO), torch.zeros(3))
     assert_close(CAGrad(0.5)(ONE), 1.5 * ONE[0])
     assert_close(CAGrad(1.0)(ONE), 2.0 * ONE[0])
+    # One row (w* = 1, no solver): 1 + c when the trace reaches norm_eps, else 0.
+    assert_close(CAGradWeighting(3.0)(torch.tensor([[4.0]])), torch.tensor([4.0]))
+    assert torch.equal(CAGradWeighting(3.0)(torch.tensor([[1e-5]])), torch.zeros(1))
     for c in (0.0, 0.5, 1.0, 3.0):
         # The minimiser puts all its mass on the zero row: gamma = 0 < norm_eps, all weights 0.
         assert torch.equal(CAGrad(c)(ZR), torch.zeros(3))

@@ -78,3 +78,51 @@ def test_repr_and_str() -> None:
     assert repr(IMTLG()) == "IMTLG()"
     assert str(IMTLG()) == "IMTLG"
     assert repr(IMTLGWeighting()) == "IMTLGWeighting()"
+
+
+def _reference_weights(G: torch.Tensor) -> torch.Tensor:
+    """The definition, through the SVD-based pseudo-inverse."""
+    v = torch.linalg.pinv(G) @ G.diagonal().clamp(min=0.0).sqrt()
+    return v / v.sum() if v.sum().abs() >= 1e-12 else torch.zeros_like(v)
+
+
+@pytest.mark.parametrize("m", [2, 3, 8, 32])
+def test_matches_the_pseudo_inverse_on_a_bank(m: int) -> None:
+    generator = torch.Generator().manual_seed(m)
+    for kind in ("random", "rank_deficient", "duplicated", "tiny", "huge"):
+        n = max(1, m // 2) if kind == "rank_deficient" else 2 * m
+        J = torch.randn(m, n, generator=generator, dtype=torch.float64)
+        if kind == "duplicated":
+            J[1] = J[0]
+        J = J * {"tiny": 1e-4, "huge": 1e4}.get(kind, 1.0)
+        G = J @ J.T
+        assert_close(IMTLGWeighting()(G), _reference_weights(G), rtol=1e-7, atol=1e-9, msg=kind)
+        G32 = G.float()
+        assert_close(IMTLGWeighting()(G32), _reference_weights(G32), rtol=1e-3, atol=1e-4)
+
+
+def test_one_row_by_hand() -> None:
+    # G = [g]: v = 1 / sqrt(g) > 0, so w = 1; zero or negative g: v = 0, so w = 0.
+    assert_close(IMTLGWeighting()(torch.tensor([[4.0]])), torch.tensor([1.0]))
+    assert_close(IMTLGWeighting()(torch.tensor([[1e-30]])), torch.tensor([1.0]))
+    assert torch.equal(IMTLGWeighting()(torch.tensor([[0.0]])), torch.tensor([0.0]))
+    assert torch.equal(IMTLGWeighting()(torch.tensor([[-1.0]])), torch.tensor([0.0]))
+    # 1 / sqrt(1e26) = 1e-13 < 1e-12: below the threshold.
+    assert torch.equal(IMTLGWeighting()(torch.tensor([[1e26]])), torch.tensor([0.0]))
+    assert_close(IMTLG()(torch.tensor([[3.0, -1.0]])), torch.tensor([3.0, -1.0]))
+
+
+@pytest.mark.parametrize("m", [1, 2, 5])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_gramian_gives_non_finite_weights(m: int, bad: float) -> None:
+    G = torch.eye(m)
+    G[0, 0] = bad
+    assert not IMTLGWeighting()(G).isfinite().all()
+
+
+def test_half_precision_is_solved_in_float32() -> None:
+    J = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
+    G = J @ J.T
+    weights = IMTLGWeighting()(G.half())
+    assert weights.dtype == torch.float16
+    assert_close(weights.float(), IMTLGWeighting()(G.half().float()), rtol=1e-3, atol=1e-3)

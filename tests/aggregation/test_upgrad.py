@@ -294,3 +294,52 @@ def test_float16_gramian_whose_trace_overflows() -> None:
     mean = torch.full_like(expected, 1 / 128)
     torch.testing.assert_close(weights.double(), expected, rtol=1e-2, atol=1e-4)
     assert (expected - mean).abs().max() > 1e-3  # the answer is not the mean
+
+
+def _small_gramians(m: int, dtype: torch.dtype, generator: torch.Generator) -> list[torch.Tensor]:
+    """Random, correlated, anti-correlated, duplicated, opposite, zero, tiny and huge Gramians."""
+    gramians = []
+    for kind in ("random", "correlated", "anti", "duplicated", "opposite", "zero", "tiny", "huge"):
+        J = torch.randn(m, 4, generator=generator, dtype=torch.float64)
+        if m == 2 and kind in ("correlated", "anti"):
+            J[1] = J[1] + (3.0 if kind == "correlated" else -3.0) * J[0]
+        if m == 2 and kind in ("duplicated", "opposite"):
+            J[1] = J[0] if kind == "duplicated" else -J[0]
+        J = J * {"zero": 0.0, "tiny": 1e-5, "huge": 1e6}.get(kind, 1.0)
+        gramians.append((J @ J.T).to(dtype))
+    return gramians
+
+
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_closed_form_for_small_m_matches_quadprog(m: int, dtype: torch.dtype) -> None:
+    # The closed form skips the float64 solve: it must meet the spec's tolerance against quadprog
+    # (1e-6 in float64; in float32, quadprog solves the same float32-normalised problem).
+    generator = torch.Generator().manual_seed(20 + m)
+    prefs = [None, torch.rand(m, generator=generator) + 0.1, torch.tensor([0.7, -0.4])[:m]]
+    rtol = 1e-6 if dtype == torch.float64 else 1e-5
+    for G in _small_gramians(m, dtype, generator):
+        for pref in prefs:
+            for eps in (dict(), dict(norm_eps=1e-12, reg_eps=1e-3), dict(reg_eps=0.1)):
+                ours = UPGradWeighting(pref, BlockPivotingProjector(**eps))(G)
+                reference = UPGradWeighting(pref, QuadprogProjector(**eps))(G)
+                assert ours.dtype == dtype
+                torch.testing.assert_close(ours, reference, rtol=rtol, atol=rtol, msg=str(G))
+                grouped = UPGradWeighting._forward_grouped(
+                    [UPGradWeighting(pref, BlockPivotingProjector(**eps))], G[None]
+                )
+                torch.testing.assert_close(grouped[0], ours)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_off_diagonal_gives_non_finite_weights(bad: float) -> None:
+    G = torch.eye(2)
+    G[0, 1] = G[1, 0] = bad
+    assert not UPGradWeighting()(G).isfinite().all()
+
+
+def test_closed_form_refers_indefinite_gramians_to_the_solver() -> None:
+    # Not a Gramian (no minimum without the ridge): the general solver warns, as for m >= 3.
+    G = torch.diag(torch.tensor([1.0, -0.9]))
+    with pytest.warns(UserWarning, match="positive semi-definite"):
+        UPGradWeighting(projector=BlockPivotingProjector(norm_eps=0.0, reg_eps=0.0))(G)

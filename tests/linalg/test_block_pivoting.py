@@ -255,6 +255,11 @@ def test_closed_form_for_two_matches_quadprog_on_random_problems() -> None:
         G = J @ J.T
         U = torch.randn(6, 2, generator=generator, dtype=torch.float64)
         torch.testing.assert_close(ours(U, G), reference(U, G), rtol=1e-6, atol=1e-6)
+        # In float32 the closed form runs in float32 (no float64 solve); quadprog solves the same
+        # float32-normalised problem in float64.
+        W32 = ours(U.float(), G.float())
+        assert W32.dtype == torch.float32
+        torch.testing.assert_close(W32, reference(U.float(), G.float()), rtol=1e-5, atol=1e-5)
 
 
 def _without_host_reads(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -318,3 +323,32 @@ def test_half_precision_gramian_whose_trace_overflows(dtype: torch.dtype) -> Non
     assert W.dtype == dtype
     reference = QuadprogProjector()(U.to(dtype).double(), G.to(dtype).double())
     torch.testing.assert_close(W.double(), reference, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("m", [40, 128])
+def test_fixed_set_systems_match_quadprog(m: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # UPGrad's problems on a Gramian of conflicting rows (centred, as per-sample gradients at a
+    # minimum of the mean loss are): the fixed sets are small, so the solver goes through A^{-1}
+    # and systems of their size.
+    generator = torch.Generator().manual_seed(400 + m)
+    J = torch.randn(m, m, generator=generator, dtype=torch.float64)
+    J = J - J.mean(dim=0, keepdim=True)
+    G = J @ J.T
+    U = torch.diag(torch.rand(m, generator=generator, dtype=torch.float64) + 0.5)
+    calls = []
+    original = block_pivoting._solve_fixed_gathered
+    monkeypatch.setattr(
+        block_pivoting,
+        "_solve_fixed_gathered",
+        lambda *args: calls.append(1) or original(*args),
+    )
+    W = BlockPivotingProjector()(U, G)
+    assert calls
+    torch.testing.assert_close(W, QuadprogProjector()(U, G), rtol=1e-6, atol=1e-6)
+    _assert_kkt(U, W, G / G.trace() + 1e-4 * torch.eye(m, dtype=G.dtype), tol=1e-9)
+    # Without regularisation the conditioning is not bounded: the fixed-set route is not taken.
+    calls.clear()
+    A = block_pivoting.BlockPivotingProjector(norm_eps=0.0, reg_eps=0.0)._regularised_gramian(
+        (J[:, : m // 2] @ J[:, : m // 2].T).unsqueeze(0)
+    )[0]
+    assert block_pivoting._inverse_if_well_conditioned(A) is None

@@ -259,7 +259,9 @@ def _cagrad_weights(gramian: Tensor, c: float, norm_eps: float) -> Tensor:
     A = 0.5 * (A + A.T)
     p_bar = torch.full((m,), 1.0 / m, dtype=dtype, device=device)
     sqrt_phi = c * (p_bar @ A @ p_bar).clamp(min=0.0).sqrt()
-    if m <= _ENUMERATE_UP_TO:
+    if m == 1:
+        w = torch.ones(1, dtype=dtype, device=device)  # the simplex is a single point
+    elif m <= _ENUMERATE_UP_TO:
         w = _minimise_by_enumeration(A, sqrt_phi)
     else:
         w = _minimise_by_active_set(A, sqrt_phi)

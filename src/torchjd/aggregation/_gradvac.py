@@ -174,26 +174,32 @@ def _two_tasks(
         eps = eps.to(dtype=gramian.dtype, device=gramian.device).view(*batch, 1)
     if isinstance(beta, Tensor):
         beta = beta.to(dtype=gramian.dtype, device=gramian.device).view(*batch, 1)
-    norms = gramian.diagonal(dim1=-2, dim2=-1).clamp(min=0.0).sqrt()  # a of each task
+    norms = gramian.diagonal(dim1=-2, dim2=-1).clamp(min=0.0).sqrt_()  # a of each task
     partner_norms = norms.flip(-1)  # b
     # (M_01, M_10) of a 2 x 2 M, by basic indexing (index tensors would be copied to the device).
     inner = gramian.flip(-1).diagonal(dim1=-2, dim2=-1)  # g_i . g_j
     targets = phi_hat.flip(-1).diagonal(dim1=-2, dim2=-1)
+    guard_zero_division = not (isinstance(eps, float) and eps > 0.0)
     phi_denominator = norms * partner_norms + eps
     phi = inner / phi_denominator
-    if not (isinstance(eps, float) and eps > 0.0):
+    if guard_zero_division:
         phi = torch.where(phi_denominator > 0, phi, 0.0)
-    target_sines = (1.0 - targets.square()).clamp_(min=0.0).sqrt_()
+    # 1 - x as torch.rsub (the operator form goes through a slower Python wrapper).
+    target_sines = torch.rsub(targets.square(), 1.0).clamp_(min=0.0).sqrt_()
     omega_denominator = partner_norms * target_sines + eps
-    inverse = torch.where(omega_denominator > 0, omega_denominator.reciprocal(), 0.0)
-    sines = (1.0 - phi * phi).clamp_(min=0.0).sqrt_()
-    candidate = (sines * targets - phi * target_sines) * norms * inverse
+    sines = torch.rsub(phi.square(), 1.0).clamp_(min=0.0).sqrt_()
+    candidate = torch.addcmul(sines * targets, phi, target_sines, value=-1.0).mul_(norms)
+    if guard_zero_division:
+        candidate.mul_(torch.where(omega_denominator > 0, omega_denominator.reciprocal(), 0.0))
+    else:  # b sqrt(1 - phi_hat^2) + eps > 0
+        candidate.div_(omega_denominator)
     omega = torch.where(phi < targets, candidate, 0.0)
     new_targets = targets * (1.0 - beta) + beta * phi
-    new_phi_hat = phi_hat.clone()
-    new_phi_hat[..., 0, 1] = new_targets[..., 0]
-    new_phi_hat[..., 1, 0] = new_targets[..., 1]
-    return 1.0 + omega.flip(-1), new_phi_hat
+    # The new targets off the diagonal (an anti-diagonal matrix), the old diagonal kept.
+    new_phi_hat = torch.diagonal_scatter(
+        torch.diag_embed(new_targets).flip(-1), phi_hat.diagonal(dim1=-2, dim2=-1), 0, -2, -1
+    )
+    return omega.flip(-1).add_(1.0), new_phi_hat
 
 
 def _check_beta(beta: float) -> float:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from torchjd._precision import promoted
 from torchjd.aggregation._bases import GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.linalg._matrix import PSDMatrix
 from torchjd.linalg._nonfinite import finite_part, poison
@@ -17,23 +18,50 @@ _SUM_EPS = 1e-12
 
 def _imtlg_weights(gramians: Tensor) -> Tensor:
     """IMTL-G's weights of a batch of Gramians ``[..., m, m]``, in their dtype and on their
-    device (NaN for a Gramian holding an infinity or a NaN, on which ``pinv`` would raise)."""
-    gramians, nan_where_non_finite = finite_part(gramians)
-    norms = gramians.diagonal(dim1=-2, dim2=-1).clamp(min=0.0).sqrt()  # d_i = ||g_i||
-    v = (torch.linalg.pinv(gramians) @ norms.unsqueeze(-1)).squeeze(-1)  # v = G^+ d
+    device (computed in float32 for half-precision Gramians; NaN for a Gramian holding an
+    infinity or a NaN, on which ``eigh`` would raise)."""
+    G, nan_where_non_finite = finite_part(promoted(gramians))
+    m = G.shape[-1]
+    if m == 0:
+        return gramians.new_zeros(gramians.shape[:-1])
+    if m == 1:
+        g = G[..., 0]
+        v = torch.where(g > 0.0, g.rsqrt(), 0.0)  # G^+ d = 1 / sqrt(g) for g > 0, else 0
+    else:
+        v = _pinv_times_norms(G)
     total = v.sum(dim=-1, keepdim=True)
-    usable = total.abs() >= _SUM_EPS
+    usable = ~(total.abs() < _SUM_EPS)  # a NaN total stays: NaN in, NaN out
     safe_total = torch.where(usable, total, torch.ones_like(total))
-    return poison(torch.where(usable, v / safe_total, torch.zeros_like(v)), nan_where_non_finite)
+    weights = torch.where(usable, v / safe_total, torch.zeros_like(v))
+    return poison(weights, nan_where_non_finite).to(dtype=gramians.dtype)
+
+
+def _pinv_times_norms(G: Tensor) -> Tensor:
+    """``G^+ d`` with ``d_i = sqrt(G_ii)``, from the eigendecomposition ``G = Q diag(l) Q^T``.
+
+    The same as ``torch.linalg.pinv(G) @ d`` (for a symmetric ``G`` the singular values are the
+    ``|l_i|``, and the default tolerance drops those below ``m eps max |l|``), without forming
+    ``G^+``: one symmetric eigendecomposition instead of an SVD."""
+    m = G.shape[-1]
+    norms = G.diagonal(dim1=-2, dim2=-1).clamp(min=0.0).sqrt().unsqueeze(-1)  # d_i = ||g_i||
+    eigenvalues, Q = torch.linalg.eigh(G)
+    magnitudes = eigenvalues.abs()
+    tolerance = magnitudes.amax(dim=-1, keepdim=True) * (m * torch.finfo(G.dtype).eps)
+    kept = magnitudes > tolerance
+    inverse = torch.where(kept, 1.0 / torch.where(kept, eigenvalues, 1.0), 0.0)
+    v = (Q @ ((Q.mT @ norms) * inverse.unsqueeze(-1))).squeeze(-1)
+    return v.add_(tolerance, alpha=0.0)  # a NaN of G (NaN tolerance) stays NaN
 
 
 class IMTLGWeighting(NoGrad, Weighting[PSDMatrix]):
     r"""Weighting of :class:`IMTLG`: :math:`w = v / \mathbf 1^\top v` with
     :math:`v = G^+ d`, where :math:`d_i = \sqrt{G_{ii}} = \|g_i\|`.
 
-    :math:`G^+` is :func:`torch.linalg.pinv` of the Gramian with its default tolerance (singular
-    values below :math:`m \varepsilon \sigma_{\max}` are dropped, :math:`\varepsilon` the machine
-    epsilon of the Gramian's dtype). When :math:`|\mathbf 1^\top v| < 10^{-12}` (e.g. for a zero
+    :math:`G^+` is the pseudo-inverse of :func:`torch.linalg.pinv` with its default tolerance
+    (singular values below :math:`m \varepsilon \sigma_{\max}` are dropped, :math:`\varepsilon` the
+    machine epsilon of the Gramian's dtype), applied through a symmetric eigendecomposition
+    (:math:`m = 1`: :math:`v = 1 / \sqrt{G_{11}}`, or 0); half-precision Gramians are solved in
+    float32. When :math:`|\mathbf 1^\top v| < 10^{-12}` (e.g. for a zero
     Gramian) the weights are all zero. Computed in the Gramian's dtype and on its device, without
     host synchronisation. Not differentiable: runs under :func:`torch.no_grad`.
     """

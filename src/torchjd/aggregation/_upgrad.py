@@ -16,9 +16,9 @@ from torchjd.aggregation._utils import (
     pref_vector_to_weighting,
     stacked_preferences,
 )
-from torchjd.linalg._block_pivoting import BlockPivotingProjector
+from torchjd.linalg._block_pivoting import BlockPivotingProjector, summed_diagonal_projections
 from torchjd.linalg._matrix import PSDMatrix
-from torchjd.linalg._projector import DualConeProjector
+from torchjd.linalg._projector import DualConeProjector, check_projection_shapes
 
 
 def _upgrad_weights(projector: DualConeProjector, prefs: Tensor, gramians: Tensor) -> Tensor:
@@ -28,11 +28,10 @@ def _upgrad_weights(projector: DualConeProjector, prefs: Tensor, gramians: Tenso
     :class:`BlockPivotingProjector` solves the whole batch at once; any other projector is called
     once per Gramian, as its contract (a single ``[m, m]`` Gramian) requires.
     """
-    U = torch.diag_embed(prefs)  # row i of U[k] is p_i e_i
     if isinstance(projector, BlockPivotingProjector):
-        V = projector.solve_batched(U, gramians)
-    else:
-        V = torch.stack([projector(U_k, G_k) for U_k, G_k in zip(U, gramians)])
+        return summed_diagonal_projections(projector, prefs, gramians)
+    U = torch.diag_embed(prefs)  # row i of U[k] is p_i e_i
+    V = torch.stack([projector(U_k, G_k) for U_k, G_k in zip(U, gramians)])
     return V.sum(dim=-2)
 
 
@@ -78,6 +77,9 @@ class UPGradWeighting(NoGrad, Weighting[PSDMatrix]):
 
     def forward(self, stat: Tensor, /) -> Tensor:
         prefs = self.weighting(stat).to(dtype=stat.dtype, device=stat.device)
+        if isinstance(self.projector, BlockPivotingProjector):
+            check_projection_shapes(prefs, stat)
+            return summed_diagonal_projections(self.projector, prefs[None], stat[None])[0]
         return self.projector(torch.diag(prefs), stat).sum(dim=0)
 
     @classmethod

@@ -6,6 +6,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from torchjd._precision import working_dtype
 from torchjd.linalg._matrix import PSDMatrix
 from torchjd.linalg._projector import NormalizingProjector, check_projection_shapes
 
@@ -30,7 +31,9 @@ _POWER_ITERATIONS = 4
 # Batches of several Gramians are solved in chunks of at most this many matrix entries.
 _MAX_CHUNK_ENTRIES = 2**24
 _JACOBI_ITERATIONS = 8
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
+# A shared float64 matrix whose condition number is provably below this is inverted once, and the
+# problems whose fixed sets are the smaller ones solve systems of the fixed sets' size instead.
+_MAX_CONDITION_FOR_INVERSE = 1e8
 # On accelerators, problems with m up to this are solved by enumerating their 2^m free sets:
 # branch-free, so no device synchronisation (block pivoting reads its stopping test on the host).
 _ENUMERATE_MAX_M = 8
@@ -72,7 +75,13 @@ class BlockPivotingProjector(NormalizingProjector):
     For small batches, the systems are padded with the identity to ``m x m`` and the first guess
     is :math:`F = \{i : (\hat G u)_i < 0\}`. For large ones (``m >= 32`` with several problems,
     or many problems), the first guess comes from a few projected Jacobi iterations (a handful of
-    matrix products), and the systems are gathered to the size of the largest free set.
+    matrix products), and the systems are gathered to the size of the largest free set. When all
+    the problems share one float64 matrix whose condition number is provably below ``1e8`` (as
+    with UPGrad's default ``reg_eps``) and every fixed set (the complement of :math:`F`) is at most
+    half as large, the inverse of :math:`\hat G` is computed once and each problem solves a system
+    of the size of its fixed set instead (:math:`v = H_{:B} \lambda`, :math:`H_{BB} \lambda = u_B`
+    with :math:`H = \hat G^{-1}`), which is much smaller for many conflicting rows (e.g. the
+    per-sample gradients of an IWRM step); the first guess is then the empty free set.
 
     Each iteration reads a few numbers on the host to decide whether to stop (and, for large
     batches, how large the gathered systems are): a synchronisation with the device that an
@@ -80,7 +89,9 @@ class BlockPivotingProjector(NormalizingProjector):
     ones (rank-deficient Jacobians) can take tens.
 
     **Small problems, no synchronisation.** With ``m = 2`` the solution has a closed form (the
-    optimality conditions of the four free sets, evaluated branch-free). On a device other than
+    optimality conditions of the four free sets, evaluated branch-free), computed in ``G``'s dtype
+    (float32 for half precision) rather than float64: a few divisions, as accurate there as the
+    tolerances against quadprog require. On a device other than
     the CPU, problems with ``3 <= m <= 8`` are solved by trying all :math:`2^m` free sets at once
     (one batched factorisation each) and keeping the one that satisfies the optimality conditions
     (the least violating, up to rounding): nothing is read on the host, so a GPU does not wait for
@@ -163,16 +174,17 @@ class BlockPivotingProjector(NormalizingProjector):
 
         ``G / trace`` (the zero matrix when the trace is below ``norm_eps``, or zero) plus
         ``reg_eps * I``, in ``G``'s dtype (float32 for half-precision Gramians, whose trace may
-        overflow), then cast to the solver's dtype; branch-free on the values."""
-        if G.dtype in _HALF_DTYPES:
-            G = G.float()
+        overflow), then cast to the solver's dtype (the working dtype itself for ``m <= 2``,
+        whose closed forms are as accurate in it); branch-free on the values."""
+        G = G.to(dtype=working_dtype(G.dtype))
         info = torch.finfo(G.dtype)
         trace = G.diagonal(dim1=-2, dim2=-1).sum(dim=-1)[..., None, None]
         # Dividing by +inf gives the zero matrix below the threshold (a NaN trace stays NaN).
         too_small = trace < max(self.norm_eps, info.tiny)
-        G_hat = G / torch.where(too_small, torch.inf, trace)
-        G_hat.diagonal(dim1=-2, dim2=-1).add_(self.reg_eps)
-        A = G_hat.to(dtype=_solver_dtype(G.device))
+        A = G / torch.where(too_small, torch.inf, trace)
+        A.diagonal(dim1=-2, dim2=-1).add_(self.reg_eps)
+        if G.shape[-1] > 2:
+            A = A.to(dtype=_solver_dtype(G.device))
         floor = min(16.0 * info.eps, 1e-6)
         if self.reg_eps < floor:
             # Relative to the largest diagonal entry, which bounds the rounding error of every
@@ -182,6 +194,50 @@ class BlockPivotingProjector(NormalizingProjector):
             scale = torch.where(largest > 0.0, largest, 1.0)
             diagonal.add_((floor * scale - self.reg_eps).clamp(min=0.0))
         return A
+
+
+def summed_diagonal_projections(
+    projector: BlockPivotingProjector, prefs: Tensor, G: Tensor
+) -> Tensor:
+    """``projector.solve_batched(torch.diag_embed(prefs), G).sum(dim=-2)``: for each Gramian
+    ``G[k]`` (``[b, m, m]``), the sum over ``i`` of the solutions for ``u = prefs[k, i] e_i``
+    (UPGrad's weights), shape ``[b, m]``, in ``G``'s dtype.
+
+    For ``m <= 2`` it is a closed form in ``G``'s working dtype, with a handful of operations. With
+    ``A = [[a, c], [c, d]]`` and ``u = p_1 e_1``, ``y = A u = p_1 (a, c)``: index 1 is never freed,
+    so (:func:`_solve_two`) the solution is ``p_1^+ (1, max(0, -c / d))``, and symmetrically for
+    ``u = p_2 e_2``. The ratios are those of ``s A = G + s r I`` (``s`` the trace, or infinity
+    below ``norm_eps``, ``r`` the ridge), so ``A`` is never built. A matrix that is not
+    numerically positive definite takes the general path where that can be checked without
+    synchronisation (on the CPU)."""
+    m = G.shape[-1]
+    if m > 2:
+        return projector.solve_batched(torch.diag_embed(prefs), G).sum(dim=-2)
+    Gw = G.to(dtype=working_dtype(G.dtype))
+    p = prefs.to(dtype=Gw.dtype, device=Gw.device).clamp(min=0.0)
+    if m == 1:
+        return (p + 0.0 * Gw[..., 0]).to(dtype=G.dtype)  # the product keeps a NaN or inf of G
+    info = torch.finfo(Gw.dtype)
+    diag = Gw.diagonal(dim1=-2, dim2=-1)
+    trace = diag.sum(dim=-1, keepdim=True)
+    scale = torch.where(trace < max(projector.norm_eps, info.tiny), torch.inf, trace)
+    den = diag.add(scale, alpha=_ridge(projector.reg_eps, info.eps))  # s (a, d)
+    off = Gw[..., 0, 1:]  # s c
+    # Positive definite: s a > 0 and s^2 (a d - c^2) > 0 (a NaN passes and stays in the result).
+    if _reads_on_host(G.device) and bool(
+        ((den.prod(dim=-1, keepdim=True) - off.square()).minimum(den) <= 0.0).any()
+    ):
+        return projector.solve_batched(torch.diag_embed(prefs), G).sum(dim=-2)
+    # (max(0, -c / a), max(0, -c / d)); adding 0 * (trace + s c) turns an infinite entry into
+    # NaN, as the normalisation does.
+    t = off.div(den).neg_().clamp_(min=0.0).add_(trace + off, alpha=0.0)
+    return p.flip(-1).mul_(t).add_(p).to(dtype=G.dtype)
+
+
+def _ridge(reg_eps: float, eps: float) -> float:
+    """What the diagonal of the normalised Gramian receives: ``reg_eps``, raised to
+    ``min(16 eps, 1e-6)`` (``eps`` of the normalisation's dtype)."""
+    return max(reg_eps, min(16.0 * eps, 1e-6))
 
 
 def _check_last_dim(U: Tensor, m: int) -> None:
@@ -379,6 +435,7 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     shared = A.ndim == 2
     large = _is_large(P, m)
     eye = None if large else torch.eye(m, dtype=u.dtype, device=u.device)
+    H = _inverse_if_well_conditioned(A) if large and shared else None
 
     q = u @ A if shared else _add_product(torch.zeros_like(u), u, A)  # A u
     neg_q = -q
@@ -392,10 +449,11 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     else:
         neg_tol_y = (neg_tol_z.view(A.shape[0], -1) * a_scale).view(P, 1)
 
-    # F: the free set (z_F may be positive, y_F = 0); z = 0 off F.
-    if large:
+    # F: the free set (z_F may be positive, y_F = 0); z = 0 off F. With the inverse, an iteration
+    # costs less than the guess would save: start from the empty free set.
+    if large and H is None:
         F = _guess_free_set(A, neg_q)
-        z, failed = _solve_free_set(A, neg_q, F, eye)
+        z, failed = _solve_free_set(A, neg_q, F, eye, H, u)
         y = _add_product(q, z, A)
         infeasible = torch.where(F, z < neg_tol_z, y < neg_tol_y)
     else:
@@ -467,7 +525,7 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
             history, best = history[-_PATIENCE - 1 :], best[-_PATIENCE - 1 :]
         F = exchange if F is None else F ^ exchange
 
-        z, failed = _solve_free_set(A, neg_q, F, eye)
+        z, failed = _solve_free_set(A, neg_q, F, eye, H, u)
         y = _add_product(q, z, A)
         infeasible = torch.where(F, z < neg_tol_z, y < neg_tol_y)
 
@@ -531,16 +589,28 @@ def _compact_below(n_active: int, m: int) -> int:
 
 
 def _solve_free_set(
-    A: Tensor, neg_q: Tensor, F: Tensor, eye: Tensor | None
+    A: Tensor,
+    neg_q: Tensor,
+    F: Tensor,
+    eye: Tensor | None,
+    H: Tensor | None = None,
+    u: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Solve ``A_FF z_F = -q_F`` with ``z = 0`` off ``F``, for each row of ``F`` at once; also
     return whether each factorisation failed.
 
     ``A_FF`` is padded with the identity to a common size: ``m`` for small batches (``eye`` is the
     identity), the largest free set of the batch for large ones (``eye`` is None; gathering costs
-    less than factorising ``m x m`` systems then).
+    less than factorising ``m x m`` systems then). With ``H = A^{-1}`` (shared ``A``) and the
+    problems' lower bounds ``u``, a batch whose fixed sets are at most half as large is solved
+    through systems of the fixed sets' size instead (:func:`_solve_fixed_gathered`).
     """
     if eye is None:
+        if H is not None and u is not None:
+            n_fixed = F.shape[-1] - F.sum(dim=-1)
+            size = int(n_fixed.max())  # host synchronisation, as for the gathered systems
+            if 2 * size <= F.shape[-1]:
+                return _solve_fixed_gathered(H, u, F, n_fixed, size)
         return _solve_gathered(A, neg_q, F)
     free_pairs = F.unsqueeze(-1) & F.unsqueeze(-2)
     if A.ndim == 2:
@@ -551,6 +621,44 @@ def _solve_free_set(
         M = torch.where(free_pairs.view(c, P // c, m, m), A.unsqueeze(1), eye).view(P, m, m)
     L, info = torch.linalg.cholesky_ex(M)
     return torch.cholesky_solve((neg_q * F).unsqueeze(-1), L).squeeze(-1), info > 0
+
+
+def _inverse_if_well_conditioned(A: Tensor) -> Tensor | None:
+    """``A^{-1}`` for a shared float64 matrix whose condition number is below
+    ``_MAX_CONDITION_FOR_INVERSE`` (bounded by ``tr(A) tr(A^{-1})``, one host read), else None."""
+    if A.dtype != torch.float64:
+        return None
+    L, info = torch.linalg.cholesky_ex(A)
+    H = torch.cholesky_inverse(L)
+    bound = A.diagonal().sum() * H.diagonal().sum()
+    if bool(info != 0) or not float(bound) < _MAX_CONDITION_FOR_INVERSE:
+        return None
+    return H
+
+
+def _solve_fixed_gathered(
+    H: Tensor, u: Tensor, F: Tensor, n_fixed: Tensor, size: int
+) -> tuple[Tensor, Tensor]:
+    """What :func:`_solve_gathered` returns, through the fixed sets ``B`` (the complement of
+    ``F``): the minimiser of ``v^T A v`` subject to ``v_B = u_B`` is ``v = H_{:B} lambda`` with
+    ``H_BB lambda = u_B`` (``H = A^{-1}``; ``lambda = (A v)_B``), so each problem factorises a
+    system of the size of its fixed set, padded with the identity to ``size``. Returns
+    ``z = v - u`` on ``F`` (0 off it) and whether each factorisation failed."""
+    P, m = u.shape
+    slot = torch.arange(size, device=u.device)
+    valid = slot < n_fixed.unsqueeze(-1)  # [P, size]
+    # Position j of problem p holds the j-th index of its fixed set, or 0 (masked) after it.
+    order = torch.argsort(F.to(torch.int8), dim=-1, stable=True)[:, :size]
+    index = torch.where(valid, order, 0)
+    rows = H.index_select(0, index.flatten()).view(P, size, m)  # H[b_j, :]
+    H_BB = rows.gather(2, index.unsqueeze(1).expand(P, size, size))
+    eye = torch.eye(size, dtype=H.dtype, device=H.device)
+    H_BB = torch.where(valid.unsqueeze(-1) & valid.unsqueeze(-2), H_BB, eye)
+    u_B = torch.where(valid, u.gather(-1, index), 0.0).unsqueeze(-1)
+    L, info = torch.linalg.cholesky_ex(H_BB)
+    lam = torch.cholesky_solve(u_B, L).squeeze(-1) * valid  # [P, size]
+    v = (lam.unsqueeze(1) @ rows).squeeze(1)  # sum_j lambda_j H[b_j, :] (H is symmetric)
+    return torch.where(F, v - u, 0.0), info > 0
 
 
 def _solve_gathered(A: Tensor, neg_q: Tensor, F: Tensor) -> tuple[Tensor, Tensor]:
