@@ -62,6 +62,8 @@ class MomentumConFIG(NoGrad, LazyStateMixin, Aggregator, Stateful):
     tensor([0.1588, 2.0706, 2.0706])
     """
 
+    _task_state = (("_momenta", 1, 0.0), ("_counts", 1, 0.0), ("_gramian", 2, 0.0))
+
     def __init__(self, beta: float = 0.9) -> None:
         super().__init__()
         self.beta = beta

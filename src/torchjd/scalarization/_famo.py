@@ -71,6 +71,9 @@ class FAMO(Scalarizer, Stateful):
     tensor([-0.0250,  0.0250], requires_grad=True)
     """
 
+    _task_vectors = ("min_losses",)
+    _task_state = (("_w", 1, 0.0),)
+
     def __init__(
         self,
         shape: int | Sequence[int],
