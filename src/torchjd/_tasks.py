@@ -120,6 +120,9 @@ def restricted(module: nn.Module, indices: Tensor | None, m: int) -> Iterator[No
                 setattr(sub, name, k)
             for name, n_axes, fill in getattr(type(sub), "_task_state", ()):
                 value = getattr(sub, name)
+                if not isinstance(value, Tensor):  # not created yet (e.g. None)
+                    states.append((sub, name, torch.empty(0), n_axes, fill))
+                    continue
                 if name in sub._parameters:
                     parameters.append((sub, name, value))
                     sub._parameters[name] = _index(value, indices, n_axes)  # type: ignore[assignment]
