@@ -72,7 +72,7 @@ def backward(
         some RNNs on CUDA, intermediate tensors with ``retain_grad()``).
     :param present: Which objectives (rows) are present in this step: a boolean tensor or a
         sequence of ``m`` booleans. Only the present rows are computed; the absent ones are zero
-        in ``.jac``, which keeps its ``m`` rows (see :doc:`missing_tasks`). A tensor of
+        in ``.jac``, which keeps its ``m`` rows (see :doc:`/missing_tasks`). A tensor of
         ``tensors`` none of whose entries is present is not differentiated at all, so its value
         may be anything (e.g. NaN). Default ``None``: every row.
 

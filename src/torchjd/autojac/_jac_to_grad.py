@@ -84,7 +84,7 @@ def jac_to_grad(
     :param present: Which tasks (rows) are present in this step: a boolean tensor or a sequence
         of ``m`` booleans. The aggregator then sees only the ``k`` present rows (their ``k x k``
         Gramian), with its per-task hyper-parameters and state restricted to these tasks (see
-        :doc:`missing_tasks`); the absent rows are never read and get weight 0. With no task
+        :doc:`/missing_tasks`); the absent rows are never read and get weight 0. With no task
         present, ``.grad`` is left untouched and a warning is issued. Default ``None``: all
         present, exactly as without it. A tensor on a device costs one synchronisation.
     :return: The weights of a :class:`~torchjd.aggregation.WeightedAggregator` (shape ``[m]``,

@@ -78,7 +78,7 @@ def mtl_backward(
     :param present: Which tasks are present in this step: a boolean tensor or a sequence of
         ``k`` booleans. An absent task's tensor is not differentiated at all (its value may be
         anything, e.g. the NaN of a mean over no labelled sample): its parameters' ``.grad`` is
-        left untouched and its row of the shared ``.jac`` is zero (see :doc:`missing_tasks`).
+        left untouched and its row of the shared ``.jac`` is zero (see :doc:`/missing_tasks`).
         Default ``None``: every task.
 
     >>> import torch
