@@ -223,14 +223,15 @@ def _runs(groups: list[Group]) -> list[list[Group]]:
 
 def _weigh(batch: list[Group]) -> None:
     first = batch[0]
+    if first.present is None:  # every task present: the step as it always was
+        _weigh_restricted(batch)
+        return
     with contextlib.ExitStack() as stack:
         for group in batch:
             stack.enter_context(restricted(group.aggregator, group.present, group.n_tasks))
         try:
             _weigh_restricted(batch)
         except ValueError as error:
-            if first.present is None:
-                raise
             # e.g. Krum or TrimmedMean below their minimum number of rows
             raise ValueError(
                 f"With k={first.m} present tasks (of {first.n_tasks}), {first.aggregator!r} "

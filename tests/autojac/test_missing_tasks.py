@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from torchjd.aggregation import MGDA, Constant, GradVac, Krum, Mean, Random, UPGrad
+from torchjd.aggregation import MGDA, Constant, GradVac, Krum, Mean, Random, TrimmedMean, UPGrad
 from torchjd.autojac import backward, jac_to_grad, mtl_backward
 from torchjd.grouping import GroupedAggregator
 
@@ -200,3 +200,10 @@ def test_end_to_end_with_a_nan_loss_gives_a_finite_step() -> None:
         jac_to_grad(trunk.parameters(), UPGrad(), present=present)
     assert all(torch.isfinite(p.grad).all() for p in trunk.parameters())
     assert heads[2].weight.grad is None
+
+
+def test_trimmed_mean_below_its_minimum_names_k() -> None:
+    p = torch.zeros(2, requires_grad=True)
+    p.jac = torch.randn(3, 2)
+    with pytest.raises(ValueError, match=r"k=2 present tasks \(of 3\)"):
+        jac_to_grad([p], TrimmedMean(trim_number=1), present=[True, True, False])
