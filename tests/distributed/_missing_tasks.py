@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from torchjd import autojac, distributed
 from torchjd.aggregation import GradVac, Mean, UPGrad
+from torchjd.grouping import GroupedAggregator
 
 BATCH = 8
 N_TASKS = 3
@@ -46,7 +47,11 @@ _UNEQUAL = torch.tensor(
     ],
     dtype=torch.bool,
 )
+_ALL = torch.ones(BATCH, N_TASKS, dtype=torch.bool)
 CASES = {
+    # Every task labelled everywhere, with and without counts: the same step, bit for bit.
+    "all-upgrad-counts": ("upgrad", {"strategy": "gramian"}, _ALL),
+    "all-upgrad-no-counts": ("upgrad", {"strategy": "gramian", "no_counts": True}, _ALL),
     "equal-upgrad-jacobian": ("upgrad", {"strategy": "jacobian"}, _EQUAL),
     "unequal-upgrad-jacobian": ("upgrad", {"strategy": "jacobian"}, _UNEQUAL),
     "unequal-upgrad-gramian": ("upgrad", {"strategy": "gramian"}, _UNEQUAL),
@@ -54,6 +59,12 @@ CASES = {
     "unequal-gradvac-auto": ("gradvac", {}, _UNEQUAL),
     "unequal-gradvac-sync": ("gradvac", {"sync": True}, _UNEQUAL),
     "equal-upgrad-sync": ("upgrad", {"sync": True}, _EQUAL),
+    "unequal-gradvac-grouped": ("gradvac", {"grouped": True}, _UNEQUAL),
+    "unequal-upgrad-grouped-gramian": (
+        "upgrad",
+        {"grouped": True, "strategy": "gramian"},
+        _UNEQUAL,
+    ),
 }
 STEPS = 2
 
@@ -90,9 +101,11 @@ def _losses(
 
 
 def train(name: str, x: Tensor, y: Tensor, labels: Tensor, step: Callable) -> list[Tensor]:
-    aggregator_name, _, _ = CASES[name]
+    aggregator_name, options, _ = CASES[name]
     model = _model()
     aggregator = AGGREGATORS[aggregator_name]()
+    if options.get("grouped"):  # one aggregator per tensor of the trunk
+        aggregator = GroupedAggregator([[p] for p in model["trunk"].parameters()], aggregator)
     trunk_grads = []
     for _ in range(STEPS):
         model.zero_grad()
@@ -113,7 +126,10 @@ def reference(name: str) -> list[Tensor]:
     x, y = _data()
 
     def step(model: nn.Module, aggregator: nn.Module, counts: Tensor, present: Tensor) -> None:
-        autojac.jac_to_grad(model["trunk"].parameters(), aggregator, present=present)
+        if isinstance(aggregator, GroupedAggregator):
+            aggregator.jac_to_grad(present=present)
+        else:
+            autojac.jac_to_grad(model["trunk"].parameters(), aggregator, present=present)
 
     return train(name, x, y, CASES[name][2], step)
 
@@ -124,14 +140,19 @@ def distributed_run(name: str, rank: int) -> list[Tensor]:
     _, options, labels = CASES[name]
     options = dict(options)
     sync = options.pop("sync", False)
+    options.pop("grouped", None)
+    use_counts = not options.pop("no_counts", False)
 
     def step(model: nn.Module, aggregator: nn.Module, counts: Tensor, present: Tensor) -> None:
         params = list(model["trunk"].parameters())
-        if sync:
+        if isinstance(aggregator, GroupedAggregator):
+            distributed.jac_to_grad(aggregator, counts=counts, **options)
+        elif sync:
             with distributed.sync_jac(params, counts=counts) as scope:
                 autojac.jac_to_grad(params, aggregator, present=scope.present)
         else:
-            distributed.jac_to_grad(params, aggregator, counts=counts, **options)
+            given = {"counts": counts} if use_counts else {}
+            distributed.jac_to_grad(params, aggregator, **given, **options)
 
     return train(name, x[shard], y[shard], labels[shard], step)
 

@@ -54,3 +54,12 @@ def test_the_ranks_agree_bit_for_bit(results: list[dict[str, Any]]) -> None:
     for name in CASES:
         for a, b in zip(results[0][name], results[1][name]):
             assert torch.equal(a, b)
+
+
+def test_counts_of_a_fully_labelled_batch_change_nothing(results: list[dict[str, Any]]) -> None:
+    for rank_results in results:
+        with_counts, without = (
+            rank_results["all-upgrad-counts"],
+            rank_results["all-upgrad-no-counts"],
+        )
+        assert all(torch.equal(a, b) for a, b in zip(with_counts, without))
