@@ -19,6 +19,7 @@ from torchjd.aggregation import (
     Constant,
     DualProj,
     GradDrop,
+    MConFIGBackward,
     NashMTL,
     UPGrad,
 )
@@ -160,3 +161,25 @@ def test_state_dict_round_trips_after_a_partial_step(entry: Entry) -> None:
     for seed, mask in [(2, present), (3, None)]:
         jacobian = _jacobian(m, seed=seed)
         assert torch.equal(_step(aggregator, jacobian, mask), _step(fresh, jacobian, mask))
+
+
+def test_mconfig_backward_never_differentiates_an_absent_loss() -> None:
+    a = torch.tensor([1.0, 2.0])
+    w = torch.tensor([0.5, -1.0], requires_grad=True)
+    step = MConFIGBackward([w], beta=0.5)
+    nan_loss = (w * 0.0).sum() / torch.tensor(0.0)
+    assert step.backward([w @ a, nan_loss], present=[True, False]) == -1
+    # By hand: the same first step where loss 1 has a zero gradient.
+    w_ref = w.detach().clone().requires_grad_()
+    reference = MConFIGBackward([w_ref], beta=0.5)
+    reference.backward([w_ref @ a, (w_ref * 0.0).sum()])
+    assert torch.isfinite(w.grad).all()
+    assert_close(w.grad, w_ref.grad)
+    momenta = step.aggregator._momenta.clone()
+    assert torch.equal(momenta[1], torch.zeros(2))
+
+    # Loss 0's turn passes to loss 1, the only present one; loss 0's momentum stays.
+    b = torch.tensor([-1.0, 1.0])
+    assert step.backward([(w * 0.0).sum() / torch.tensor(0.0), w @ b], present=[False, True]) == 1
+    assert torch.equal(step.aggregator._momenta[0], momenta[0])
+    assert_close(step.aggregator._momenta[1], 0.5 * b)
