@@ -194,9 +194,18 @@ def run(groups: list[Group], steps: Steps, *, retain_jac: bool, stacklevel: int)
         [t for g in groups for t in g.tensors], [d for g in groups for d in g.gradients]
     )
     for g in groups:
-        if g.present is not None and g.weights is not None:  # absent tasks weigh 0
-            full = g.weights.new_zeros(g.n_tasks)
-            g.weights = full.index_copy_(0, g.present.to(full.device), g.weights)
+        if g.present is not None:  # back to the m tasks: an absent one weighs 0, has a zero row
+            _scatter_to_all_tasks(g, g.present.to(g.device))
+
+
+def _scatter_to_all_tasks(group: Group, indices: Tensor) -> None:
+    if group.weights is not None:
+        full = group.weights.new_zeros(group.n_tasks)
+        group.weights = full.index_copy_(0, indices.to(full.device), group.weights)
+    if group.gramian is not None:
+        m, gramian = group.n_tasks, group.gramian
+        rows = gramian.new_zeros(m, len(indices)).index_copy_(0, indices, gramian)
+        group.gramian = gramian.new_zeros(m, m).index_copy_(1, indices, rows)
 
 
 def _batch_key(group: Group) -> Hashable | None:

@@ -207,3 +207,12 @@ def test_trimmed_mean_below_its_minimum_names_k() -> None:
     p.jac = torch.randn(3, 2)
     with pytest.raises(ValueError, match=r"k=2 present tasks \(of 3\)"):
         jac_to_grad([p], TrimmedMean(trim_number=1), present=[True, True, False])
+
+
+def test_grouped_gramians_keep_one_row_per_task() -> None:
+    a = torch.zeros(2, requires_grad=True)
+    a.jac = torch.tensor([[1.0, 0.0], [NAN, NAN], [1.0, 1.0]])
+    grouped = GroupedAggregator([[a]], UPGrad())
+    grouped.jac_to_grad(present=[True, False, True])
+    expected = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 2.0]])
+    assert_close(grouped.last_gramians[0], expected)

@@ -137,7 +137,8 @@ class GroupedAggregator(nn.Module, Stateful):
             the groups are validated, before the aggregation.
         :param present: which tasks (rows) are present in this step, one boolean per row, as in
             :func:`~torchjd.autojac.jac_to_grad`: every group sees only the present rows, and
-            each aggregator acts on these tasks. Default ``None``: all present.
+            each aggregator acts on these tasks; the weights and Gramians recorded keep one
+            entry per task (0 for the absent ones). Default ``None``: all present.
         :return: the weights of each group: a tensor of shape ``[m]`` for a weighted aggregator
             (as :func:`~torchjd.autojac.jac_to_grad` returns them), ``None`` for another one.
             Also stored in :attr:`last_weights`.
