@@ -123,11 +123,12 @@ def restricted(module: nn.Module, indices: Tensor | None, m: int) -> Iterator[No
                 if not isinstance(value, Tensor):  # not created yet (e.g. None)
                     states.append((sub, name, torch.empty(0), n_axes, fill))
                     continue
-                if name in sub._parameters:
-                    parameters.append((sub, name, value))
-                    sub._parameters[name] = _index(value, indices, n_axes)  # type: ignore[assignment]
-                    continue
                 sized = value.numel() > 0 and value.shape[:n_axes] == (m,) * n_axes
+                if name in sub._parameters:
+                    if sized:  # else the module's own check reports the mismatch
+                        parameters.append((sub, name, value))
+                        sub._parameters[name] = _index(value, indices, n_axes)  # type: ignore[assignment]
+                    continue
                 states.append((sub, name, value if sized else value.new_empty(0), n_axes, fill))
                 if sized:
                     setattr(sub, name, _index(value, indices, n_axes))
