@@ -21,7 +21,8 @@ from torch.nn.modules import module as _module
 
 from torchjd._accumulation import accumulate_grads, check_grad_targets, consume_jacs
 from torchjd._protocol import Need
-from torchjd._synchronization import warn_if_unsynchronized
+from torchjd._synchronization import is_marked, mark_synchronized, warn_if_unsynchronized
+from torchjd._tasks import restricted, validated_present, warn_no_task_present
 from torchjd._validation import check_aggregator, validated_jacobians
 from torchjd.aggregation import Aggregator, WeightedAggregator
 from torchjd.linalg._gramian import sum_of_gramians
@@ -41,6 +42,9 @@ class Group:
     gramian: Tensor | None = None
     weights: Tensor | None = None
     gradients: list[Tensor] = field(default_factory=list)
+    # The indices of the present tasks among `n_tasks` (`None`: all present); `m` counts them.
+    present: Tensor | None = None
+    n_tasks: int = 0
 
     @property
     def gramian_dtype(self) -> torch.dtype:
@@ -121,8 +125,12 @@ def prepare(
     *,
     optimize_gramian_computation: bool = False,
     compute_gramians: bool = False,
+    present: object = None,
 ) -> list[Group]:
-    """Validate every group (named ``names[k]`` in messages) and route it; nothing is mutated."""
+    """Validate every group (named ``names[k]`` in messages) and route it; nothing is mutated.
+
+    ``present`` (``None``: every task) keeps the rows of the present tasks (see
+    :func:`select_tasks`)."""
     prepared = []
     for k, (tensors, aggregator, name) in enumerate(zip(groups, aggregators, names)):
         check_aggregator(aggregator)
@@ -137,10 +145,32 @@ def prepare(
         route = choose_route(aggregator, optimize_gramian_computation)
         wants = route is Need.GRAMIAN or compute_gramians
         dtype = reduce(torch.promote_types, {j.dtype for j in jacobians})
-        prepared.append(
-            Group(tensors, jacobians, aggregator, route, len(jacobians[0]), wants, dtype)
-        )
+        m = len(jacobians[0])
+        prepared.append(Group(tensors, jacobians, aggregator, route, m, wants, dtype, n_tasks=m))
+    if present is not None:
+        select_tasks(prepared, present)
     return prepared
+
+
+def select_tasks(groups: list[Group], present: object) -> None:
+    """Keep, in every group, only the rows of the tasks that ``present`` marks (one boolean per
+    row); the aggregator then sees ``k`` rows and acts on these tasks (:func:`restricted`).
+    All present: nothing changes, so the step is exactly the one without ``present``."""
+    selections = [validated_present(present, g.m) for g in groups]
+    for group, indices in zip(groups, selections):
+        if indices is None:
+            continue
+        group.present = indices
+        group.m = len(indices)
+        # Only the present rows are read: an absent task's row may hold anything.
+        group.jacobians = [_rows(j, indices) for j in group.jacobians]
+
+
+def _rows(jacobian: Tensor, indices: Tensor) -> Tensor:
+    rows = jacobian.index_select(0, indices.to(jacobian.device))
+    if is_marked(jacobian):  # the rows of a synchronised Jacobian are synchronised
+        mark_synchronized(rows)
+    return rows
 
 
 def run(groups: list[Group], steps: Steps, *, retain_jac: bool, stacklevel: int) -> None:
@@ -150,6 +180,11 @@ def run(groups: list[Group], steps: Steps, *, retain_jac: bool, stacklevel: int)
         warn_if_unsynchronized(jacobians, stacklevel=stacklevel + 1)
     if not retain_jac:  # the groups keep references to the Jacobians
         consume_jacs([t for g in groups for t in g.tensors])
+    if any(g.m == 0 for g in groups):
+        warn_no_task_present("`.grad` is left untouched", stacklevel + 1)
+        for g in groups:
+            g.weights = torch.zeros(g.n_tasks, dtype=g.dtype, device=g.device)
+        return
     steps.prepare(groups)
     with steps.scope():
         for batch in _runs(groups) if len(groups) > 1 else [groups]:
@@ -158,6 +193,19 @@ def run(groups: list[Group], steps: Steps, *, retain_jac: bool, stacklevel: int)
     accumulate_grads(
         [t for g in groups for t in g.tensors], [d for g in groups for d in g.gradients]
     )
+    for g in groups:
+        if g.present is not None:  # back to the m tasks: an absent one weighs 0, has a zero row
+            _scatter_to_all_tasks(g, g.present.to(g.device))
+
+
+def _scatter_to_all_tasks(group: Group, indices: Tensor) -> None:
+    if group.weights is not None:
+        full = group.weights.new_zeros(group.n_tasks)
+        group.weights = full.index_copy_(0, indices.to(full.device), group.weights)
+    if group.gramian is not None:
+        m, gramian = group.n_tasks, group.gramian
+        rows = gramian.new_zeros(m, len(indices)).index_copy_(0, indices, gramian)
+        group.gramian = gramian.new_zeros(m, m).index_copy_(1, indices, rows)
 
 
 def _batch_key(group: Group) -> Hashable | None:
@@ -183,6 +231,24 @@ def _runs(groups: list[Group]) -> list[list[Group]]:
 
 
 def _weigh(batch: list[Group]) -> None:
+    first = batch[0]
+    if first.present is None:  # every task present: the step as it always was
+        _weigh_restricted(batch)
+        return
+    with contextlib.ExitStack() as stack:
+        for group in batch:
+            stack.enter_context(restricted(group.aggregator, group.present, group.n_tasks))
+        try:
+            _weigh_restricted(batch)
+        except ValueError as error:
+            # e.g. Krum or TrimmedMean below their minimum number of rows
+            raise ValueError(
+                f"With k={first.m} present tasks (of {first.n_tasks}), {first.aggregator!r} "
+                f"cannot aggregate: {error}"
+            ) from error
+
+
+def _weigh_restricted(batch: list[Group]) -> None:
     first = batch[0]
     if first.route is Need.MATRIX:
         first.weights, first.gradients = aggregate_matrix(

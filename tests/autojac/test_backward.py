@@ -26,6 +26,7 @@ def test_signature() -> None:
         "inputs",
         "retain_graph",
         "parallel_chunk_size",
+        "present",  # beyond the spec: steps with missing tasks
     ]
     assert parameters["tensors"].kind is inspect.Parameter.POSITIONAL_ONLY
     for name in ["jac_tensors", "inputs", "retain_graph", "parallel_chunk_size"]:
@@ -36,6 +37,7 @@ def test_signature() -> None:
         "inputs": None,
         "retain_graph": False,
         "parallel_chunk_size": None,
+        "present": None,
     }
 
 

@@ -34,6 +34,7 @@ def test_signature() -> None:
         "shared_params",
         "retain_graph",
         "parallel_chunk_size",
+        "present",  # beyond the spec: steps with missing tasks
     ]
     assert parameters["tensors"].kind is inspect.Parameter.POSITIONAL_ONLY
     assert parameters["features"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
@@ -44,6 +45,7 @@ def test_signature() -> None:
         "shared_params": None,
         "retain_graph": False,
         "parallel_chunk_size": None,
+        "present": None,
     }
     for name, default in keyword_only.items():
         assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY

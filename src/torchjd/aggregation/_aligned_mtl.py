@@ -76,6 +76,8 @@ class AlignedMTLWeighting(Weighting[PSDMatrix]):
     :param scale_mode: ``"min"`` (default), ``"median"`` or ``"rmse"``.
     """
 
+    _task_vectors = ("pref_vector",)
+
     def __init__(
         self,
         pref_vector: Tensor | None = None,

@@ -26,7 +26,25 @@ _T = TypeVar("_T", bound=Tensor)
 _V = TypeVar("_V")
 
 
-class Aggregator(nn.Module, ABC):
+class TaskIndexed:
+    """What of a module depends on the index of the tasks, for steps where only some are present.
+
+    The application pipeline restricts an aggregator (and every weighting inside it) to the
+    present tasks for the duration of a step: the hyper-parameters named in
+    :attr:`_task_vectors` (one value per task) become their sub-vectors, those in
+    :attr:`_task_counts` (the number of tasks) become ``k``, and the state tensors of
+    :attr:`_task_state` (``(name, n_axes, fill)``, the first ``n_axes`` dimensions indexed by the
+    task) are gathered, then written back, so the absent tasks' state is left as it was. ``fill``
+    (a float or ``"mean"``) initialises the never-seen tasks when the state is created in a step
+    where some are absent. Declare these on the class that holds the attributes.
+    """
+
+    _task_vectors: ClassVar[tuple[str, ...]] = ()
+    _task_counts: ClassVar[tuple[str, ...]] = ()
+    _task_state: ClassVar[tuple[tuple[str, int, float | str], ...]] = ()
+
+
+class Aggregator(TaskIndexed, nn.Module, ABC):
     """Abstract base of every aggregator: maps a matrix ``[m, n]`` to a vector ``[n]``.
 
     Calling an aggregator checks that its input is a matrix, then runs :meth:`forward` through
@@ -99,7 +117,7 @@ class NoGrad:
             torch.set_grad_enabled(enabled)
 
 
-class Weighting(nn.Module, ABC, Generic[_T]):
+class Weighting(TaskIndexed, nn.Module, ABC, Generic[_T]):
     """Abstract base of every weighting: maps a statistic of the objectives to weights ``[m]``.
 
     ``Weighting[Matrix]`` takes the matrix ``J`` itself; ``Weighting[PSDMatrix]`` takes its Gramian

@@ -92,6 +92,8 @@ class ConFIG(NoGrad, Aggregator):
     tensor([0.1588, 2.0706, 2.0706])
     """
 
+    _task_vectors = ("pref_vector",)
+
     def __init__(self, pref_vector: Tensor | None = None) -> None:
         super().__init__()
         self.pref_vector = pref_vector

@@ -15,6 +15,8 @@ class ConstantWeighting(Weighting[Matrix]):
     :param weights: the weight vector, returned as is (no copy, no cast).
     """
 
+    _task_vectors = ("weights",)
+
     row_count_only = True
 
     def __init__(self, weights: Tensor) -> None:

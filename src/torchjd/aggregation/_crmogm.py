@@ -43,6 +43,9 @@ class CRMOGMWeighting(LazyStateMixin, Weighting[Tensor], Stateful):
     graphs would otherwise be kept alive from step to step).
     """
 
+    _task_vectors = ("initial_weights",)
+    _task_state = (("_smoothed", 1, "mean"),)
+
     def __init__(
         self, weighting: Weighting, alpha: float = 0.9, initial_weights: Tensor | None = None
     ) -> None:

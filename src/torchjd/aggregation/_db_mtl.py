@@ -85,6 +85,8 @@ class DBMTL(NoGrad, LossesInputMixin, LazyStateMixin, Aggregator, Stateful):
     tensor([0.1881, 2.4530, 2.4530])
     """
 
+    _task_state = (("_gradients", 1, 0.0), ("_losses", 1, 0.0))
+
     _extra_state_names = ("_step",)
 
     def __init__(self, beta: float = 0.9, beta_sigma: float = 0.5, eps: float = 1e-8) -> None:

@@ -48,6 +48,8 @@ class DualProjWeighting(NoGrad, Weighting[PSDMatrix]):
         None for :class:`~torchjd.linalg.BlockPivotingProjector` with its default parameters.
     """
 
+    _task_vectors = ("pref_vector",)
+
     def __init__(
         self, pref_vector: Tensor | None = None, projector: DualConeProjector | None = None
     ) -> None:

@@ -46,6 +46,10 @@ class ExcessMTLWeighting(LazyStateMixin, Weighting[Matrix], Stateful):
     weights.
     """
 
+    _task_state = tuple(
+        (name, 1, "mean") for name in ("_square_sum", "_warmup_sum", "_weights", "_baseline")
+    )
+
     _extra_state_names = ("_step",)
 
     def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> None:

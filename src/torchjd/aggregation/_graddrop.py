@@ -45,6 +45,8 @@ class GradDrop(NoGrad, Aggregator):
         always kept, or None for zeros. Its length must equal the number of rows at call time.
     """
 
+    _task_vectors = ("leak",)
+
     randomized = True
 
     def __init__(

@@ -99,6 +99,8 @@ class GradNormWeighting(NoGrad, LossesInputMixin, LazyStateMixin, Weighting[PSDM
     :param lr: the step size ``> 0`` of the weights' gradient descent (default ``0.025``).
     """
 
+    _task_state = (("_weights", 1, 1.0), ("_initial_losses", 1, "mean"), ("_losses", 1, 0.0))
+
     def __init__(self, alpha: float = 1.5, lr: float = 0.025) -> None:
         super().__init__()
         self.alpha = alpha

@@ -255,6 +255,8 @@ class GradVacWeighting(NoGrad, LazyStateMixin, Weighting[PSDMatrix], Stateful):
         ``eps = 0`` a division by zero (zero rows) gives 0 instead of ``nan``.
     """
 
+    _task_state = (("phi_hat", 2, 0.0),)
+
     randomized = True
 
     def __init__(self, beta: float = 0.5, eps: float = 1e-8) -> None:

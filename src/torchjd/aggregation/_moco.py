@@ -91,6 +91,8 @@ class MoCo(NoGrad, LazyStateMixin, Aggregator, Stateful):
     tensor([-4.,  1.,  1.])
     """
 
+    _task_state = (("_tracked", 1, 0.0), ("_weights", 1, "mean"))
+
     _extra_state_names = ("_step",)
 
     def __init__(

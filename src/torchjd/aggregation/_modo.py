@@ -46,6 +46,8 @@ class MoDoWeighting(LazyStateMixin, Weighting[Matrix], Stateful):
     tensor([0.3333, 0.3333, 0.3333])
     """
 
+    _task_state = (("_weights", 1, "mean"),)
+
     def __init__(self, gamma: float = 0.1, rho: float = 0.1) -> None:
         super().__init__()
         self.gamma = gamma

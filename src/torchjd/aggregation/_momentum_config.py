@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from torchjd._stateful import Stateful
+from torchjd._tasks import validated_present, warn_no_task_present
 from torchjd.aggregation._bases import Aggregator, NoGrad
 from torchjd.aggregation._config import _config_weights, _solver_dtype
 from torchjd.aggregation._lazy_state import LazyStateMixin, warn_reinitialised
@@ -62,6 +63,8 @@ class MomentumConFIG(NoGrad, LazyStateMixin, Aggregator, Stateful):
     >>> MomentumConFIG()(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
     tensor([0.1588, 2.0706, 2.0706])
     """
+
+    _task_state = (("_momenta", 1, 0.0), ("_counts", 1, 0.0), ("_gramian", 2, 0.0))
 
     def __init__(self, beta: float = 0.9) -> None:
         super().__init__()
@@ -214,15 +217,26 @@ class MConFIGBackward(Stateful):
     def beta(self, value: float) -> None:
         self.aggregator.beta = value
 
-    def backward(self, losses: Sequence[Tensor]) -> int:
+    def backward(
+        self, losses: Sequence[Tensor], *, present: Tensor | Sequence[bool] | None = None
+    ) -> int:
         """Back-propagate the loss whose turn it is (every loss at the first call), update its
         momentum and accumulate the M-ConFIG direction into the parameters' ``.grad``.
 
         :param losses: the ``m`` scalar losses of this step, in the same order at every step.
+        :param present: which losses exist in this step (one boolean per loss): an absent loss
+            is never back-propagated (its value may be NaN) and its momentum is left as it was;
+            the turn goes to the next present loss. With none present, ``.grad`` is left
+            untouched (with a warning) and ``-2`` is returned. Default ``None``: all present.
         :return: the index of the loss back-propagated (``-1`` at the first call, when all are).
         """
         losses = list(losses)
         m = len(losses)
+        indices = None if present is None else validated_present(present, m)
+        if indices is not None and len(indices) == 0:
+            warn_no_task_present("`.grad` is left untouched", 2)
+            return -2
+        absent = set() if indices is None else set(range(m)) - set(indices.tolist())
         if m == 0:
             raise ValueError("`losses` must hold at least one loss, got none.")
         if any(not isinstance(loss, Tensor) or loss.numel() != 1 for loss in losses):
@@ -236,11 +250,14 @@ class MConFIGBackward(Stateful):
         with torch.no_grad():
             if fresh:
                 # Every momentum starts from a real gradient.
-                for i, loss in enumerate(losses):
-                    self._absorb(i, loss, retain_graph=i < m - 1)
+                kept = [i for i in range(m) if i not in absent]
+                for i in kept:
+                    self._absorb(i, losses[i], retain_graph=i != kept[-1])
                 chosen = -1
             else:
                 chosen = self._next % m
+                while chosen in absent:  # the turn passes to the next present loss
+                    chosen = (chosen + 1) % m
                 self._absorb(chosen, losses[chosen], retain_graph=False)
                 self._next = (chosen + 1) % m
             direction = aggregator._direction()

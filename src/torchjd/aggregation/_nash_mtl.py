@@ -19,6 +19,9 @@ def _check_positive_int(name: str, value: int) -> None:
 class _NashMTLWeighting(LazyStateMixin, Weighting[PSDMatrix], Stateful):
     """The weights of :class:`NashMTL` (see there), from the Gramian of the matrix."""
 
+    _task_counts = ("n_tasks",)
+    _task_state = (("_previous", 1, "mean"),)
+
     _extra_state_names = ("_step",)
 
     def __init__(

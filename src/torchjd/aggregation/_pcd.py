@@ -133,6 +133,9 @@ class PCDWeighting(LazyStateMixin, Weighting[PSDMatrix], Stateful):
     the input's dtype and device.
     """
 
+    _task_vectors = ("tau",)
+    _task_state = (("_ema", 1, 0.0),)
+
     _extra_state_names = ("_step",)
 
     def __init__(self, tau: float | Tensor = 0.02, beta: float = 0.999, eps: float = 1e-8) -> None:

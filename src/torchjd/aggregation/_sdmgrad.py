@@ -48,6 +48,9 @@ class SDMGradWeighting(LazyStateMixin, Weighting[Matrix], Stateful):
     Runs under :func:`torch.no_grad` (the weights come from an inner optimisation loop).
     """
 
+    _task_vectors = ("pref_vector",)
+    _task_state = (("_weights", 1, "mean"),)
+
     def __init__(
         self,
         lr: float = 10.0,

@@ -1,8 +1,10 @@
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import Tensor
 
 from torchjd._accumulation import accumulate_jacs, check_jac_targets
+from torchjd._tasks import validated_present
 from torchjd._validation import (
     as_tensor_list,
     check_chunk_size,
@@ -19,6 +21,8 @@ from torchjd.autojac._engine import (
     Rows,
     check_requires_grad,
     infer_leaves,
+    scatter_rows,
+    select_rows,
     vjp_rows,
 )
 
@@ -31,6 +35,7 @@ def backward(
     inputs: Iterable[Tensor] | None = None,
     retain_graph: bool = False,
     parallel_chunk_size: int | None = None,
+    present: Tensor | Sequence[bool] | None = None,
 ) -> None:
     r"""Compute the Jacobian of ``tensors`` w.r.t. ``inputs`` and accumulate it into their ``.jac``.
 
@@ -65,6 +70,11 @@ def backward(
         less memory. ``1`` avoids :func:`torch.vmap` altogether, which is needed when the graph
         contains operations that ``vmap`` does not support (e.g. outputs of compiled functions,
         some RNNs on CUDA, intermediate tensors with ``retain_grad()``).
+    :param present: Which objectives (rows) are present in this step: a boolean tensor or a
+        sequence of ``m`` booleans. Only the present rows are computed; the absent ones are zero
+        in ``.jac``, which keeps its ``m`` rows (see :doc:`/missing_tasks`). A tensor of
+        ``tensors`` none of whose entries is present is not differentiated at all, so its value
+        may be anything (e.g. NaN). Default ``None``: every row.
 
     >>> import torch
     >>> from torchjd.autojac import backward
@@ -101,5 +111,15 @@ def backward(
     check_requires_grad(tensors_, "tensors")
     check_jac_targets(inputs_, rows.m, "inputs")
 
-    jacobians = vjp_rows(tensors_, inputs_, rows, retain_graph, parallel_chunk_size)
+    indices = None if present is None else validated_present(present, rows.m)
+    if indices is None:
+        jacobians = vjp_rows(tensors_, inputs_, rows, retain_graph, parallel_chunk_size)
+    elif len(indices) == 0:  # nothing to differentiate
+        jacobians = [
+            torch.zeros((rows.m, *x.shape), dtype=x.dtype, device=x.device) for x in inputs_
+        ]
+    else:
+        outputs, selected = select_rows(tensors_, rows, indices)
+        jacobians = vjp_rows(outputs, inputs_, selected, retain_graph, parallel_chunk_size)
+        jacobians = scatter_rows(jacobians, indices, rows.m)
     accumulate_jacs(inputs_, jacobians)

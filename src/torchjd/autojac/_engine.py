@@ -126,6 +126,37 @@ class IdentityRows(Rows):
         return blocks
 
 
+def select_rows(
+    outputs: list[Tensor], rows: Rows, indices: Tensor
+) -> tuple[list[Tensor], GivenRows]:
+    """The outputs to differentiate and their initial Jacobians, restricted to the rows
+    ``indices`` (at least one). With identity rows, an output none of whose entries is selected
+    is left out, so that its graph is never traversed (its value may be NaN, e.g. a mean over no
+    labelled sample)."""
+    blocks = rows.chunk(0, rows.m)
+    keep = [True] * len(outputs)
+    if isinstance(rows, IdentityRows):
+        keep = [
+            bool(((indices >= offset) & (indices < offset + y.numel())).any())
+            for y, offset in zip(outputs, rows.offsets)
+        ]
+    kept = [(y, b) for y, b, k in zip(outputs, blocks, keep) if k]
+    selected = []
+    for y, b in kept:
+        full = b if b is not None else y.new_zeros((rows.m, *y.shape))
+        selected.append(full.index_select(0, indices.to(full.device)))
+    return [y for y, _ in kept], GivenRows(selected)
+
+
+def scatter_rows(jacobians: list[Tensor], indices: Tensor, m: int) -> list[Tensor]:
+    """Jacobians of ``m`` rows whose rows ``indices`` are ``jacobians`` and the others zero."""
+    result = []
+    for j in jacobians:
+        full = j.new_zeros((m, *j.shape[1:]))
+        result.append(full.index_copy_(0, indices.to(j.device), j))
+    return result
+
+
 def check_requires_grad(tensors: Sequence[Tensor], name: str) -> None:
     """Differentiating a tensor that does not require grad is torch's ``RuntimeError``."""
     for i, t in enumerate(tensors):

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Literal, overload
 
 from torch import Tensor
@@ -18,6 +18,7 @@ def jac_to_grad(
     *,
     retain_jac: bool = False,
     optimize_gramian_computation: bool = False,
+    present: Tensor | Sequence[bool] | None = None,
 ) -> Tensor: ...
 
 
@@ -29,6 +30,7 @@ def jac_to_grad(
     *,
     retain_jac: bool = False,
     optimize_gramian_computation: Literal[False] = False,
+    present: Tensor | Sequence[bool] | None = None,
 ) -> Tensor: ...
 
 
@@ -40,6 +42,7 @@ def jac_to_grad(
     *,
     retain_jac: bool = False,
     optimize_gramian_computation: Literal[False] = False,
+    present: Tensor | Sequence[bool] | None = None,
 ) -> None: ...
 
 
@@ -50,6 +53,7 @@ def jac_to_grad(
     *,
     retain_jac: bool = False,
     optimize_gramian_computation: bool = False,
+    present: Tensor | Sequence[bool] | None = None,
 ) -> Tensor | None:
     r"""Aggregate the ``.jac`` fields of ``tensors`` into one update, accumulated into ``.grad``.
 
@@ -77,8 +81,15 @@ def jac_to_grad(
         a :class:`~torchjd.aggregation.GramianWeightedAggregator` without forward hooks or
         pre-hooks on itself or on ``aggregator.weighting`` (``ValueError`` otherwise).
         Default ``False``: chosen automatically.
+    :param present: Which tasks (rows) are present in this step: a boolean tensor or a sequence
+        of ``m`` booleans. The aggregator then sees only the ``k`` present rows (their ``k x k``
+        Gramian), with its per-task hyper-parameters and state restricted to these tasks (see
+        :doc:`/missing_tasks`); the absent rows are never read and get weight 0. With no task
+        present, ``.grad`` is left untouched and a warning is issued. Default ``None``: all
+        present, exactly as without it. A tensor on a device costs one synchronisation.
     :return: The weights of a :class:`~torchjd.aggregation.WeightedAggregator` (shape ``[m]``,
-        after the hooks of its weighting), ``None`` for other aggregators.
+        after the hooks of its weighting; 0 for the absent tasks), ``None`` for other
+        aggregators.
 
     Non-finite values are not checked (that would synchronise with the device): NaN in, NaN out.
 
@@ -92,7 +103,7 @@ def jac_to_grad(
     >>> p.grad
     tensor([0.5000, 1.0000])
     """
-    options = {"optimize_gramian_computation": optimize_gramian_computation}
+    options = {"optimize_gramian_computation": optimize_gramian_computation, "present": present}
     (group,) = prepare([materialise(tensors, "tensors")], [aggregator], ["tensors"], **options)
     run([group], Steps(), retain_jac=retain_jac, stacklevel=2)
     return group.weights

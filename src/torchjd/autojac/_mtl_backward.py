@@ -9,6 +9,7 @@ from torchjd._accumulation import (
     check_grad_targets,
     check_jac_targets,
 )
+from torchjd._tasks import validated_present
 from torchjd._validation import (
     as_tensor_list,
     check_chunk_size,
@@ -18,7 +19,14 @@ from torchjd._validation import (
     deduplicate,
     materialise,
 )
-from torchjd.autojac._engine import GivenRows, grad, infer_leaves, reaches, vjp_rows
+from torchjd.autojac._engine import (
+    GivenRows,
+    grad,
+    infer_leaves,
+    reaches,
+    scatter_rows,
+    vjp_rows,
+)
 
 
 def mtl_backward(
@@ -31,6 +39,7 @@ def mtl_backward(
     shared_params: Iterable[Tensor] | None = None,
     retain_graph: bool = False,
     parallel_chunk_size: int | None = None,
+    present: Tensor | Sequence[bool] | None = None,
 ) -> None:
     r"""Backward pass of multi-task learning: Jacobian for the shared part, gradients for the heads.
 
@@ -66,6 +75,11 @@ def mtl_backward(
     :param parallel_chunk_size: Number of tasks (rows) back-propagated through the trunk in one
         vectorised call (an int ``>= 1``); ``None`` (default): all of them at once. ``1`` avoids
         :func:`torch.vmap`.
+    :param present: Which tasks are present in this step: a boolean tensor or a sequence of
+        ``k`` booleans. An absent task's tensor is not differentiated at all (its value may be
+        anything, e.g. the NaN of a mean over no labelled sample): its parameters' ``.grad`` is
+        left untouched and its row of the shared ``.jac`` is zero (see :doc:`/missing_tasks`).
+        Default ``None``: every task.
 
     >>> import torch
     >>> from torchjd.autojac import mtl_backward
@@ -107,6 +121,8 @@ def mtl_backward(
     task_grad_tensors = _grad_tensors(grad_tensors, tensors_)
 
     k = len(tensors_)
+    indices = None if present is None else validated_present(present, k)
+    chosen = range(k) if indices is None else indices.tolist()
     for i, params in enumerate(tasks):
         check_grad_targets(params, f"tasks_params[{i}]")
     check_jac_targets(shared, k, "shared_params")
@@ -114,7 +130,8 @@ def mtl_backward(
     # Steps 1 and 2: one gradient per task, w.r.t. its parameters and the features.
     task_grads: list[list[Tensor]] = []
     feature_grads: list[list[Tensor]] = [[] for _ in features_]
-    for y, v, params in zip(tensors_, task_grad_tensors, tasks):
+    for i in chosen:
+        y, v, params = tensors_[i], task_grad_tensors[i], tasks[i]
         wrt = [*params, *features_] if shared else params
         grads = grad(y, wrt, v, retain_graph)
         task_grads.append(grads[: len(params)])
@@ -123,12 +140,18 @@ def mtl_backward(
 
     # Step 3: the k-row Jacobian w.r.t. the features, back-propagated to the shared parameters.
     shared_jacobians: list[Tensor] = []
-    if shared:
+    if shared and chosen:
         rows = GivenRows([torch.stack(g) for g in feature_grads])
         shared_jacobians = vjp_rows(features_, shared, rows, retain_graph, parallel_chunk_size)
+        if indices is not None:  # the absent tasks' rows are zero
+            shared_jacobians = scatter_rows(shared_jacobians, indices, k)
+    elif shared:  # no task present
+        shared_jacobians = [
+            torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) for p in shared
+        ]
 
-    for params, grads in zip(tasks, task_grads):
-        accumulate_grads(params, grads)
+    for i, grads in zip(chosen, task_grads):
+        accumulate_grads(tasks[i], grads)
     accumulate_jacs(shared, shared_jacobians)
 
 

@@ -95,6 +95,8 @@ class RngScope:
     """
 
     def __init__(self, state: Tensor | None, rank: int) -> None:
+        #: The tasks present in the synchronised Jacobian when label counts were given (else None).
+        self.present: Tensor | None = None
         self._saved: Tensor | None = None
         if state is not None and rank != 0:
             self._saved = torch.get_rng_state()

@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from torchjd._pipeline import Group, Steps, prepare, run
+from torchjd._pipeline import Group, Steps, prepare, run, select_tasks
 from torchjd._protocol import Need
 from torchjd._validation import materialise
 from torchjd.aggregation import Aggregator
@@ -24,6 +24,7 @@ from torchjd.distributed._exchange import (
     JacobianExchange,
     UpdateExchange,
 )
+from torchjd.distributed._tasks import global_weights, local_counts, scaled
 from torchjd.grouping import GroupedAggregator
 
 _STRATEGIES = ("auto", "jacobian", "gramian", "update")
@@ -41,6 +42,8 @@ def jac_to_grad(
     strategy: Literal["auto", "jacobian", "gramian", "update"] = "auto",
     group: Any = None,
     share_rng_state: bool = True,
+    present: Tensor | Sequence[bool] | None = None,
+    counts: Tensor | Sequence[float] | None = None,
 ) -> Tensor | list[Tensor | None] | None:
     r"""Aggregate the Jacobian of the whole process group into ``.grad``, identically everywhere.
 
@@ -77,6 +80,13 @@ def jac_to_grad(
     :param share_rng_state: Aggregate with the CPU generator state of the group's first process
         (then restore each process's own), so that randomised and stateful aggregators agree
         everywhere. Default ``True``; on a GPU it costs one synchronisation.
+    :param present: The tasks labelled on this process (one boolean per row), i.e. ``counts`` of
+        1 and 0. Needs ``rows="mean"``. Default ``None``: all, on every process.
+    :param counts: This process's number of labelled samples of each task, ``n_{i,r} >= 0``. The
+        global row of task ``i`` is then :math:`\sum_r n_{i,r} J_{i,r} / \sum_r n_{i,r}`, a
+        task without any label on any process is absent from the step (as ``present`` in
+        :func:`torchjd.autojac.jac_to_grad`), and all processes agree on the present tasks, the
+        weights and the state. One extra all-reduce of ``m`` numbers. Default ``None``.
     :return: The weights, as :func:`torchjd.autojac.jac_to_grad` returns them (:math:`Rm` of them
         with ``rows="stack"``); with a GroupedAggregator, the list of each group's weights.
     """
@@ -86,6 +96,9 @@ def jac_to_grad(
     holder: dict[str, Steps] = {}
 
     def steps_for(groups: list[Group]) -> Steps:
+        local = local_counts(present, counts, groups[0].n_tasks, rows)
+        if local is not None:
+            _weigh_rows_by_counts(groups, local, group)
         tensors_ = [t for g in groups for t in g.tensors]
         grads = validated_grad_params(grad_params, tensors_)
         chosen = _choose_strategy(groups, strategy)
@@ -118,6 +131,15 @@ def jac_to_grad(
         for grad, value in zip(holder["steps"].grads, holder["steps"].reduced):  # type: ignore[attr-defined]
             grad.copy_(value)
     return result
+
+
+def _weigh_rows_by_counts(groups: list[Group], local: Tensor, group: Any) -> None:
+    """Scale the local rows by the label counts, then keep the globally present tasks."""
+    _, world_size = group_rank_and_size(group)
+    factors, present = global_weights(local, groups[0].device, world_size, group)
+    for g in groups:
+        g.jacobians = [scaled(j, factors) for j in g.jacobians]
+    select_tasks(groups, present)
 
 
 def _choose_strategy(groups: list[Group], strategy: str) -> str:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -18,6 +18,7 @@ from torchjd.distributed._arguments import (
 )
 from torchjd.distributed._comm import RngScope, group_rank_and_size
 from torchjd.distributed._exchange import Exchange, exchange_jacobians
+from torchjd.distributed._tasks import global_weights, local_counts, scaled
 
 
 def sync_jac(
@@ -28,6 +29,8 @@ def sync_jac(
     rows: Literal["mean", "stack"] = "mean",
     group: Any = None,
     share_rng_state: bool = True,
+    present: Tensor | Sequence[bool] | None = None,
+    counts: Tensor | Sequence[float] | None = None,
 ) -> RngScope:
     r"""Replace the local ``.jac`` fields by the Jacobian of the whole process group, in one
     collective, so that any later aggregation gives the same result on every process.
@@ -68,6 +71,13 @@ def sync_jac(
     :param group: The process group (``None``, default: the default group).
     :param share_rng_state: Give the other processes the first process's CPU generator state.
         Default ``True``.
+    :param present: The tasks labelled on this process (one boolean per row): ``counts`` of 1
+        and 0. Needs ``rows="mean"``. Default ``None``.
+    :param counts: This process's label count of each task: the global row of task ``i`` is
+        :math:`\sum_r n_{i,r} J_{i,r} / \sum_r n_{i,r}` (zero when no process has a label). The
+        returned object's ``present`` attribute (a boolean tensor, the same on every process)
+        then says which tasks are present: pass it to the aggregation, e.g.
+        ``jac_to_grad(params, aggregator, present=scope.present)``. Default ``None``.
     :return: A context manager that restores the processes' own generator states at exit.
     """
     check_choice(rows, "rows", ROWS)
@@ -77,6 +87,11 @@ def sync_jac(
     grads = validated_grad_params(grad_params, tensors_)
     check_one_device(jacobians, grads)
     rank, world_size = group_rank_and_size(group)
+    local = local_counts(present, counts, jacobians[0].shape[0], rows)
+    global_present = None
+    if local is not None:
+        factors, global_present = global_weights(local, jacobians[0].device, world_size, group)
+        jacobians = [scaled(j, factors) for j in jacobians]
 
     ex = Exchange(rows, group, rank, world_size, share_rng_state)
     global_jacobians, reduced, state = exchange_jacobians(jacobians, grads, ex)
@@ -86,4 +101,6 @@ def sync_jac(
     with torch.no_grad():
         for g, value in zip(grads, reduced):
             g.copy_(value)
-    return RngScope(state, rank)
+    scope = RngScope(state, rank)
+    scope.present = global_present
+    return scope

@@ -122,7 +122,9 @@ class GroupedAggregator(nn.Module, Stateful):
     def __len__(self) -> int:
         return len(self._groups)
 
-    def jac_to_grad(self, *, retain_jac: bool = False) -> list[Tensor | None]:
+    def jac_to_grad(
+        self, *, retain_jac: bool = False, present: Tensor | Sequence[bool] | None = None
+    ) -> list[Tensor | None]:
         r"""Aggregate the ``.jac`` fields of every group with the group's aggregator and
         accumulate the result into the ``.grad`` fields, as one
         :func:`~torchjd.autojac.jac_to_grad` call per group would.
@@ -133,6 +135,10 @@ class GroupedAggregator(nn.Module, Stateful):
 
         :param retain_jac: keep the ``.jac`` fields. Default ``False``: they are deleted once all
             the groups are validated, before the aggregation.
+        :param present: which tasks (rows) are present in this step, one boolean per row, as in
+            :func:`~torchjd.autojac.jac_to_grad`: every group sees only the present rows, and
+            each aggregator acts on these tasks; the weights and Gramians recorded keep one
+            entry per task (0 for the absent ones). Default ``None``: all present.
         :return: the weights of each group: a tensor of shape ``[m]`` for a weighted aggregator
             (as :func:`~torchjd.autojac.jac_to_grad` returns them), ``None`` for another one.
             Also stored in :attr:`last_weights`.
@@ -140,25 +146,31 @@ class GroupedAggregator(nn.Module, Stateful):
         Non-finite values are not checked (that would synchronise with the device): NaN in, NaN
         out.
         """
-        return self._apply(lambda _groups: Steps(), retain_jac=retain_jac, stacklevel=2)
+        return self._apply(
+            lambda _groups: Steps(), retain_jac=retain_jac, stacklevel=2, present=present
+        )
 
     def _apply(
-        self, steps_for: Callable[[list[Group]], Steps], *, retain_jac: bool, stacklevel: int
+        self,
+        steps_for: Callable[[list[Group]], Steps],
+        *,
+        retain_jac: bool,
+        stacklevel: int,
+        present: object = None,
     ) -> list[Tensor | None]:
         """Run the application pipeline on every group, with the steps that ``steps_for`` gives
         for the validated groups (local, or the collective steps of :mod:`torchjd.distributed`),
         and record the weights and Gramians."""
-        groups = self._prepared()
+        groups = self._prepared(present)
         run(groups, steps_for(groups), retain_jac=retain_jac, stacklevel=stacklevel + 1)
         self._last_weights = [g.weights for g in groups]
         self._last_gramians = [g.gramian for g in groups]
         return list(self._last_weights)
 
-    def _prepared(self) -> list[Group]:
+    def _prepared(self, present: object = None) -> list[Group]:
         names = [f"groups[{k}]" for k in range(len(self._groups))]
-        return prepare(
-            self._groups, list(self.aggregators), names, compute_gramians=self.compute_gramians
-        )
+        options = {"compute_gramians": self.compute_gramians, "present": present}
+        return prepare(self._groups, list(self.aggregators), names, **options)
 
     def update_losses(self, losses: Tensor | Sequence[Tensor]) -> None:
         """Give the current loss values to the aggregator of every group that uses them (e.g.

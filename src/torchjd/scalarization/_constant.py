@@ -25,6 +25,8 @@ class Constant(Scalarizer):
     tensor(3.)
     """
 
+    _task_vectors = ("weights",)
+
     def __init__(self, weights: Tensor) -> None:
         super().__init__()
         self.weights = weights

@@ -39,6 +39,8 @@ class COSMOS(Scalarizer):
     tensor(10.)
     """
 
+    _task_vectors = ("weights",)
+
     def __init__(self, lambda_: float, weights: Tensor) -> None:
         super().__init__()
         self.lambda_ = lambda_

@@ -48,12 +48,33 @@ class DWA(Scalarizer, Stateful):
     tensor(9.2703)
     """
 
+    # With `present`, the running sums and counts of the absent values, and their averages, are
+    # left as they were; a value absent from a whole epoch keeps its last average.
+    _task_state = (
+        ("_loss_sum", 1, 0.0),
+        ("_counts", 1, 0.0),
+        ("_older", 1, 1.0),
+        ("_newer", 1, 1.0),
+    )
+
     def __init__(self, temperature: float = 2.0) -> None:
         super().__init__()
         self.temperature = temperature
         self._loss_sum: Tensor | None = None
+        self._counts: Tensor | None = None  # per value: the batches where it was present
         self._n_batches: int = 0
-        self._previous_averages: list[Tensor] = []
+        self._older: Tensor | None = None
+        self._newer: Tensor | None = None
+
+    @property
+    def _previous_averages(self) -> list[Tensor]:
+        """The (at most two) most recent epoch averages, oldest first."""
+        return [a for a in (self._older, self._newer) if a is not None]
+
+    @_previous_averages.setter
+    def _previous_averages(self, averages: list[Tensor]) -> None:
+        padded = [None, None, *averages][-2:]
+        self._older, self._newer = padded
 
     @property
     def temperature(self) -> float:
@@ -79,8 +100,10 @@ class DWA(Scalarizer, Stateful):
         detached = values.detach()
         if self._loss_sum is None:
             self._loss_sum = detached.clone()
+            self._counts = torch.ones_like(detached)
         else:
             self._loss_sum = self._loss_sum.to(values.device) + detached
+            self._counts = self._counts.to(values.device) + 1  # type: ignore[union-attr]
         self._n_batches += 1
         return (weights * values).sum()
 
@@ -95,6 +118,8 @@ class DWA(Scalarizer, Stateful):
                     f"{tuple(average.shape)}, but `values` has shape {tuple(values.shape)}."
                 )
         rates = (newer.to(values.device) / older.to(values.device)).flatten()
+        # A value not yet averaged over an epoch (absent so far) has a neutral rate.
+        rates = torch.where(rates.isnan(), 1.0, rates)
         k = values.numel()
         weights = k * torch.softmax(rates / self.temperature, dim=0)
         return weights.reshape(values.shape).to(values.dtype)
@@ -103,20 +128,28 @@ class DWA(Scalarizer, Stateful):
         """End the current epoch: store the average of its values (no-op if there was no call)."""
         if self._loss_sum is None:
             return
-        average = self._loss_sum / self._n_batches
+        counts = self._n_batches if self._counts is None else self._counts
+        average = self._loss_sum / counts
+        if self._counts is not None and bool((self._counts == 0).any()):
+            # A value absent from the whole epoch keeps its last average (NaN if it has none).
+            last = self._newer if self._newer is not None else torch.full_like(average, torch.nan)
+            average = torch.where(self._counts > 0, average, last.to(average.device))
         self._previous_averages = [*self._previous_averages, average][-2:]
         self._loss_sum = None
+        self._counts = None
         self._n_batches = 0
 
     def reset(self) -> None:
         """Forget the running sum, the batch count and the epoch averages."""
         self._loss_sum = None
+        self._counts = None
         self._n_batches = 0
         self._previous_averages = []
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
             "loss_sum": None if self._loss_sum is None else self._loss_sum.clone(),
+            "counts": None if self._counts is None else self._counts.clone(),
             "n_batches": self._n_batches,
             "previous_averages": [average.clone() for average in self._previous_averages],
         }
@@ -125,6 +158,10 @@ class DWA(Scalarizer, Stateful):
         loss_sum = state["loss_sum"]
         self._loss_sum = None if loss_sum is None else loss_sum.clone()
         self._n_batches = int(state["n_batches"])
+        counts = state.get("counts")
+        if counts is None and self._loss_sum is not None:  # saved before per-value counts
+            counts = torch.full_like(self._loss_sum, float(self._n_batches))
+        self._counts = None if counts is None else counts.clone()
         self._previous_averages = [average.clone() for average in state["previous_averages"]]
 
     def __repr__(self) -> str:

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from torchjd._precision import promoted
 from torchjd._stateful import Stateful
+from torchjd._tasks import restricted, validated_present, warn_no_task_present
 from torchjd.scalarization._scalarizer import Scalarizer
 from torchjd.scalarization._utils import (
     as_shape,
@@ -71,6 +72,9 @@ class FAMO(Scalarizer, Stateful):
     Parameter containing:
     tensor([-0.0250,  0.0250], requires_grad=True)
     """
+
+    _task_vectors = ("min_losses",)
+    _task_state = (("_w", 1, 0.0),)
 
     def __init__(
         self,
@@ -142,12 +146,41 @@ class FAMO(Scalarizer, Stateful):
         c = 1.0 / (z / u.detach()).sum()
         return c * (z * torch.log(u)).sum()
 
-    def update(self, values: Tensor) -> None:
+    def update(self, values: Tensor, *, present: Tensor | Sequence[bool] | None = None) -> None:
         """Move the logits using the values recomputed after the model's optimizer step.
 
         :param values: the values of the same objectives, on the same batch, after the step (same
             shape as in the forward pass). They are used detached.
+        :param present: the tasks present in this step, as given to the forward pass (a vector
+            of values then): only their logits move, and Adam's moments of the absent ones are
+            kept as they were. Default ``None``: all present.
         """
+        if present is None:
+            self._step(self._logit_gradient(values), None)
+            return
+        if values.ndim != 1:
+            raise ValueError(
+                f"`present` needs a vector of values (one per task), got shape "
+                f"{tuple(values.shape)}."
+            )
+        m = values.shape[0]
+        indices = validated_present(present, m)
+        if indices is None:
+            self._step(self._logit_gradient(values), None)
+            return
+        if len(indices) == 0:
+            warn_no_task_present("the logits are left as they were", 2)
+            return
+        with restricted(self, indices, m):
+            sub = self._logit_gradient(values.index_select(0, indices.to(values.device)))
+        gradient = torch.zeros_like(self._w)
+        gradient[indices.to(gradient.device)] = sub
+        absent = torch.ones(m, dtype=torch.bool)
+        absent[indices] = False
+        self._step(gradient, absent.to(self._w.device))
+
+    def _logit_gradient(self, values: Tensor) -> Tensor:
+        """The gradient ``g`` of the logits, of their shape."""
         if self._prev_losses is None:
             raise ValueError(
                 "`update` needs the values of a previous forward pass: call the FAMO instance on "
@@ -162,15 +195,31 @@ class FAMO(Scalarizer, Stateful):
             # in float64, which biases g when the values barely move (Adam rescales it).
             z = torch.softmax(self._w.flatten().to(delta), dim=0)
             grad = z * (delta - (z * delta).sum())
-            grad = grad.reshape(self._w.shape).to(self._w)
+            return grad.reshape(self._w.shape).to(self._w)
+
+    def _step(self, gradient: Tensor, frozen: Tensor | None) -> None:
+        """One Adam step of the logits; the entries ``frozen`` (absent tasks) keep their logit
+        and their moments."""
         if self._optimizer is None:
             self._optimizer = torch.optim.Adam(
                 [self._w], lr=self.lr, weight_decay=self.weight_decay
             )
         self._move_optimizer_state()
-        self._w.grad = grad
+        saved = None
+        if frozen is not None:
+            state = self._optimizer.state.get(self._w, {})
+            moments = {k: state[k][frozen].clone() for k in ("exp_avg", "exp_avg_sq") if k in state}
+            saved = (self._w.detach()[frozen].clone(), moments)
+        self._w.grad = gradient
         self._optimizer.step()
         self._w.grad = None
+        if saved is not None:
+            logits, moments = saved
+            with torch.no_grad():
+                self._w[frozen] = logits
+            state = self._optimizer.state[self._w]
+            for key, value in moments.items():
+                state[key][frozen] = value
 
     def _move_optimizer_state(self) -> None:
         """Keep Adam's moments next to the logits if the module was moved to another device."""

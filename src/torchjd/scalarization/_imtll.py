@@ -43,6 +43,8 @@ class IMTLL(Scalarizer, Stateful):
     tensor(7., grad_fn=<SumBackward0>)
     """
 
+    _task_state = (("log_scale", 1, 0.0),)
+
     def __init__(self, shape: int | Sequence[int]) -> None:
         super().__init__()
         self.log_scale = nn.Parameter(torch.zeros(as_shape(shape)))

@@ -44,6 +44,8 @@ class PBI(Scalarizer):
     tensor(1.4142)
     """
 
+    _task_vectors = ("weights", "reference")
+
     def __init__(self, theta: float, weights: Tensor, reference: Tensor | None = None) -> None:
         super().__init__()
         self.theta = theta

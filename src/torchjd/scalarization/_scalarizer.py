@@ -1,10 +1,13 @@
 """Base class of the scalarization package."""
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
 
 from torch import Tensor, nn
 
 from torchjd._precision import is_half, promoted
+from torchjd._tasks import restricted, validated_present, warn_no_task_present
 
 
 class Scalarizer(nn.Module, ABC):
@@ -26,9 +29,20 @@ class Scalarizer(nn.Module, ABC):
     several percent. :meth:`forward` therefore receives values in their working dtype (see
     :mod:`torchjd._precision`). A subclass whose random draws must follow the values' own dtype
     sets ``_promotes_half = False``.
+
+    ``scalarizer(values, present=mask)`` combines only the values of the present tasks (a vector
+    of values and one boolean per value): the result is the scalarizer's own result on the
+    sub-vector, with its per-task hyper-parameters (``weights``, ``reference``...), parameters
+    and state restricted to these tasks; an absent task's value is never read and its state is
+    left as it was. A subclass declares what depends on the task index as the aggregators do:
+    :attr:`_task_vectors`, :attr:`_task_counts` and :attr:`_task_state`.
     """
 
     _promotes_half: bool = True
+
+    _task_vectors: ClassVar[tuple[str, ...]] = ()
+    _task_counts: ClassVar[tuple[str, ...]] = ()
+    _task_state: ClassVar[tuple[tuple[str, int, float | str], ...]] = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -37,7 +51,28 @@ class Scalarizer(nn.Module, ABC):
     def forward(self, values: Tensor, /) -> Tensor:
         """Combine ``values`` into a 0-dimensional tensor."""
 
-    def __call__(self, values: Tensor, /) -> Tensor:
+    def __call__(
+        self, values: Tensor, /, *, present: Tensor | Sequence[bool] | None = None
+    ) -> Tensor:
+        if present is None:
+            return self._call_promoted(values)
+        if not isinstance(values, Tensor) or values.ndim != 1:
+            what = f"shape {tuple(values.shape)}" if isinstance(values, Tensor) else "no tensor"
+            raise ValueError(
+                f"`present` needs a vector of values (one per task), got {what}: flatten the "
+                "values and the mask."
+            )
+        m = values.shape[0]
+        indices = validated_present(present, m)
+        if indices is None:
+            return self._call_promoted(values)
+        if len(indices) == 0:
+            warn_no_task_present("the result is 0 and does not depend on any value", 2)
+            return values[:0].sum()  # back-propagates zeros, never reads an absent value
+        with restricted(self, indices, m):
+            return self._call_promoted(values.index_select(0, indices.to(values.device)))
+
+    def _call_promoted(self, values: Tensor) -> Tensor:
         if self._promotes_half and isinstance(values, Tensor) and is_half(values.dtype):
             return super().__call__(promoted(values)).to(values.dtype)
         return super().__call__(values)

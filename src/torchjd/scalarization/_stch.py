@@ -42,6 +42,8 @@ class STCH(Scalarizer):
     tensor(0.6931)
     """
 
+    _task_vectors = ("weights", "reference")
+
     def __init__(
         self, mu: float, weights: Tensor | None = None, reference: Tensor | None = None
     ) -> None:

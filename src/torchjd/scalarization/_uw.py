@@ -44,6 +44,8 @@ class UW(Scalarizer, Stateful):
     tensor(3.5000, grad_fn=<SumBackward0>)
     """
 
+    _task_state = (("log_var", 1, 0.0),)
+
     def __init__(self, shape: int | Sequence[int]) -> None:
         super().__init__()
         self.log_var = nn.Parameter(torch.zeros(as_shape(shape)))

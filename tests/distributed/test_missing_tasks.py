@@ -1,0 +1,65 @@
+"""Two processes with per-task label counts agree with one process on the union of the batches."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.testing import assert_close
+
+from tests.distributed._missing_tasks import CASES, reference, worker
+
+WORLD_SIZE = 2
+TIMEOUT_S = 120
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="needs torch.distributed with the gloo backend",
+)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    directory = tmp_path_factory.mktemp("missing")
+    init_file = str(directory / "store")
+    context = mp.spawn(
+        worker, args=(WORLD_SIZE, init_file, str(directory)), nprocs=WORLD_SIZE, join=False
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail(f"The {WORLD_SIZE} processes did not finish within {TIMEOUT_S} s.")
+    return [torch.load(Path(directory, f"rank{r}.pt")) for r in range(WORLD_SIZE)]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_label_counts_give_the_step_on_the_union_of_the_batches(
+    results: list[dict[str, Any]], name: str
+) -> None:
+    expected = reference(name)
+    for rank_results in results:
+        for got, want in zip(rank_results[name], expected):
+            assert torch.isfinite(got).all()
+            assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_ranks_agree_bit_for_bit(results: list[dict[str, Any]]) -> None:
+    for name in CASES:
+        for a, b in zip(results[0][name], results[1][name]):
+            assert torch.equal(a, b)
+
+
+def test_counts_of_a_fully_labelled_batch_change_nothing(results: list[dict[str, Any]]) -> None:
+    for rank_results in results:
+        with_counts, without = (
+            rank_results["all-upgrad-counts"],
+            rank_results["all-upgrad-no-counts"],
+        )
+        assert all(torch.equal(a, b) for a, b in zip(with_counts, without))
