@@ -38,6 +38,7 @@ class Group:
     m: int  # the number of rows the aggregator sees
     wants_gramian: bool
     dtype: torch.dtype  # the promoted dtype of the Jacobians: the dtype of the weights
+    device: torch.device
     gramian: Tensor | None = None
     weights: Tensor | None = None
     gradients: list[Tensor] = field(default_factory=list)
@@ -46,10 +47,6 @@ class Group:
     def gramian_dtype(self) -> torch.dtype:
         """Gramians are summed in float32 at least (a half-precision sum loses the small rows)."""
         return torch.promote_types(self.dtype, torch.float32)
-
-    @property
-    def device(self) -> torch.device:
-        return self.jacobians[0].device
 
     @functools.cached_property
     def weighting(self) -> nn.Module:
@@ -138,7 +135,16 @@ def prepare(
         wants = route is Need.GRAMIAN or compute_gramians
         dtype = reduce(torch.promote_types, {j.dtype for j in jacobians})
         prepared.append(
-            Group(tensors, jacobians, aggregator, route, len(jacobians[0]), wants, dtype)
+            Group(
+                tensors,
+                jacobians,
+                aggregator,
+                route,
+                len(jacobians[0]),
+                wants,
+                dtype,
+                jacobians[0].device,
+            )
         )
     return prepared
 
