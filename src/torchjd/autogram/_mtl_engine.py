@@ -218,7 +218,9 @@ class MTLEngine:
         tensor_groups = grouped.groups
         parts = _parts(self._engine._units, by_module, tensor_groups)
         steps = _BlockSteps(by_module, parts, len(losses), self._world())
-        prepared = steps.groups(tensor_groups, list(grouped.aggregators))
+        prepared = steps.groups(
+            tensor_groups, list(grouped.aggregators), compute_gramians=grouped.compute_gramians
+        )
         result = grouped._apply(
             lambda _groups: steps, retain_jac=True, stacklevel=3, prepared=prepared
         )
@@ -278,15 +280,21 @@ class _BlockSteps(Steps):
     def scope(self) -> AbstractContextManager[object]:
         return _FirstProcessGenerator() if self.world > 1 else contextlib.nullcontext()
 
-    def groups(self, tensors: list[list[Tensor]], aggregators: list[Aggregator]) -> list[Group]:
-        """The pipeline's groups, checked; ``tensors`` empty for an update left to a backward."""
+    def groups(
+        self,
+        tensors: list[list[Tensor]],
+        aggregators: list[Aggregator],
+        compute_gramians: bool = False,
+    ) -> list[Group]:
+        """The pipeline's groups, checked; ``tensors`` empty for an update left to a backward;
+        ``compute_gramians``: also for the aggregators that read only the row count."""
         result = []
         params = [p for _, _, ps in self.parts for p in ps]
         dtype = reduce(torch.promote_types, (p.dtype for p in params))
         for k, (group_tensors, aggregator) in enumerate(zip(tensors, aggregators)):
             route = _checked_route(aggregator)
             check_grad_targets(group_tensors, f"groups[{k}]", requires_grad_error=ValueError)
-            wants = route is Need.GRAMIAN
+            wants = route is Need.GRAMIAN or compute_gramians
             result.append(
                 Group(group_tensors, [], aggregator, route, self.m, wants, dtype, params[0].device)
             )
