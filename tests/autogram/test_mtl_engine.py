@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from tests.autogram._mtl_models import Model, forward, make_model
-from torchjd.aggregation import ConFIG, GradDrop, UPGrad
+from torchjd.aggregation import ConFIG, GradDrop, Mean, UPGrad
 from torchjd.autogram import MTLEngine
 from torchjd.autojac import jac_to_grad, mtl_backward
 from torchjd.grouping import GroupedAggregator, per_layer, together
@@ -122,3 +122,33 @@ def test_per_layer_splits_the_attention_unit_across_groups() -> None:
     groups = per_layer(model.trunk)
     owner = {id(p): k for k, group in enumerate(groups) for p in group}
     assert owner[id(attention.in_proj_weight)] != owner[id(attention.out_proj.weight)]
+
+
+def test_grouped_records_the_weights_and_gramians_of_every_group() -> None:
+    expected_model = make_model("mlp", 3)
+    expected = GroupedAggregator(per_layer(expected_model.trunk), Mean, compute_gramians=True)
+    losses, features = forward(expected_model, 0)
+    mtl_backward(losses, features=features)
+    expected.jac_to_grad()
+
+    model = make_model("mlp", 3)
+    engine = MTLEngine(model.trunk)
+    grouped = GroupedAggregator(per_layer(model.trunk), Mean, compute_gramians=True)
+    losses, features = forward(model, 0)
+    engine.backward(losses, features, grouped)
+    for actual_gramian, expected_gramian in zip(
+        grouped.last_gramians, expected.last_gramians, strict=True
+    ):
+        torch.testing.assert_close(actual_gramian, expected_gramian)
+    for actual_weights, expected_weights in zip(grouped.last_weights, expected.last_weights):
+        torch.testing.assert_close(actual_weights, expected_weights)
+
+
+def test_data_parallel_needs_a_process_group() -> None:
+    model = make_model("mlp", 2)
+    with pytest.raises(TypeError, match="data_parallel"):
+        MTLEngine(model.trunk, data_parallel=1)  # type: ignore[arg-type]
+    engine = MTLEngine(model.trunk, data_parallel=True)
+    losses, features = forward(model, 0)
+    with pytest.raises(RuntimeError, match="process group"):
+        engine.backward(losses, features, UPGrad())
