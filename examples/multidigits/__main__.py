@@ -141,6 +141,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"smoke run in well under 30 s: {QUICK_EPOCHS} epochs on {QUICK_TRAIN_SIZE} images, "
         "seed 0, every method and grouping (explicit --epochs/--seeds/--train-size still apply)",
     )
+    parser.add_argument(
+        "--gramian-first",
+        action="store_true",
+        help="compute the trunk's update from per-layer Gramians (autogram.MTLEngine), without "
+        "its Jacobian, for the methods whose aggregator reads only the Gramian or the number of "
+        "tasks (the others keep mtl_backward + jac_to_grad)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
 
@@ -162,7 +169,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def plan(args: argparse.Namespace) -> tuple[list[RunConfig], list[str]]:
     """The configurations to train (one per seed each), and notes on the skipped methods."""
     tasks = tuple(range(args.tasks))
-    common = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
+    common = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "gramian_first": args.gramian_first,
+    }
     notes, available = [], []
     for key in dict.fromkeys([*args.methods, *args.grouped_methods]):
         reason = unavailable_reason(key, len(tasks))

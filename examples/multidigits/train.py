@@ -12,6 +12,13 @@ A multi-task step with Jacobian descent::
 Between the two calls the ``.jac`` fields hold the task gradients, which is where the gradient
 conflict is measured: per group, the Gramian ``G = sum_p J_p J_p^T`` gives the cosine similarity
 between the tasks' gradients, ``G_ij / sqrt(G_ii G_jj)``.
+
+With ``gramian_first``, the same step runs without the trunk's Jacobian::
+
+    engine.backward(losses, features, grouped)  # grouped: the groups and their aggregators
+
+(``autogram.MTLEngine``: each group's Gramian from the layers' blocks, the same weights and
+updates); the cosines then come from the Gramians it computed.
 """
 
 import time
@@ -22,7 +29,9 @@ from torch import Tensor, nn
 from torch.nn.functional import cross_entropy, mse_loss
 from tqdm.auto import tqdm
 
+from torchjd.autogram import MTLEngine
 from torchjd.autojac import jac_to_grad, mtl_backward
+from torchjd.grouping import GroupedAggregator
 
 from .data import MAX_SUM, MultiDigits, Split
 from .methods import METHODS
@@ -54,6 +63,7 @@ class RunConfig:
     epochs: int
     batch_size: int = 64
     lr: float = 1e-3
+    gramian_first: bool = False  # the trunk's step from block Gramians (no Jacobian) if possible
 
     @property
     def single_task(self) -> bool:
@@ -131,6 +141,11 @@ def train_run(data: MultiDigits, config: RunConfig, progress: bool = True) -> Ru
     groups = [params for _, params in named_groups]
     # One aggregator per group, created once: stateful ones (GradVac, Nash-MTL) keep one state each.
     aggregators = [method.make(len(config.tasks)) for _ in groups] if method.make else []
+    # Gramian-first: only for aggregators that read the Gramian or the number of tasks.
+    engine, grouped = None, None
+    if config.gramian_first and aggregators and all(a.need.name != "MATRIX" for a in aggregators):
+        engine = MTLEngine(trunk)  # before the first forward pass
+        grouped = GroupedAggregator(groups, aggregators, compute_gramians=True)
 
     train = data.train
     n = len(train)
@@ -154,7 +169,14 @@ def train_run(data: MultiDigits, config: RunConfig, progress: bool = True) -> Ru
                 task_loss(task, head(features), train, index)
                 for task, head in zip(config.tasks, heads)
             ]
-            if jacobian_descent:
+            if engine is not None and grouped is not None:
+                if getattr(aggregators[0], "requires_losses", False):
+                    grouped.update_losses(losses)  # GradNorm, DB-MTL
+                engine.backward(losses, features, grouped)
+                monitor_begin = time.perf_counter()
+                cosines_log.append(gramian_cosines(torch.stack(grouped.last_gramians)))
+                begin += time.perf_counter() - monitor_begin
+            elif jacobian_descent:
                 mtl_backward(losses, features=features)
                 monitor_begin = time.perf_counter()
                 cosines_log.append(gramian_cosines(group_gramians(groups)))

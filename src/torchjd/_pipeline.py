@@ -39,6 +39,7 @@ class Group:
     m: int  # the number of rows the aggregator sees
     wants_gramian: bool
     dtype: torch.dtype  # the promoted dtype of the Jacobians: the dtype of the weights
+    device: torch.device
     gramian: Tensor | None = None
     weights: Tensor | None = None
     gradients: list[Tensor] = field(default_factory=list)
@@ -50,10 +51,6 @@ class Group:
     def gramian_dtype(self) -> torch.dtype:
         """Gramians are summed in float32 at least (a half-precision sum loses the small rows)."""
         return torch.promote_types(self.dtype, torch.float32)
-
-    @property
-    def device(self) -> torch.device:
-        return self.jacobians[0].device
 
     @functools.cached_property
     def weighting(self) -> nn.Module:
@@ -146,7 +143,9 @@ def prepare(
         wants = route is Need.GRAMIAN or compute_gramians
         dtype = reduce(torch.promote_types, {j.dtype for j in jacobians})
         m = len(jacobians[0])
-        prepared.append(Group(tensors, jacobians, aggregator, route, m, wants, dtype, n_tasks=m))
+        device = jacobians[0].device
+        group = Group(tensors, jacobians, aggregator, route, m, wants, dtype, device, n_tasks=m)
+        prepared.append(group)
     if present is not None:
         select_tasks(prepared, present)
     return prepared

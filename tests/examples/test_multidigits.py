@@ -3,6 +3,7 @@ and a --quick run of the whole command."""
 
 import csv
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -279,3 +280,13 @@ def test_quick_run_writes_sane_tables_and_plots(tmp_path: Path) -> None:
     table_rows = [line for line in markdown.splitlines() if line.startswith("| ")]
     assert len(table_rows) == 1 + n_rows
     assert not any(math.isnan(float(row["delta_m_mean"] or 0)) for row in rows.values())
+
+
+def test_the_gramian_first_step_gives_the_same_run() -> None:
+    # MTLEngine in place of mtl_backward + jac_to_grad: same weights, hence the same training.
+    data = make_multidigits(n_train=96, n_test=32)
+    config = RunConfig("gradvac", "per_layer", (0, 1), seed=5, epochs=1, batch_size=32)
+    expected = train_run(data, config, progress=False)
+    actual = train_run(data, replace(config, gramian_first=True), progress=False)
+    torch.testing.assert_close(actual.losses, expected.losses, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(actual.cosines, expected.cosines, rtol=1e-3, atol=1e-4)

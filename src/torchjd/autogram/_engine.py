@@ -195,6 +195,26 @@ def _find_units(module: nn.Module) -> Iterator[nn.Module]:
         yield from _find_units(child)
 
 
+def _check_no_shared_parameters(units: list[nn.Module]) -> None:
+    """Each block ``J_u J_u^T`` is formed from one unit's calls only: a parameter that two units
+    use (weight tying) would miss the cross terms between them, so it is refused."""
+    owner: dict[int, tuple[nn.Module, str]] = {}
+    for unit in units:
+        for name, param in unit.named_parameters():
+            if not param.requires_grad:
+                continue
+            if id(param) in owner:
+                first, first_name = owner[id(param)]
+                raise ValueError(
+                    f"The parameter `{first_name}` of `{type(first).__name__}` is also the "
+                    f"parameter `{name}` of `{type(unit).__name__}` (tied weights): the engine "
+                    "hooks them as two units and would miss the terms that cross them. Untie "
+                    "them, freeze the shared parameter, or use torchjd.autojac, whose Jacobians "
+                    "account for tied parameters."
+                )
+            owner[id(param)] = (unit, name)
+
+
 _RUNNING_STATS_NORMS: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
     nn.modules.instancenorm._InstanceNorm,
@@ -306,9 +326,11 @@ class Engine:
                         f"`{type(unit).__name__}`: the given modules must not be nested in one "
                         "another."
                     )
+        _check_no_shared_parameters(units)
         if batch_dim is not None:
             for unit in units:
                 _check_batched_compatibility(unit, batch_dim)
+        self._units = units
 
         self._recorder = _Recorder(keep_outputs=batch_dim is None)
         handles = [unit.register_forward_hook(self._recorder, with_kwargs=True) for unit in units]
@@ -380,56 +402,7 @@ class Engine:
             seed = _identity_seed(d, n_samples, output)
             half_shape = (list(moved.shape), k) if output.ndim > 1 else None
 
-        if not records:
-            raise RuntimeError(
-                "No forward call of a hooked module was recorded since the previous "
-                "compute_gramian: create the Engine before the forward pass, run a new forward "
-                "pass (with gradient enabled) for each call, and make sure the hooked modules have "
-                "trainable parameters and are called (not just their parameters read)."
-            )
-
-        edges = [edge for record in records for edge in record.edges]
-        specs = [spec for record in records for spec in record.call.output_specs]
-        with _recording_paused():
-            grads = stacked_vjps([target], edges, [seed], specs)
-
-        by_module: dict[nn.Module, list[tuple[Call, tuple[Tensor, ...]]]] = {}
-        unused: dict[nn.Module, int] = {}
-        counts: dict[nn.Module, int] = {}
-        position = 0
-        for record in records:
-            call_grads = grads[position : position + len(record.edges)]
-            position += len(record.edges)
-            module = record.call.module
-            counts[module] = counts.get(module, 0) + 1
-            if all(g is None for g in call_grads):
-                unused[module] = unused.get(module, 0) + 1
-                continue
-            deltas = tuple(
-                spec.zeros(rows.d) if g is None else g
-                for g, spec in zip(call_grads, record.call.output_specs)
-            )
-            by_module.setdefault(module, []).append((record.call, deltas))
-
-        pending = [module for module in unused if module in by_module]
-        if pending:
-            described = ", ".join(
-                f"`{type(module).__name__}` ({unused[module]} of {counts[module]} calls)"
-                for module in pending
-            )
-            raise ValueError(
-                "Some grad-enabled forward calls of hooked modules do not contribute to `output` "
-                f"while other calls of the same modules do: {described}. Every forward pass run "
-                "with gradient enabled since the previous compute_gramian must flow into `output`: "
-                "run extra forward passes (evaluation, a plain training step) under "
-                "torch.no_grad(), or call compute_gramian after each of them."
-            )
-        if not by_module:
-            raise RuntimeError(
-                "`output` does not depend on the outputs of any hooked module called since the "
-                "previous compute_gramian."
-            )
-
+        by_module, _ = output_gradients(target, seed, rows, records, [])
         gramian: Tensor | None = None
         with torch.no_grad(), _recording_paused():
             for module, items in by_module.items():
@@ -454,6 +427,70 @@ class Engine:
                 gramian = movedim_gramian(gramian, len(shape) - 1, k)
             gramian = flatten_gramian(gramian)
         return gramian.detach()
+
+
+Deltas = dict[nn.Module, list[tuple[Call, tuple[Tensor, ...]]]]
+
+
+def output_gradients(
+    target: Tensor, seed: Tensor, rows: Rows, records: list[_Record], extra: list[Tensor]
+) -> tuple[Deltas, list[Tensor | None]]:
+    """One vectorised backward pass from ``target`` seeded with the rows of ``seed``, stopped at
+    the recorded module outputs (and at the ``extra`` tensors): the output-gradients of every
+    recorded call that reached ``target``, by module, and the stacked gradients of ``extra``."""
+    if not records:
+        raise RuntimeError(
+            "No forward call of a hooked module was recorded since the previous "
+            "compute_gramian: create the Engine before the forward pass, run a new forward "
+            "pass (with gradient enabled) for each call, and make sure the hooked modules have "
+            "trainable parameters and are called (not just their parameters read)."
+        )
+
+    edges: list[GradientEdge | Tensor] = [e for record in records for e in record.edges]
+    specs = [spec for record in records for spec in record.call.output_specs]
+    with _recording_paused():
+        grads = stacked_vjps(
+            [target], [*edges, *extra], [seed], [*specs, *map(TensorSpec.of, extra)]
+        )
+
+    by_module: Deltas = {}
+    unused: dict[nn.Module, int] = {}
+    counts: dict[nn.Module, int] = {}
+    position = 0
+    for record in records:
+        call_grads = grads[position : position + len(record.edges)]
+        position += len(record.edges)
+        module = record.call.module
+        counts[module] = counts.get(module, 0) + 1
+        if all(g is None for g in call_grads):
+            unused[module] = unused.get(module, 0) + 1
+            continue
+        deltas = tuple(
+            spec.zeros(rows.d) if g is None else g
+            for g, spec in zip(call_grads, record.call.output_specs)
+        )
+        by_module.setdefault(module, []).append((record.call, deltas))
+
+    pending = [module for module in unused if module in by_module]
+    if pending:
+        described = ", ".join(
+            f"`{type(module).__name__}` ({unused[module]} of {counts[module]} calls)"
+            for module in pending
+        )
+        raise ValueError(
+            "Some grad-enabled forward calls of hooked modules do not contribute to `output` "
+            f"while other calls of the same modules do: {described}. Every forward pass run "
+            "with gradient enabled since the previous compute_gramian must flow into `output`: "
+            "run extra forward passes (evaluation, a plain training step) under "
+            "torch.no_grad(), or call compute_gramian after each of them."
+        )
+    if not by_module:
+        raise RuntimeError(
+            "`output` does not depend on the outputs of any hooked module called since the "
+            "previous compute_gramian."
+        )
+
+    return by_module, list(grads[position:])
 
 
 def _identity_seed(d: int, n_samples: int, like: Tensor) -> Tensor:

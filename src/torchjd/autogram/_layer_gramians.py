@@ -95,27 +95,88 @@ Items = list[tuple[Call, tuple[Tensor, ...]]]
 # Dispatch
 
 
+# The parameters a block covers, by id: a part of the trainable parameters of one module.
+On = frozenset[int]
+
+
+def _is_on(param: object, on: On) -> bool:
+    return isinstance(param, Tensor) and id(param) in on
+
+
+def trainable(module: nn.Module) -> list[Tensor]:
+    """The trainable parameters of ``module``, its submodules included."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 def module_gramian(module: nn.Module, items: Items, rows: Rows) -> Tensor | None:
     """The block ``J_u J_u^T`` (``[R, R]``) of ``module`` (``None`` if it has no trainable param).
 
     ``items`` pairs each call that reached the output with the gradients of its outputs, each
     ``[d, *output.shape]``.
     """
-    if not any(p.requires_grad for p in module.parameters()):
+    params = trainable(module)
+    if not params:
         return None
+    return module_gramians(module, items, rows, [params])[0]
+
+
+def module_gramians(
+    module: nn.Module, items: Items, rows: Rows, parts: list[list[Tensor]]
+) -> list[Tensor]:
+    """One block ``J_{u,k} J_{u,k}^T`` per part ``k`` (non-empty lists of trainable parameters of
+    ``module``): the Jacobian's columns restricted to the parameters of the part."""
     rule = _fast_rule(module)
     if rule is not None:
         for call, _ in items:
             _check_inputs_unchanged(call)
-        gramian = rule(module, items, rows)
-        if gramian is not None:
-            return gramian
+        blocks = [rule(module, items, rows, frozenset(id(p) for p in part)) for part in parts]
+        if all(block is not None for block in blocks):
+            return blocks  # type: ignore[return-value]
     if rows.batched:
-        return _per_sample_rule(module, items, rows)
-    return _batched_vjp_rule(module, items, rows)
+        jacobians = _per_sample_rule(module, items, rows)
+    else:
+        jacobians = _batched_vjp_rule(module, items, rows)
+    names = {id(p): name for name, p in module.named_parameters()}
+    return [_gramian_of_jacobians([jacobians[names[id(p)]] for p in part]) for part in parts]
 
 
-def _fast_rule(module: nn.Module) -> Callable[[Any, Items, Rows], Tensor | None] | None:
+def module_update(
+    module: nn.Module, items: Items, part: list[Tensor], weights: Tensor
+) -> list[Tensor]:
+    """``sum_i w_i dy_i/dtheta`` for each parameter ``theta`` of ``part`` (trainable parameters of
+    ``module``), without batch structure: one vector-Jacobian product of the module with the
+    combined output-gradients ``sum_i w_i delta_i`` of its calls."""
+    combined = [
+        tuple(torch.tensordot(weights.to(delta.dtype), delta, dims=1) for delta in deltas)
+        for _, deltas in items
+    ]
+    call = items[0][0]
+    if len(items) == 1 and _outputs_intact(call):
+        # One call: the parameters reach its outputs only through it (local derivative).
+        grads = torch.autograd.grad(
+            call.outputs, part, combined[0], retain_graph=True, allow_unused=True
+        )
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(part, grads)]
+    names = {id(p): name for name, p in module.named_parameters()}
+    params = {names[id(p)]: p.detach() for p in part}
+    total: dict[str, Tensor] | None = None
+    for (call, _), cotangents in zip(items, combined):
+        _check_inputs_unchanged(call)
+        f, tensors = _functional(module, call)
+        _, vjp_fn = torch.func.vjp(lambda q, f=f, tensors=tensors: f(q, tensors), params)
+        total = _accumulate(total, vjp_fn(cotangents)[0])
+    assert total is not None
+    return [total[names[id(p)]] for p in part]
+
+
+def _outputs_intact(call: Call) -> bool:
+    """Whether the outputs of ``call`` were kept and not modified in place since."""
+    return call.outputs is not None and all(
+        t._version == v for t, v in zip(call.outputs, call.output_versions)
+    )
+
+
+def _fast_rule(module: nn.Module) -> Callable[[Any, Items, Rows, On], Tensor | None] | None:
     forward = type(module).forward
     for cls, rule in _FAST_RULES:
         if isinstance(module, cls) and forward is cls.forward:
@@ -192,17 +253,50 @@ def _use_kernel(direct_cost: int, kernel_cost: int, direct_size: int, kernel_siz
     return direct_size > max(4 * kernel_size, _LARGE)
 
 
-def _linear_like_uses_kernel(
+def _linear_like_route(
     d: int, n_samples: int, groups: int, positions: int, o: int, n: int, with_ones: bool
-) -> bool:
-    """Route choice for :func:`_linear_like_gramian` (shapes as there; ``n = 0`` without x)."""
+) -> str:
+    """Route for :func:`_linear_like_gramian` (shapes as there; ``n = 0`` without x): ``"direct"``,
+    ``"kernel"`` or, with one sample (no batch structure), ``"sandwich"``."""
     n_features = n + int(with_ones)
     r = d * n_samples
     direct_cost = groups * (r * positions * o * n_features + r * r * o * n_features)
     kernel_cost = groups * ((n_samples * positions) ** 2 * n + (r * positions) ** 2 * (o + 1))
     direct_size = r * groups * o * n_features
     kernel_size = groups * (r * positions) ** 2
-    return _use_kernel(direct_cost, kernel_cost, direct_size, kernel_size)
+    if n_samples == 1 and n > 0:
+        # Sandwich: K_x Delta_j, then <Delta_i, K_x Delta_j>; its intermediates are the size of
+        # the output-gradients.
+        sandwich_cost = groups * (positions**2 * n + d * positions**2 * o + d * d * positions * o)
+        sandwich_size = groups * max(positions**2, d * positions * o)
+        if sandwich_cost < min(direct_cost, kernel_cost) and sandwich_size <= max(
+            4 * direct_size, _LARGE
+        ):
+            return "sandwich"
+    return "kernel" if _use_kernel(direct_cost, kernel_cost, direct_size, kernel_size) else "direct"
+
+
+def _linear_like_uses_kernel(
+    d: int, n_samples: int, groups: int, positions: int, o: int, n: int, with_ones: bool
+) -> bool:
+    """Whether :func:`_linear_like_gramian` needs the inputs position by position (the kernel and
+    sandwich routes) rather than summed into per-row gradients."""
+    return _linear_like_route(d, n_samples, groups, positions, o, n, with_ones) != "direct"
+
+
+def _sandwich_gramian(x: Tensor, delta: Tensor, with_ones: bool) -> Tensor:
+    r""":math:`G_{ij} = \sum_{g,p,q} (x_{gp} \cdot x_{gq} + 1)(\delta_{igp} \cdot \delta_{jgq})`
+    for one sample: ``x`` ``[1, G, P, n]``, ``delta`` ``[d, 1, G, P, o]``, without any per-row
+    gradient nor the ``[dP, dP]`` kernel."""
+    xm = x[0]  # [G, P, n]
+    kx = torch.bmm(xm, xm.transpose(1, 2))  # [G, P, P]
+    if with_ones:
+        kx += 1
+    dg = delta[:, 0].transpose(0, 1)  # [G, d, P, o]
+    sandwich = torch.matmul(kx.unsqueeze(1), dg)  # [G, d, P, o]
+    d = dg.shape[1]
+    left = dg.transpose(0, 1).reshape(d, -1)
+    return left @ sandwich.transpose(0, 1).reshape(d, -1).T
 
 
 def _linear_like_gramian(x: Tensor | None, delta: Tensor, with_ones: bool) -> Tensor:
@@ -214,13 +308,17 @@ def _linear_like_gramian(x: Tensor | None, delta: Tensor, with_ones: bool) -> Te
     d, n_samples, groups, positions, o = delta.shape
     n = 0 if x is None else x.shape[-1]
     r = d * n_samples
-    if not _linear_like_uses_kernel(d, n_samples, groups, positions, o, n, with_ones):
+    route = _linear_like_route(d, n_samples, groups, positions, o, n, with_ones)
+    if route == "direct":
         parts = []
         if x is not None:
             parts.append(torch.einsum("ibgpo,bgpn->ibgon", delta, x).reshape(r, -1))
         if with_ones:
             parts.append(delta.sum(dim=3).reshape(r, -1))
         return _gram(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+    if route == "sandwich":
+        assert x is not None
+        return _sandwich_gramian(x, delta, with_ones)
 
     if groups == 1 and positions == 1 and d == 1:  # the MLP case: (X X^T + 1) * (D D^T)
         dm = delta.reshape(n_samples, o)
@@ -246,9 +344,9 @@ def _linear_like_gramian(x: Tensor | None, delta: Tensor, with_ones: bool) -> Te
     return kd.sum(dim=(0, 3, 6)).reshape(r, r)
 
 
-def _linear_rule(module: nn.Linear, items: Items, rows: Rows) -> Tensor | None:
-    weight_on = module.weight.requires_grad
-    bias_on = module.bias is not None and module.bias.requires_grad
+def _linear_rule(module: nn.Linear, items: Items, rows: Rows, on: On) -> Tensor | None:
+    weight_on = _is_on(module.weight, on)
+    bias_on = _is_on(module.bias, on)
     dtype = module.weight.dtype
     xs, deltas = [], []
     for call, (delta,) in items:
@@ -334,9 +432,9 @@ def _conv_weight_grads_by_groups(
 _GROUPED_MIN_POSITIONS = 64
 
 
-def _conv_rule(module: nn.Conv1d | nn.Conv2d, items: Items, rows: Rows) -> Tensor | None:
-    weight_on = module.weight.requires_grad
-    bias_on = module.bias is not None and module.bias.requires_grad
+def _conv_rule(module: nn.Conv1d | nn.Conv2d, items: Items, rows: Rows, on: On) -> Tensor | None:
+    weight_on = _is_on(module.weight, on)
+    bias_on = _is_on(module.bias, on)
     dtype = module.weight.dtype
     groups = module.groups
     spatial_dims = len(module.kernel_size)
@@ -427,6 +525,7 @@ def _affine_rule(
     module: nn.Module,
     items: Items,
     rows: Rows,
+    on: On,
     normalize: Callable[[Tensor], Tensor],
     channels_last: bool,
     min_ndim: int,
@@ -434,8 +533,8 @@ def _affine_rule(
 ) -> Tensor | None:
     weight = getattr(module, "weight", None)
     bias = getattr(module, "bias", None)
-    weight_on = isinstance(weight, Tensor) and weight.requires_grad
-    bias_on = isinstance(bias, Tensor) and bias.requires_grad
+    weight_on = _is_on(weight, on)
+    bias_on = _is_on(bias, on)
     reference = weight if isinstance(weight, Tensor) else bias
     assert isinstance(reference, Tensor)
     dtype = reference.dtype
@@ -470,35 +569,38 @@ def _affine_rule(
     return _affine_gramian(xhat, delta, weight_on, bias_on)
 
 
-def _layer_norm_rule(module: nn.LayerNorm, items: Items, rows: Rows) -> Tensor | None:
+def _layer_norm_rule(module: nn.LayerNorm, items: Items, rows: Rows, on: On) -> Tensor | None:
     shape = module.normalized_shape
     return _affine_rule(
         module,
         items,
         rows,
+        on,
         lambda x: F.layer_norm(x, shape, None, None, module.eps),
         channels_last=True,
         min_ndim=len(shape) + 1,
     )
 
 
-def _rms_norm_rule(module: nn.Module, items: Items, rows: Rows) -> Tensor | None:
+def _rms_norm_rule(module: nn.Module, items: Items, rows: Rows, on: On) -> Tensor | None:
     shape = module.normalized_shape
     return _affine_rule(
         module,
         items,
         rows,
+        on,
         lambda x: F.rms_norm(x, shape, None, module.eps),
         channels_last=True,
         min_ndim=len(shape) + 1,
     )
 
 
-def _group_norm_rule(module: nn.GroupNorm, items: Items, rows: Rows) -> Tensor | None:
+def _group_norm_rule(module: nn.GroupNorm, items: Items, rows: Rows, on: On) -> Tensor | None:
     return _affine_rule(
         module,
         items,
         rows,
+        on,
         lambda x: F.group_norm(x, module.num_groups, None, None, module.eps),
         channels_last=False,
         min_ndim=2,
@@ -506,7 +608,7 @@ def _group_norm_rule(module: nn.GroupNorm, items: Items, rows: Rows) -> Tensor |
 
 
 def _batch_norm_rule(
-    module: nn.modules.batchnorm._BatchNorm, items: Items, rows: Rows
+    module: nn.modules.batchnorm._BatchNorm, items: Items, rows: Rows, on: On
 ) -> Tensor | None:
     # Only reached with batch_dim=None (rejected otherwise). Batch statistics are those of the
     # recorded input, running statistics those of the module now.
@@ -518,11 +620,11 @@ def _batch_norm_rule(
         var = None if use_batch_stats else module.running_var
         return F.batch_norm(x, mean, var, None, None, use_batch_stats, 0.0, module.eps)
 
-    return _affine_rule(module, items, rows, normalize, channels_last=False, min_ndim=2)
+    return _affine_rule(module, items, rows, on, normalize, channels_last=False, min_ndim=2)
 
 
 def _instance_norm_rule(
-    module: nn.modules.instancenorm._InstanceNorm, items: Items, rows: Rows
+    module: nn.modules.instancenorm._InstanceNorm, items: Items, rows: Rows, on: On
 ) -> Tensor | None:
     def normalize(x: Tensor) -> Tensor:
         use_input_stats = module.training or not module.track_running_stats
@@ -535,6 +637,7 @@ def _instance_norm_rule(
         module,
         items,
         rows,
+        on,
         normalize,
         channels_last=False,
         min_ndim=unbatched_ndim + 1,
@@ -546,7 +649,7 @@ def _instance_norm_rule(
 # Embedding
 
 
-def _embedding_rule(module: nn.Embedding, items: Items, rows: Rows) -> Tensor | None:
+def _embedding_rule(module: nn.Embedding, items: Items, rows: Rows, on: On) -> Tensor | None:
     n_embeddings, dim = module.weight.shape
     dtype = module.weight.dtype
     all_indices, deltas = [], []
@@ -589,7 +692,7 @@ def _embedding_rule(module: nn.Embedding, items: Items, rows: Rows) -> Tensor | 
     return kd.sum(dim=(2, 5)).reshape(r, r)
 
 
-_FAST_RULES: list[tuple[type[nn.Module], Callable[[Any, Items, Rows], Tensor | None]]] = [
+_FAST_RULES: list[tuple[type[nn.Module], Callable[[Any, Items, Rows, On], Tensor | None]]] = [
     (nn.Linear, _linear_rule),
     (nn.Conv1d, _conv_rule),
     (nn.Conv2d, _conv_rule),
@@ -611,9 +714,8 @@ def _trainable(module: nn.Module) -> dict[str, Tensor]:
     return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
 
 
-def _gramian_of_jacobians(jacobians: dict[str, Tensor], n_rows: int) -> Tensor:
+def _gramian_of_jacobians(blocks: list[Tensor]) -> Tensor:
     """``sum_p J_p J_p^T`` for per-parameter Jacobians ``[n_rows, *p.shape]``."""
-    blocks = list(jacobians.values())
     return sum_of_gramians(blocks, reduce(torch.promote_types, (b.dtype for b in blocks)))
 
 
@@ -668,8 +770,9 @@ def _composite_attention() -> Iterator[None]:
         yield
 
 
-def _per_sample_rule(module: nn.Module, items: Items, rows: Rows) -> Tensor:
-    """Per-sample VJPs of the module re-run functionally, vectorised over the samples (and rows)."""
+def _per_sample_rule(module: nn.Module, items: Items, rows: Rows) -> dict[str, Tensor]:
+    """Per-row gradients (by parameter name) from per-sample VJPs of the module re-run
+    functionally, vectorised over the samples (and rows)."""
     params = _trainable(module)
     total: dict[str, Tensor] | None = None
     for call, deltas in items:
@@ -703,19 +806,16 @@ def _per_sample_rule(module: nn.Module, items: Items, rows: Rows) -> Tensor:
             }
         total = _accumulate(total, jac)
     assert total is not None
-    return _gramian_of_jacobians(total, rows.n_rows)
+    return total
 
 
-def _batched_vjp_rule(module: nn.Module, items: Items, rows: Rows) -> Tensor:
-    """Without a batch: the VJPs of the module with the ``d`` output-gradients of each call."""
+def _batched_vjp_rule(module: nn.Module, items: Items, rows: Rows) -> dict[str, Tensor]:
+    """Without a batch: per-row gradients (by parameter name) from the VJPs of the module with the
+    ``d`` output-gradients of each call."""
     named = {name: p for name, p in module.named_parameters() if p.requires_grad}
     call, deltas = items[0]
     outputs = call.outputs
-    if (
-        len(items) == 1
-        and outputs is not None
-        and all(t._version == v for t, v in zip(outputs, call.output_versions))
-    ):
+    if len(items) == 1 and outputs is not None and _outputs_intact(call):
         # Through the recorded graph: with a single call, the parameters reach the outputs only
         # through that call, so the total derivative is the local one.
         params = list(named.values())
@@ -724,7 +824,7 @@ def _batched_vjp_rule(module: nn.Module, items: Items, rows: Rows) -> Tensor:
             name: p.new_zeros((rows.d, *p.shape)) if g is None else g
             for (name, p), g in zip(named.items(), grads)
         }
-        return _gramian_of_jacobians(jac, rows.n_rows)
+        return jac
 
     # Several calls (or outputs modified in place): local derivatives through a functional re-run.
     params = {name: p.detach() for name, p in named.items()}
@@ -740,4 +840,4 @@ def _batched_vjp_rule(module: nn.Module, items: Items, rows: Rows) -> Tensor:
             jac = torch.func.vmap(vjp_fn)(deltas)[0]
         total = _accumulate(total, jac)
     assert total is not None
-    return _gramian_of_jacobians(total, rows.n_rows)
+    return total

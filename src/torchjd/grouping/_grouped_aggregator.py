@@ -157,11 +157,13 @@ class GroupedAggregator(nn.Module, Stateful):
         retain_jac: bool,
         stacklevel: int,
         present: object = None,
+        prepared: list[Group] | None = None,
     ) -> list[Tensor | None]:
         """Run the application pipeline on every group, with the steps that ``steps_for`` gives
         for the validated groups (local, or the collective steps of :mod:`torchjd.distributed`),
-        and record the weights and Gramians."""
-        groups = self._prepared(present)
+        and record the weights and Gramians. ``prepared``: groups validated elsewhere, whose
+        statistics do not come from ``.jac`` fields (the block Gramians of autogram)."""
+        groups = self._prepared(present) if prepared is None else prepared
         run(groups, steps_for(groups), retain_jac=retain_jac, stacklevel=stacklevel + 1)
         self._last_weights = [g.weights for g in groups]
         self._last_gramians = [g.gramian for g in groups]
