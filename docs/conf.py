@@ -159,6 +159,7 @@ def setup(app: Sphinx) -> dict[str, bool]:
     app.connect("autodoc-skip-member", _skip_torch_plumbing)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
 
+
 # The training-framework integrations subclass their framework's classes: the API pages are built
 # without installing the frameworks.
 autodoc_mock_imports = ["lightning", "transformers"]
