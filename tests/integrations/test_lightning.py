@@ -61,7 +61,7 @@ def test_steps_match_the_hand_written_step() -> None:
 def test_logged_metrics_and_weights() -> None:
     dataset = data(8)
     module = TwoTasks(UPGrad())
-    trainer = _trainer(max_steps=1)
+    trainer = _trainer(max_steps=1, log_every_n_steps=1)
     trunk, heads = networks()
     x, y = dataset.tensors
     _, weights = hand_written_step(trunk, heads, x, y)
@@ -99,7 +99,7 @@ def test_accumulation_clipping_and_checkpoint(tmp_path: Path) -> None:
 def test_bf16_mixed_precision() -> None:
     dataset = data()
     module = TwoTasks(UPGrad())
-    trainer = _trainer(max_steps=2, precision="bf16-mixed")
+    trainer = _trainer(max_steps=2, precision="bf16-mixed", log_every_n_steps=1)
     trainer.fit(module, loader(dataset))
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in module.parameters())
     assert trainer.logged_metrics["weight/a"].dtype == torch.float32

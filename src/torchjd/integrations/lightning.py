@@ -56,9 +56,9 @@ class JacobianDescentModule(LightningModule):
     all use the same weights and keep the same aggregator state; the gradients are then averaged
     by DDP as usual.
 
-    Logged at each step: ``loss/<task>``, ``weight/<task>`` and ``cosine/<task>-<task>`` (the
-    cosine similarity of two tasks' gradients over the shared modules), unless ``log_metrics`` is
-    False.
+    Logged at the steps that the trainer's loggers write (every ``log_every_n_steps``):
+    ``loss/<task>``, ``weight/<task>`` and ``cosine/<task>-<task>`` (the cosine similarity of two
+    tasks' gradients over the shared modules), unless ``log_metrics`` is False.
 
     :param aggregator: Keyword-only. An aggregator that reads the Gramian or only the number of
         rows (its ``need``); others raise a ``ValueError`` naming the autojac route.
@@ -104,10 +104,16 @@ class JacobianDescentModule(LightningModule):
         weights, gramian = weigh_and_hook(
             self._engine, self.aggregator, losses, views, self._mean_over_processes
         )
-        if self._log_metrics:
+        if self._log_metrics and self._logging_step():
             names = task_names(self._task_names, losses.shape[0])
             self.log_dict(metrics(names, losses, weights, gramian), on_step=True, on_epoch=False)
         return objective(losses, weights, views)
+
+    def _logging_step(self) -> bool:
+        """Whether the trainer's loggers write this step: each ``self.log`` call costs about as
+        much as a small layer's backward, and a value logged at another step is never written."""
+        every = self.trainer.log_every_n_steps
+        return every > 0 and (self.global_step + 1) % every == 0
 
     def _mean_over_processes(self, gramian: Tensor) -> Tensor:
         if self._trainer is None or self.trainer.world_size == 1:
