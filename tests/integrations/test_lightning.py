@@ -192,3 +192,38 @@ def test_ddp_two_processes_agree_with_the_documented_rule(tmp_path: Path) -> Non
     for key, value in weighting.state_dict().items():
         if torch.is_tensor(value) and key in ranks[0]["state"]:
             assert torch.allclose(ranks[0]["state"][key], value, rtol=1e-5, atol=1e-7)
+
+
+class _CompiledTrunk(TwoTasks):
+    def __init__(self) -> None:
+        super().__init__(UPGrad())
+        self.compiled_trunk = torch.compile(self.trunk, backend="inductor")
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> list[torch.Tensor]:
+        x, y = batch
+        views = self.task_views(self.compiled_trunk(x), 2)
+        return [mse_loss(head(v), y[:, [i]]) for i, (head, v) in enumerate(zip(self.heads, views))]
+
+
+@pytest.mark.slow
+def test_inductor_compiled_trunk_with_torch_defaults() -> None:
+    """One backward pass through the compiled trunk: works with donated buffers (the default)."""
+    torch._dynamo.reset()
+    dataset = data()
+    module = _CompiledTrunk()
+    _trainer(max_steps=2).fit(module, loader(dataset))
+    torch._dynamo.reset()
+
+    trunk, heads = networks()
+    params = [*trunk.parameters(), *heads.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    for x, y in list(loader(dataset))[:2]:
+        grads, _ = hand_written_step(trunk, heads, x, y)
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+    expected = torch.cat([p.detach().flatten() for p in params])
+    actual = torch.cat(
+        [p.detach().flatten() for p in [*module.trunk.parameters(), *module.heads.parameters()]]
+    )
+    assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-5)
