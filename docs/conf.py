@@ -163,3 +163,7 @@ def setup(app: Sphinx) -> dict[str, bool]:
 # The training-framework integrations subclass their framework's classes: the API pages are built
 # without installing the frameworks.
 autodoc_mock_imports = ["lightning", "transformers"]
+nitpick_ignore = [
+    ("py:class", "lightning.pytorch.LightningModule"),
+    ("py:class", "transformers.trainer.Trainer"),
+]
