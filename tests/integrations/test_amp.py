@@ -196,3 +196,24 @@ def test_gramian_weights_do_not_depend_on_the_loss_scale() -> None:
     scaled = engine.compute_gramian(2.0**16 * torch.stack(_losses(trunk, heads, torch.bfloat16)[0]))
     weighting = UPGrad().weighting
     assert torch.allclose(weighting(scaled), weighting(gramian), rtol=1e-5, atol=1e-7)
+
+
+def test_grad_scaler_skips_a_non_finite_step_of_the_gramian_route() -> None:
+    trunk, heads = _model("layer_norm")
+    params = [*trunk.parameters(), *heads.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    engine = Engine(trunk, batch_dim=None)
+    losses = torch.stack(_losses(trunk, heads, torch.bfloat16)[0])
+    losses = losses * torch.tensor([1.0, float("inf"), 1.0])
+    initial = [p.detach().clone() for p in params]
+
+    weights = UPGrad().weighting(engine.compute_gramian(losses))
+    scaler.scale(losses @ weights).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+    # The non-finite Gramian gives non-finite weights (nothing hides it), so the step is skipped.
+    assert not torch.isfinite(weights).all()
+    assert all(torch.equal(a, b) for a, b in zip(params, initial))
+    assert scaler.get_scale() == 2.0**15
