@@ -227,3 +227,15 @@ def test_inductor_compiled_trunk_with_torch_defaults() -> None:
         [p.detach().flatten() for p in [*module.trunk.parameters(), *module.heads.parameters()]]
     )
     assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_step_called_outside_a_trainer_returns_the_summed_losses() -> None:
+    module = TwoTasks(UPGrad())
+    x, y = data(8).tensors
+    loss = module.training_step([x, y], 0)
+    loss.backward()
+    trunk, heads = networks()
+    grads, _ = hand_written_step(trunk, heads, x, y)
+    actual = [p.grad for p in [*module.trunk.parameters(), *module.heads.parameters()]]
+    for a, e in zip(actual, grads):
+        assert torch.allclose(a, e, rtol=1e-5, atol=1e-6)

@@ -112,6 +112,8 @@ class JacobianDescentModule(LightningModule):
     def _logging_step(self) -> bool:
         """Whether the trainer's loggers write this step: each ``self.log`` call costs about as
         much as a small layer's backward, and a value logged at another step is never written."""
+        if self._trainer is None:  # called outside of a Trainer: nothing would receive the logs
+            return False
         every = self.trainer.log_every_n_steps
         return every > 0 and (self.global_step + 1) % every == 0
 
