@@ -158,3 +158,12 @@ def setup(app: Sphinx) -> dict[str, bool]:
     app.connect("env-check-consistency", _check_api_coverage)
     app.connect("autodoc-skip-member", _skip_torch_plumbing)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
+
+
+# The training-framework integrations subclass their framework's classes: the API pages are built
+# without installing the frameworks.
+autodoc_mock_imports = ["lightning", "transformers"]
+nitpick_ignore = [
+    ("py:class", "lightning.pytorch.LightningModule"),
+    ("py:class", "transformers.trainer.Trainer"),
+]

@@ -12,6 +12,11 @@ Two jobs:
   ``vmap``). Every chunk but the last retains the graph, so the graph is freed once, at the end,
   unless ``retain_graph`` is set.
 
+  Through a ``torch.compile``d region, the batched products may fail (inductor's backward has no
+  batching rules); they are then tried once with the graph retained and, on failure, replaced by
+  one backward pass per row, with a warning. A compiled backward that donates its buffers runs
+  only once: then no route exists and one error names the fixes.
+
 The initial Jacobians are given by a :class:`Rows` object that produces the rows of one chunk on
 demand, so that the identity (the default: one objective per entry of the outputs) is never
 materialised beyond the chunk being differentiated.
@@ -19,6 +24,7 @@ materialised beyond the chunk being differentiated.
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from collections.abc import Sequence
 
@@ -188,6 +194,96 @@ def vjp_rows(
 
     m = rows.m
     chunk_size = m if parallel_chunk_size is None else min(parallel_chunk_size, m)
+    compiled = m > 1 and _through_compiled_code(outputs)
+    if compiled and chunk_size > 1:
+        try:
+            # Retained, so that the graph survives a failure of the batched products and the
+            # rows can then be computed one backward pass at a time.
+            return _chunked_rows(outputs, inputs, rows, True, chunk_size)
+        except RuntimeError as error:
+            if _DONATED_BUFFERS in str(error):
+                return _batched_once(outputs, inputs, rows, retain_graph, chunk_size, error)
+            warnings.warn(
+                "The batched vector-Jacobian products (`vmap`) failed through a "
+                f"`torch.compile`d part of the graph ({_first_line(error)}); the {m} rows are "
+                "computed one backward pass at a time instead. Pass `parallel_chunk_size=1` to "
+                "go there directly, without this warning.",
+                UserWarning,
+                stacklevel=3,
+            )
+            chunk_size = 1
+    try:
+        return _chunked_rows(outputs, inputs, rows, retain_graph, chunk_size)
+    except RuntimeError as error:
+        if compiled and _DONATED_BUFFERS in str(error):
+            raise _compiled_graph_error(m) from error
+        raise
+
+
+# The phrase of torch's error when a compiled backward that donates its buffers is asked to keep
+# the graph for another pass.
+_DONATED_BUFFERS = "donated buffers"
+
+
+def _batched_once(
+    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    rows: Rows,
+    retain_graph: bool,
+    chunk_size: int,
+    donated_error: RuntimeError,
+) -> list[Tensor]:
+    """The last route through a compiled backward that donates its buffers: all the rows in one
+    batched pass that frees the graph (some backends, such as ``aot_eager``, batch it)."""
+    if retain_graph or chunk_size < rows.m:
+        raise _compiled_graph_error(rows.m) from donated_error
+    try:
+        return _chunked_rows(outputs, inputs, rows, False, chunk_size)
+    except RuntimeError:
+        raise _compiled_graph_error(rows.m) from donated_error  # the cause that has a fix
+
+
+def _through_compiled_code(outputs: Sequence[Tensor]) -> bool:
+    """Whether the graph of ``outputs`` goes through the backward of a ``torch.compile``d region
+    (an AOTAutograd ``CompiledFunctionBackward`` node)."""
+    queue = deque({y.grad_fn for y in outputs if y.grad_fn is not None})
+    visited = set(queue)
+    while queue:
+        node = queue.popleft()
+        if type(node).__name__ == "CompiledFunctionBackward":
+            return True
+        for child, _ in node.next_functions:
+            if child is not None and child not in visited:
+                visited.add(child)
+                queue.append(child)
+    return False
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _compiled_graph_error(m: int) -> RuntimeError:
+    return RuntimeError(
+        f"The {m} rows of the Jacobian need several backward passes through a `torch.compile`d "
+        "part of the graph, but its compiled backward donates its buffers, so it can run only "
+        "once. Either set `torch._functorch.config.donated_buffer = False` before the first call "
+        "of the compiled model (rows are then computed one backward pass at a time), or weigh "
+        "the losses from their Gramian with `torchjd.autogram.Engine(..., batch_dim=None)` and "
+        "apply the weights in one ordinary backward (as `torchjd.integrations.lightning` does), "
+        "or compile only the modules that the losses do not share."
+    )
+
+
+def _chunked_rows(
+    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    rows: Rows,
+    retain_graph: bool,
+    chunk_size: int,
+) -> list[Tensor]:
+    """:func:`vjp_rows` with chunks of at most ``chunk_size`` rows."""
+    m = rows.m
     bounds = [(start, min(start + chunk_size, m)) for start in range(0, m, chunk_size)]
     if len(bounds) == 1:
         grads = _differentiate_chunk(outputs, inputs, rows.chunk(0, m), retain_graph, m)

@@ -1,0 +1,241 @@
+"""JacobianDescentModule with the real Lightning package (skipped where it is not installed)."""
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+
+from lightning.pytorch import Trainer
+from torch.nn.functional import mse_loss
+
+from torchjd.aggregation import PCD, ConFIG, UPGrad
+
+from ._lightning_models import TwoTasks, data, hand_written_step, loader, networks
+
+
+def _trainer(**kwargs: object) -> Trainer:
+    options = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    options.update(kwargs)
+    return Trainer(**options)
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> None:
+    warnings.filterwarnings("ignore", module="lightning")
+
+
+def test_steps_match_the_hand_written_step() -> None:
+    dataset = data()
+    module = TwoTasks(UPGrad())
+    _trainer(max_steps=3).fit(module, loader(dataset))
+
+    trunk, heads = networks()
+    params = [*trunk.parameters(), *heads.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    for x, y in list(loader(dataset))[:3]:
+        grads, _ = hand_written_step(trunk, heads, x, y)
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+
+    expected = torch.cat([p.detach().flatten() for p in params])
+    actual = torch.cat(
+        [p.detach().flatten() for p in [*module.trunk.parameters(), *module.heads.parameters()]]
+    )
+    assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_logged_metrics_and_weights() -> None:
+    dataset = data(8)
+    module = TwoTasks(UPGrad())
+    trainer = _trainer(max_steps=1, log_every_n_steps=1)
+    trunk, heads = networks()
+    x, y = dataset.tensors
+    _, weights = hand_written_step(trunk, heads, x, y)
+    trainer.fit(module, loader(dataset))
+
+    logged = trainer.logged_metrics
+    assert torch.allclose(logged["weight/a"], weights[0], rtol=1e-5)
+    assert torch.allclose(logged["weight/b"], weights[1], rtol=1e-5)
+    features = trunk(x)
+    losses = [mse_loss(h(features), y[:, [i]]) for i, h in enumerate(heads)]
+    assert torch.allclose(logged["loss/a"], losses[0], rtol=1e-6)
+    shared = list(trunk.parameters())
+    rows = [torch.autograd.grad(loss, shared, retain_graph=True) for loss in losses]
+    grads = [torch.cat([g.flatten() for g in row]) for row in rows]
+    cosine = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
+    assert torch.allclose(logged["cosine/a-b"], cosine, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulation_clipping_and_checkpoint(tmp_path: Path) -> None:
+    dataset = data()
+    module = TwoTasks(PCD())
+    trainer = _trainer(max_steps=2, accumulate_grad_batches=2, gradient_clip_val=0.5)
+    trainer.fit(module, loader(dataset))
+    state = module.aggregator.state_dict()
+    assert state and any(v.abs().sum() > 0 for v in state.values() if torch.is_tensor(v))
+
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    restored = TwoTasks.load_from_checkpoint(path, aggregator=PCD())
+    for key, value in state.items():
+        if torch.is_tensor(value):
+            assert torch.equal(restored.aggregator.state_dict()[key], value)
+
+
+def test_bf16_mixed_precision() -> None:
+    dataset = data()
+    module = TwoTasks(UPGrad())
+    trainer = _trainer(max_steps=2, precision="bf16-mixed", log_every_n_steps=1)
+    trainer.fit(module, loader(dataset))
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in module.parameters())
+    assert trainer.logged_metrics["weight/a"].dtype == torch.float32
+
+    # The same steps by hand under the same autocast: equal up to bfloat16 rounding.
+    trunk, heads = networks()
+    params = [*trunk.parameters(), *heads.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    for x, y in list(loader(dataset))[:2]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            grads, _ = hand_written_step(trunk, heads, x, y)
+        for p, g in zip(params, grads):
+            p.grad = g.float()
+        optimizer.step()
+    expected = torch.cat([p.detach().flatten() for p in params])
+    actual = torch.cat(
+        [p.detach().flatten() for p in [*module.trunk.parameters(), *module.heads.parameters()]]
+    )
+    assert torch.allclose(actual, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_refuses_an_aggregator_that_needs_the_matrix() -> None:
+    with pytest.raises(ValueError, match="mtl_backward"):
+        TwoTasks(ConFIG())
+
+
+def test_refuses_manual_optimisation() -> None:
+    module = TwoTasks(UPGrad())
+    module.automatic_optimization = False
+    with pytest.raises(RuntimeError, match="automatic_optimization"):
+        _trainer(max_steps=1).fit(module, loader(data(8)))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_agree_with_the_documented_rule(tmp_path: Path) -> None:
+    """Both ranks end with the same parameters and aggregator state, those of a single-process
+    simulation of the rule: weights from the mean of the ranks' Gramians, gradients averaged."""
+    script = Path(__file__).with_name("_ddp_lightning.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(a, b)
+    assert ranks[0]["state"].keys() == ranks[1]["state"].keys()
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key])
+
+    # The simulation, on the batches that each rank recorded (its sampler shuffles).
+    trunk, heads = networks()
+    shared, params = list(trunk.parameters()), [*trunk.parameters(), *heads.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    weighting = PCD().gramian_weighting
+    for step in range(3):
+        rows, head_grads = [], []
+        for rank in ranks:
+            xb, yb = rank["batches"][step]
+            features = trunk(xb)
+            losses = [mse_loss(h(features), yb[:, [i]]) for i, h in enumerate(heads)]
+            grads = [torch.autograd.grad(loss, shared, retain_graph=True) for loss in losses]
+            rows.append(torch.stack([torch.cat([g.flatten() for g in row]) for row in grads]))
+            head_grads.append(
+                [
+                    g
+                    for i, h in enumerate(heads)
+                    for g in torch.autograd.grad(losses[i], list(h.parameters()), retain_graph=True)
+                ]
+            )
+        gramian = sum(j @ j.T for j in rows) / 2
+        weights = weighting(gramian)
+        update = sum(weights @ j for j in rows) / 2
+        offset = 0
+        for p in shared:
+            p.grad = update[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        head_params = list(heads.parameters())
+        for k, p in enumerate(head_params):
+            p.grad = (head_grads[0][k] + head_grads[1][k]) / 2
+        optimizer.step()
+
+    for actual, expected in zip(ranks[0]["params"], params):
+        assert torch.allclose(actual, expected.detach(), rtol=1e-5, atol=1e-6)
+    for key, value in weighting.state_dict().items():
+        if torch.is_tensor(value) and key in ranks[0]["state"]:
+            assert torch.allclose(ranks[0]["state"][key], value, rtol=1e-5, atol=1e-7)
+
+
+class _CompiledTrunk(TwoTasks):
+    def __init__(self) -> None:
+        super().__init__(UPGrad())
+        self.compiled_trunk = torch.compile(self.trunk, backend="inductor")
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> list[torch.Tensor]:
+        x, y = batch
+        views = self.task_views(self.compiled_trunk(x), 2)
+        return [mse_loss(head(v), y[:, [i]]) for i, (head, v) in enumerate(zip(self.heads, views))]
+
+
+@pytest.mark.slow
+def test_inductor_compiled_trunk_with_torch_defaults() -> None:
+    """One backward pass through the compiled trunk: works with donated buffers (the default)."""
+    torch._dynamo.reset()
+    dataset = data()
+    module = _CompiledTrunk()
+    _trainer(max_steps=2).fit(module, loader(dataset))
+    torch._dynamo.reset()
+
+    trunk, heads = networks()
+    params = [*trunk.parameters(), *heads.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    for x, y in list(loader(dataset))[:2]:
+        grads, _ = hand_written_step(trunk, heads, x, y)
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+    expected = torch.cat([p.detach().flatten() for p in params])
+    actual = torch.cat(
+        [p.detach().flatten() for p in [*module.trunk.parameters(), *module.heads.parameters()]]
+    )
+    assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_step_called_outside_a_trainer_returns_the_summed_losses() -> None:
+    module = TwoTasks(UPGrad())
+    x, y = data(8).tensors
+    loss = module.training_step([x, y], 0)
+    loss.backward()
+    trunk, heads = networks()
+    grads, _ = hand_written_step(trunk, heads, x, y)
+    actual = [p.grad for p in [*module.trunk.parameters(), *module.heads.parameters()]]
+    for a, e in zip(actual, grads):
+        assert torch.allclose(a, e, rtol=1e-5, atol=1e-6)
