@@ -36,11 +36,11 @@ from .train import TASKS, RunConfig, train_run
 
 DEFAULTS = {  # name: (default, with --quick)
     "seeds": ([0, 1, 2, 3, 4], [0, 1]),
-    "train_size": (3600, 256),
+    "train_size": (3000, 256),
     "test_size": (1000, 200),
-    "epochs": (2, 1),
+    "epochs": (3, 1),
     "iwrm_size": (1024, 64),
-    "iwrm_epochs": (8, 2),
+    "iwrm_epochs": (6, 2),
 }
 
 
@@ -101,12 +101,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="paired seeds: initialisation and batch order (default: 0 1 2 3 4; 0 1 with --quick)",
     )
-    add("--epochs", type=int, default=None, help="MultiMNIST epochs (default: 2; 1 with --quick)")
+    add("--epochs", type=int, default=None, help="MultiMNIST epochs (default: 3; 1 with --quick)")
     add(
         "--train-size",
         type=int,
         default=None,
-        help="MultiMNIST training images (default: 3600; 256 with --quick)",
+        help="MultiMNIST training images (default: 3000; 256 with --quick)",
     )
     add(
         "--test-size",
@@ -115,14 +115,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="MultiMNIST test images (default: 1000; 200 with --quick)",
     )
     add("--batch-size", type=int, default=64, help="MultiMNIST batch size (default: 64)")
-    add("--lr", type=float, default=1e-3, help="MultiMNIST Adam learning rate (default: 1e-3)")
+    add("--lr", type=float, default=3e-3, help="MultiMNIST Adam learning rate (default: 3e-3)")
     add(
         "--iwrm-size",
         type=int,
         default=None,
         help="IWRM training images (default: 1024; 64 with --quick)",
     )
-    add("--iwrm-epochs", type=int, default=None, help="IWRM epochs (default: 8; 2 with --quick)")
+    add("--iwrm-epochs", type=int, default=None, help="IWRM epochs (default: 6; 2 with --quick)")
     add("--iwrm-batch-size", type=int, default=32, help="IWRM losses per step (default: 32)")
     add("--iwrm-lr", type=float, default=0.05, help="IWRM SGD learning rate (default: 0.05)")
     add(
