@@ -212,7 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         accuracies = dict(zip((TASKS[t] for t in config.tasks), result.accuracies))
         progress.end(
             ", ".join(f"{k} acc. {100 * v:.1f} %" for k, v in accuracies.items())
-            + f", final-epoch losses {', '.join(f'{v:.3f}' for v in result.losses[-1].tolist())}"
+            + ", last-epoch training loss "
+            + ", ".join(f"{k} {v:.3f}" for k, v in zip(accuracies, result.losses[-1].tolist()))
         )
         mm_rows.append(
             {

@@ -24,6 +24,7 @@ SHIFT = 4  # maximal shift of each digit, in pixels, in each direction
 class Split:
     images: Tensor  # [n, 1, 28, 28], standardised with the training images' mean and std
     labels: Tensor  # [n, 2] (int64): class of the left digit, class of the right digit
+    sources: Tensor  # [n, 2] (int64): indices of the left and right digits among the 5,000
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -87,21 +88,18 @@ def make_multimnist(
     n_test_pool = round(len(digits) * test_fraction)
     pools = {"test": order[:n_test_pool], "train": order[n_test_pool:]}
 
-    def split(pool: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    def split(pool: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
         left, right = _pairs(pool, n, generator)
-        return overlay(digits, left, right, generator), torch.stack(
-            [labels[left], labels[right]], 1
-        )
+        images = overlay(digits, left, right, generator)
+        return images, torch.stack([labels[left], labels[right]], 1), torch.stack([left, right], 1)
 
-    (train, train_labels), (test, test_labels) = (
-        split(pools["train"], n_train),
-        split(pools["test"], n_test),
-    )
+    train, train_labels, train_sources = split(pools["train"], n_train)
+    test, test_labels, test_sources = split(pools["test"], n_test)
     # Standardised inputs train faster; the statistics come from the training images only.
     mean, std = train.mean(), train.std()
     return MultiMNIST(
-        train=Split((train - mean) / std, train_labels),
-        test=Split((test - mean) / std, test_labels),
+        train=Split((train - mean) / std, train_labels, train_sources),
+        test=Split((test - mean) / std, test_labels, test_sources),
     )
 
 

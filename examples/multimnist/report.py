@@ -226,6 +226,7 @@ def plot(out: Path, folder: Path | None = None) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     folder = out if folder is None else folder
     settings = json.loads((out / SETTINGS).read_text())
@@ -267,7 +268,10 @@ def plot(out: Path, folder: Path | None = None) -> list[Path]:
             alpha=0.2,
         )
     axis.set_yscale("log")
-    axis.set_xlabel("epoch")
+    axis.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    axis.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+    axis.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    axis.set_xlabel("epoch (0: before training)")
     axis.set_ylabel("training loss (mean cross-entropy, log scale)")
     axis.set_title(
         f"Instance-wise risk minimisation on MNIST: mean over {n} seeds, 95% t-interval shaded",
