@@ -1,12 +1,9 @@
 """The application pipeline: groups of tensors with ``.jac`` fields, an aggregator each → ``.grad``.
 
-validate every group → route it by what its aggregator declares it needs (row count, Gramian,
-matrix; hooks force the matrix) → prepare the statistics (Gramians) → weigh, one call of the
-weighting class's batched entry point ``_forward_grouped`` per run of consecutive groups of one
-class → combine ``wᵀ J_t`` → accumulate into ``.grad``. Preparing and combining (and a scope
-around the weighing) are pluggable through :class:`Steps`: local here, collective in
-:mod:`torchjd.distributed`. ``autojac.jac_to_grad`` is the one-group case, ``GroupedAggregator``
-the many-group case.
+validate → route by what the aggregator needs (hooks force the matrix) → statistics (Gramians) →
+weigh (one ``_forward_grouped`` call per run of groups of one weighting class) → combine ``wᵀ J_t``
+→ accumulate. :class:`Steps` makes the statistics and the combination pluggable (collective in
+:mod:`torchjd.distributed`).
 """
 
 from __future__ import annotations
@@ -89,10 +86,6 @@ def _has_forward_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def _has_hooks_inside(module: nn.Module) -> bool:
-    return any(_has_forward_hooks(m) for m in module.modules())
-
-
 def choose_route(aggregator: Aggregator, optimize_gramian_computation: bool = False) -> Need:
     """The route of ``aggregator``: what it declares it needs, unless hooks must see the matrix.
 
@@ -105,16 +98,14 @@ def choose_route(aggregator: Aggregator, optimize_gramian_computation: bool = Fa
     if optimize_gramian_computation:
         if not hasattr(aggregator, "gramian_weighting"):
             raise ValueError(
-                "`optimize_gramian_computation=True` needs an aggregator whose weights come from "
-                f"the Gramian (a GramianWeightedAggregator), got {aggregator!r}. Leave the "
-                "option to False: the computation is then chosen automatically."
+                "`optimize_gramian_computation=True` needs a GramianWeightedAggregator, got "
+                f"{aggregator!r}. Leave it False: the computation is then chosen automatically."
             )
         if hooked:
             raise ValueError(
-                "`optimize_gramian_computation=True` does not call the aggregator nor "
-                "`aggregator.weighting`, so it cannot run the forward hooks or pre-hooks "
-                "registered on them. Remove those hooks (hooks on `aggregator.gramian_weighting` "
-                "are fine), or leave the option to False."
+                "`optimize_gramian_computation=True` calls neither the aggregator nor "
+                "`aggregator.weighting`, so it cannot run their forward hooks or pre-hooks. Remove "
+                "them (hooks on `aggregator.gramian_weighting` are fine), or leave it False."
             )
         return Need.GRAMIAN
     global_hooks = _module._global_forward_hooks or _module._global_forward_pre_hooks
@@ -171,7 +162,7 @@ def run(groups: list[Group], steps: Steps, *, retain_jac: bool, stacklevel: int)
 
 def _batch_key(group: Group) -> Hashable | None:
     """Groups with equal keys are weighed in one call; ``None``: weigh this group alone."""
-    if group.route is Need.MATRIX or _has_hooks_inside(group.weighting):
+    if group.route is Need.MATRIX or any(map(_has_forward_hooks, group.weighting.modules())):
         return None
     stat_dtype = group.gramian_dtype if group.route is Need.GRAMIAN else group.dtype
     return (group.route, type(group.weighting), group.m, stat_dtype, group.device)
@@ -222,15 +213,10 @@ def _weigh(batch: list[Group]) -> None:
 def combine(tensors: list[Tensor], jacobians: list[Tensor], weights: Tensor) -> list[Tensor]:
     """``wᵀ J_t`` for each tensor, with ``w`` cast to the ``.jac``'s dtype, cast to ``t.dtype``."""
     m = weights.shape[0]
-    cast: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-    gradients = []
-    for t, jacobian in zip(tensors, jacobians):
-        key = (jacobian.dtype, jacobian.device)
-        if key not in cast:
-            cast[key] = weights.to(dtype=jacobian.dtype, device=jacobian.device)
-        gradient = cast[key] @ jacobian.reshape(m, -1)
-        gradients.append(gradient.reshape(t.shape).to(dtype=t.dtype))
-    return gradients
+    return [
+        (weights.to(j.device, j.dtype) @ j.reshape(m, -1)).reshape(t.shape).to(t.dtype)
+        for t, j in zip(tensors, jacobians)
+    ]
 
 
 def aggregate_matrix(

@@ -1,11 +1,9 @@
-"""The exchanges of :mod:`torchjd.distributed`: the collective steps of the application pipeline.
+"""The collective steps of the application pipeline, for :mod:`torchjd.distributed`.
 
-``R`` processes; process ``r`` holds local Jacobians ``J_r`` (``m`` rows) and extra gradients
-(the ``.grad`` of ``grad_params``). The global Jacobian is their mean (``rows="mean"``) or their
-rows stacked (``rows="stack"``); the extra gradients are averaged or summed. All-reducing local
-Gramians ``J_r J_rᵀ`` would be wrong: the Gramian of the mean Jacobian has cross terms. Every
-exchange moves all the groups of a step in one buffer per collective, and carries the state of
-the first process's CPU generator when ``share_rng`` is set.
+Process ``r`` of ``R`` holds local Jacobians ``J_r`` and extra gradients (``grad_params``); the
+global Jacobian is their mean or their stacked rows (the extra gradients: mean or sum). The local
+Gramians cannot be all-reduced: the Gramian of the mean has cross terms. Each exchange moves all
+the groups of a step in one buffer per collective, with the first process's generator state.
 """
 
 from __future__ import annotations
@@ -68,27 +66,17 @@ def exchange_jacobians(
     if ex.share_rng:
         pieces.append(rng_slot(ex.rank, dtype, device))
     local = torch.cat([p.to(dtype) for p in pieces])
-
     if ex.mean:
         local[:n_data].div_(ex.world_size)
         all_reduce(local, ex.group)
-        blocks = local[:n_data].split(sizes)
-        global_jacobians = [b.view(j.shape).to(j.dtype) for b, j in zip(blocks, jacobians)]
-        reduced = [b.view(g.shape).to(g.dtype) for b, g in zip(blocks[len(jacobians) :], grads)]
-        state = rng_state_from_slot(local[n_data:]) if ex.share_rng else None
-        return global_jacobians, reduced, state
-
-    gathered = torch.empty(ex.world_size * local.numel(), dtype=dtype, device=device)
-    all_gather(gathered, local, ex.group)
-    table = gathered.view(ex.world_size, local.numel())
+        table = local.view(1, -1)
+    else:  # one row of the table per process, in rank order
+        table = torch.empty((ex.world_size, local.numel()), dtype=dtype, device=device)
+        all_gather(table.view(-1), local, ex.group)
     blocks = table[:, :n_data].split(sizes, dim=1)
-    global_jacobians = [
-        b.reshape(ex.world_size * len(j), *j.shape[1:]).to(j.dtype)
-        for b, j in zip(blocks, jacobians)
-    ]
-    reduced = [
-        b.sum(dim=0).view(g.shape).to(g.dtype) for b, g in zip(blocks[len(jacobians) :], grads)
-    ]
+    global_jacobians = [b.reshape(-1, *j.shape[1:]).to(j.dtype) for b, j in zip(blocks, jacobians)]
+    n_jac = len(jacobians)
+    reduced = [b.sum(dim=0).view(g.shape).to(g.dtype) for b, g in zip(blocks[n_jac:], grads)]
     state = rng_state_from_slot(table[0, n_data:]) if ex.share_rng else None
     return global_jacobians, reduced, state
 
@@ -188,11 +176,10 @@ class GramianExchange(_CollectiveSteps):
             send.div_(R)
             received = torch.empty((1, send.shape[1]), dtype=dtype, device=device)
             reduce_scatter(received.view(-1), send.view(-1), ex.group)
-            self.grad_shard = received[0, offset:]
         else:
             received = torch.empty_like(send)
             all_to_all(received.view(-1), send.view(-1), ex.group)
-            self.grad_shard = received[:, offset:].sum(dim=0)
+        self.grad_shard = received[:, offset:].sum(dim=0)
         del send
         self.shards, offset = [], 0
         for g, m, c, width in zip(groups, m_local, self.columns, widths):
@@ -246,18 +233,9 @@ class GramianExchange(_CollectiveSteps):
 
 
 def _fill_shards(blocks: Tensor, jacobians: list[Tensor]) -> None:
-    """Copy the columns of the concatenated ``jacobians`` into ``blocks`` ``[R, m, c]``: columns
-    ``[s·c, (s+1)·c)`` into ``blocks[s]`` (the rest stays zero)."""
-    c = blocks.shape[2]
-    m = blocks.shape[1]
-    start = 0
-    for jacobian in jacobians:
-        flat = jacobian.reshape(m, -1)
-        low, end = start, start + flat.shape[1]
-        while low < end:
-            shard = low // c
-            high = min(end, (shard + 1) * c)
-            base = shard * c
-            blocks[shard, :, low - base : high - base] = flat[:, low - start : high - start]
-            low = high
-        start = end
+    """Copy column ``s·c + k`` of the concatenated ``jacobians`` into ``blocks[s, :, k]``
+    (``blocks``: ``[R, m, c]``; the columns past the end stay zero)."""
+    R, m, c = blocks.shape
+    flat = torch.cat([j.reshape(m, -1).to(blocks.dtype) for j in jacobians], dim=1)
+    flat = torch.nn.functional.pad(flat, (0, R * c - flat.shape[1]))
+    blocks.copy_(flat.view(m, R, c).transpose(0, 1))

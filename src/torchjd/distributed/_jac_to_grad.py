@@ -6,7 +6,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from torchjd._pipeline import Group, Steps, check_aggregator, prepare, run
+from torchjd._pipeline import Group, Steps, prepare, run
 from torchjd._protocol import Need
 from torchjd._validation import materialise
 from torchjd.aggregation import Aggregator
@@ -45,61 +45,40 @@ def jac_to_grad(
     r"""Aggregate the Jacobian of the whole process group into ``.grad``, identically everywhere.
 
     The data-parallel counterpart of :func:`torchjd.autojac.jac_to_grad`, called by every process
-    of ``group`` with the same arguments after :func:`~torchjd.autojac.backward` or
-    :func:`~torchjd.autojac.mtl_backward` filled the local ``.jac`` fields (which
+    of ``group`` with the same arguments once the local ``.jac`` fields are filled (which
     ``DistributedDataParallel`` does not synchronise). With :math:`R` processes holding local
     Jacobians :math:`J_r` (:math:`m` rows), the global Jacobian is :math:`J = \frac1R \sum_r J_r`
-    with ``rows="mean"`` (the same objectives on every shard of the batch, e.g. task losses), or
-    the rows of :math:`J_0, \dots, J_{R-1}` stacked in rank order with ``rows="stack"`` (objectives
-    of their own, e.g. one loss per sample). The aggregator is applied to :math:`J` (aggregators
-    are not linear: averaging local aggregations would be wrong) and every process adds the same
-    :math:`\mathcal A(J)` to the ``.grad`` of ``tensors``. The ``.grad`` fields of
-    ``grad_params`` (e.g. the heads) are replaced by their mean (``"mean"``) or sum
-    (``"stack"``) in the same collectives.
+    with ``rows="mean"`` (the same objectives on every shard, e.g. task losses), or the rows of
+    :math:`J_0, \dots, J_{R-1}` stacked in rank order with ``rows="stack"`` (e.g. one loss per
+    sample). Every process adds the same :math:`\mathcal A(J)` to the ``.grad`` of ``tensors``
+    (averaging local aggregations would be wrong: aggregators are not linear), and the ``.grad`` of
+    ``grad_params`` (e.g. the heads) is replaced by its mean (``"mean"``) or sum (``"stack"``) in
+    the same collectives. Give a :class:`~torchjd.grouping.GroupedAggregator` in place of
+    ``tensors`` (and no ``aggregator``) to aggregate each of its groups with its own aggregator,
+    all groups sharing the collectives of the step.
 
-    Give a :class:`~torchjd.grouping.GroupedAggregator` in place of ``tensors`` (and no
-    ``aggregator``) to aggregate each of its groups with its own aggregator: the collectives of
-    a step are then shared by all the groups, and the result is that of
-    :meth:`~torchjd.grouping.GroupedAggregator.jac_to_grad` on the global Jacobians.
+    Strategies (their traffic is on the distributed page of the documentation): ``"jacobian"``
+    exchanges the Jacobians and works with every aggregator; ``"gramian"`` (weights from the
+    Gramian) shards the columns of :math:`J`, all-reduces the partial Gramians and all-gathers the
+    update; ``"update"`` (weights from the number of rows only) all-reduces the local updates.
+    ``"auto"`` picks the first that the aggregators allow among ``"update"``, ``"gramian"`` and
+    ``"jacobian"`` (``"jacobian"`` rather than ``"gramian"`` with ``rows="mean"`` on gloo).
 
-    Strategies (see the distributed page of the documentation for their traffic):
-    ``"jacobian"`` exchanges the Jacobians (one all-reduce or all-gather) and works with every
-    aggregator; ``"gramian"``, for aggregators whose weights come from the Gramian, shards the
-    columns of :math:`J` (one reduce-scatter or all-to-all), all-reduces the small partial
-    Gramians and all-gathers the update; ``"update"``, for weights that depend only on the
-    number of rows (Mean, Sum, Constant, Random), all-reduces the local updates
-    :math:`w_r^\top J_r`, the traffic of ``DistributedDataParallel``. ``"auto"`` (default) picks
-    ``"update"``, else ``"gramian"``, else ``"jacobian"`` from what the aggregators declare (and
-    ``"jacobian"`` rather than ``"gramian"`` with ``rows="mean"`` on gloo, whose reduce-scatter is
-    slower than its all-reduce).
-
-    With ``share_rng_state=True`` (default), the state of the global CPU generator of the group's
-    first process travels with the data and every process aggregates with it, then gets its own
-    state back: randomised aggregators draw the numbers a single process would draw, and
-    stateful ones keep equal states. On a GPU this costs one synchronisation; set ``False`` when
-    the aggregators are deterministic or the generators agree.
-
-    :param tensors: The tensors whose ``.jac`` to aggregate, as for
-        :func:`torchjd.autojac.jac_to_grad`, in the same order and shapes on every process; or a
-        :class:`~torchjd.grouping.GroupedAggregator`.
-    :param aggregator: The aggregator, one instance per process (``None`` with a
-        :class:`~torchjd.grouping.GroupedAggregator`).
+    :param tensors: As for :func:`torchjd.autojac.jac_to_grad`, in the same order and shapes on
+        every process; or a :class:`~torchjd.grouping.GroupedAggregator`.
+    :param aggregator: The aggregator (``None`` with a GroupedAggregator).
     :param retain_jac: Keep the local ``.jac`` fields. Default ``False``.
     :param optimize_gramian_computation: As in :func:`torchjd.autojac.jac_to_grad`.
-    :param grad_params: Tensors whose ``.grad`` to reduce with the same collectives, e.g. the
-        task-specific parameters after :func:`~torchjd.autojac.mtl_backward`. Each must have a
-        ``.grad`` and not be aggregated. Default ``None``: none.
-    :param rows: ``"mean"`` (default) or ``"stack"``.
+    :param grad_params: Tensors (each with a ``.grad``, not aggregated) whose ``.grad`` to reduce
+        with the same collectives. Default ``None``: none.
+    :param rows: ``"mean"`` (default) or ``"stack"`` (equal local row counts on every process).
     :param strategy: ``"auto"`` (default), ``"jacobian"``, ``"gramian"`` or ``"update"``.
     :param group: The process group (``None``, default: the default group).
-    :param share_rng_state: Aggregate with the first process's CPU generator state. Default
-        ``True``.
-    :return: The weights, as :func:`torchjd.autojac.jac_to_grad` returns them (:math:`Rm` of
-        them with ``rows="stack"``), ``None`` for an aggregator that is not weighted; with a
-        :class:`~torchjd.grouping.GroupedAggregator`, the list of each group's weights.
-
-    The processes must hold the same number of rows (with ``rows="stack"``, equal local batch
-    sizes, e.g. ``drop_last=True``).
+    :param share_rng_state: Aggregate with the CPU generator state of the group's first process
+        (then restore each process's own), so that randomised and stateful aggregators agree
+        everywhere. Default ``True``; on a GPU it costs one synchronisation.
+    :return: The weights, as :func:`torchjd.autojac.jac_to_grad` returns them (:math:`Rm` of them
+        with ``rows="stack"``); with a GroupedAggregator, the list of each group's weights.
     """
     check_choice(rows, "rows", ROWS)
     check_choice(strategy, "strategy", _STRATEGIES)
@@ -131,15 +110,8 @@ def jac_to_grad(
             steps_for, retain_jac=retain_jac, stacklevel=2
         )
     else:
-        tensors_ = materialise(tensors, "tensors")
-        check_aggregator(aggregator)
-        assert aggregator is not None
-        groups = prepare(
-            [tensors_],
-            [aggregator],
-            ["tensors"],
-            optimize_gramian_computation=optimize_gramian_computation,
-        )
+        options = {"optimize_gramian_computation": optimize_gramian_computation}
+        groups = prepare([materialise(tensors, "tensors")], [aggregator], ["tensors"], **options)
         run(groups, steps_for(groups), retain_jac=retain_jac, stacklevel=2)
         result = groups[0].weights
     with torch.no_grad():
@@ -150,6 +122,7 @@ def jac_to_grad(
 
 def _choose_strategy(groups: list[Group], strategy: str) -> str:
     routes = {g.route for g in groups}
+    names = ", ".join(repr(g.aggregator) for g in groups)
     if strategy == "auto":
         if routes == {Need.ROW_COUNT}:
             return "update"
@@ -158,20 +131,16 @@ def _choose_strategy(groups: list[Group], strategy: str) -> str:
         raise ValueError(
             "`strategy='update'` needs an aggregator (for every group) whose weights depend only "
             "on the number of rows (Mean, Sum, Constant or Random, without forward hooks), got "
-            f"{_names(groups)}. Use 'auto' to choose the strategy automatically."
+            f"{names}. Use 'auto' to choose the strategy automatically."
         )
     if strategy == "gramian" and routes != {Need.GRAMIAN}:
         raise ValueError(
             "`strategy='gramian'` needs an aggregator (for every group) whose weights come from "
             "the Gramian (a GramianWeightedAggregator) without forward hooks or pre-hooks on "
-            f"itself or on its `weighting`, got {_names(groups)}. Use 'jacobian', which works "
+            f"itself or on its `weighting`, got {names}. Use 'jacobian', which works "
             "with every aggregator."
         )
     return strategy
-
-
-def _names(groups: list[Group]) -> str:
-    return ", ".join(repr(g.aggregator) for g in groups)
 
 
 _STEPS = {"jacobian": JacobianExchange, "gramian": GramianExchange, "update": UpdateExchange}
