@@ -48,6 +48,8 @@ def _keys(allowed: Sequence[str]):
     def parse(text: str) -> list[str]:
         keys = [k.strip() for k in text.split(",") if k.strip()]
         wrong = [k for k in keys if k not in allowed]
+        if not keys:
+            raise argparse.ArgumentTypeError(f"choose at least one of {', '.join(allowed)}")
         if wrong:
             raise argparse.ArgumentTypeError(
                 f"unknown {wrong}; choose a comma-separated list from {', '.join(allowed)}"

@@ -233,6 +233,8 @@ def test_bad_arguments_are_refused() -> None:
         cli.parse_args(["--seeds", "3"])  # one seed: no paired interval
     with pytest.raises(SystemExit):
         cli.parse_args(["--epochs", "0"])
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--iwrm-methods", ""])
 
 
 def test_quick_run_writes_everything(tmp_path: Path) -> None:
