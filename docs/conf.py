@@ -10,6 +10,7 @@ import importlib.util
 import pkgutil
 import posixpath
 import re
+import typing
 from pathlib import Path
 
 from sphinx.application import Sphinx
@@ -30,6 +31,9 @@ extensions = [
     "myst_parser",
     "sphinx.ext.autodoc",
     "sphinx.ext.mathjax",
+    # MathJax bundled with the site (copied into _static/mathjax), so that the formulas render
+    # offline: no CDN.
+    "sphinx-mathjax-offline",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 exclude_patterns = ["_build", "_static"]
@@ -130,6 +134,30 @@ def _skip_torch_plumbing(
     return None
 
 
+def _public_objects() -> set[int]:
+    """The ids of every object that a public package of :mod:`torchjd` exports."""
+    objects = set()
+    for package in _public_packages():
+        module = importlib.import_module(package)
+        objects.update(id(getattr(module, name)) for name in getattr(module, "__all__", []))
+    return objects
+
+
+def _hide_private_bases(
+    app: Sphinx, name: str, obj: object, options: object, bases: list[type]
+) -> None:
+    """Leave out of "Bases:" the torchjd classes that no public package exports (such as the
+    mixin that runs non-differentiable aggregators under ``no_grad``): the reader could not
+    follow the link."""
+    public = _public_objects()
+    bases[:] = [
+        base
+        for base in bases
+        if not getattr(base, "__module__", "").startswith("torchjd")
+        or id(typing.get_origin(base) or base) in public
+    ]
+
+
 def _public_packages() -> list[str]:
     names = ["torchjd"]
     for info in pkgutil.iter_modules(torchjd.__path__):
@@ -157,6 +185,7 @@ def setup(app: Sphinx) -> dict[str, bool]:
     app.connect("source-read", _drop_missing_from_toctrees)
     app.connect("env-check-consistency", _check_api_coverage)
     app.connect("autodoc-skip-member", _skip_torch_plumbing)
+    app.connect("autodoc-process-bases", _hide_private_bases)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
 
 

@@ -288,10 +288,10 @@ class CAGradWeighting(NoGrad, Weighting[PSDMatrix]):
     **Solver.** TorchJD solves the convex problem with cvxpy (CLARABEL). Here it is solved exactly
     (up to round-off) in torch, in float64, with no optional dependency: for ``m <= 8``, the
     stationarity conditions are solved on every face of the simplex at once (a batch of
-    ``2^m - 1`` bordered linear systems, see :func:`_minimise_by_enumeration`), on the Gramian's
-    device and without host synchronisation; for larger ``m``, by a primal active-set method on the
-    CPU (:func:`_minimise_by_active_set`), which reads numbers on the host at each step (it first
-    sets the round-off negative eigenvalues of the normalised Gramian to 0). Both agree with an
+    ``2^m - 1`` bordered linear systems), on the Gramian's device and without host
+    synchronisation; for larger ``m``, by a primal active-set method on the CPU, which reads
+    numbers on the host at each step (it first sets the round-off negative eigenvalues of the
+    normalised Gramian to 0). Both agree with an
     accurate convex solver to its tolerance (the tests check them against scipy, and against cvxpy
     when it is installed). When the minimiser is not unique (degenerate inputs such as duplicated
     rows), the weights may differ from TorchJD's but the aggregation :math:`J^\top \lambda` does
