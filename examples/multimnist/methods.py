@@ -7,7 +7,9 @@ the trunk and heads; the optimiser step is common. Three kinds of step cover the
 - :class:`JacobianDescent`: ``mtl_backward`` fills the trunk's ``.jac`` (one row per task), then
   a :class:`~torchjd.grouping.GroupedAggregator` aggregates each group of the chosen grouping
   strategy with its own aggregator (one group for ``together``);
-- :class:`MomentumConfig`: M-ConFIG's own step, one loss back-propagated per step.
+- :class:`MomentumConfig`: M-ConFIG's own step, one loss back-propagated per step;
+- :class:`GramianFirst`: the same aggregation as :class:`JacobianDescent`, from the block Gramians
+  of :class:`~torchjd.autogram.MTLEngine` (the trunk's Jacobian is never stored).
 
 A new method (or a new kind of step) is one more entry in :data:`METHODS`.
 """
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 
 from torchjd import aggregation
 from torchjd.aggregation import Aggregator, MConFIGBackward
+from torchjd.autogram import MTLEngine
 from torchjd.autojac import mtl_backward
 from torchjd.grouping import GroupedAggregator
 
@@ -66,6 +69,18 @@ class MomentumConfig(Step):
         self.step.backward(losses)
 
 
+class GramianFirst(Step):
+    def __init__(self, trunk: nn.Module, grouping: str, make: Callable[[], Aggregator]) -> None:
+        self.engine = MTLEngine(trunk)
+        self.grouped = GroupedAggregator(GROUPINGS[grouping](trunk), make, compute_gramians=True)
+
+    def backward(self, losses: list[Tensor], features: Tensor) -> None:
+        self.engine.backward(losses, features, self.grouped)
+
+    def cosines(self) -> Tensor:
+        return torch.stack([c[0, 1] for c in self.grouped.cosine_similarities()])
+
+
 @dataclass(frozen=True)
 class Method:
     key: str
@@ -73,6 +88,7 @@ class Method:
     # (trunk, heads, grouping, number of tasks) -> the training step of one run
     make_step: Callable[[nn.Module, nn.ModuleList, str, int], Step]
     groupable: bool = False  # whether the grouping strategy changes anything
+    default: bool = True  # run without being named in --methods
 
 
 def _jd(make: Callable[[int], Aggregator]) -> Callable[[nn.Module, nn.ModuleList, str, int], Step]:
@@ -99,6 +115,13 @@ METHODS: dict[str, Method] = {
         Method("dbmtl", "DB-MTL", _jd(lambda m: aggregation.DBMTL())),
         Method("moco", "MoCo", _jd(lambda m: aggregation.MoCo())),
         Method("mconfig", "M-ConFIG(β=0.5)", _m_config),
+        Method(
+            "upgrad-gf",
+            "UPGrad (Gramian-first)",
+            lambda trunk, heads, grouping, m: GramianFirst(trunk, grouping, aggregation.UPGrad),
+            groupable=True,
+            default=False,
+        ),
     )
 }
 GROUPABLE = tuple(key for key, method in METHODS.items() if method.groupable)

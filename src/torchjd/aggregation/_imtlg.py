@@ -30,7 +30,10 @@ def _imtlg_weights(gramians: Tensor) -> Tensor:
     else:
         v = _pinv_times_norms(G)
     total = v.sum(dim=-1, keepdim=True)
-    usable = ~(total.abs() < _SUM_EPS)  # a NaN total stays: NaN in, NaN out
+    # A total within the rounding of the sum of |v| is zero (Pareto-stationary rows): dividing by
+    # it would give weights of any size. A NaN total stays usable: NaN in, NaN out.
+    rounding = v.abs().sum(dim=-1, keepdim=True) * (4 * m * torch.finfo(v.dtype).eps)
+    usable = ~((total.abs() < _SUM_EPS) | (total.abs() < rounding))
     safe_total = torch.where(usable, total, torch.ones_like(total))
     weights = torch.where(usable, v / safe_total, torch.zeros_like(v))
     return poison(weights, nan_where_non_finite).to(dtype=gramians.dtype)
