@@ -60,19 +60,8 @@ _FAMO_HALF = "off the float64 result in half precision (its softmax is summed in
 PENDING_ELSEWHERE: dict[tuple[str, str], str] = {
     ("SDMGrad", "accuracy[f32]"): _SDMGRAD,
     ("SDMGrad", "accuracy[f16]"): _SDMGRAD,
-    ("MGDA", "non_conflict[f64]"): _MGDA,
-    ("MGDA", "non_conflict[f32]"): _MGDA,
-    ("FairGrad(1)", "weighting[f16]"): _HUGE,
-    ("FairGrad(0.1)", "weighting[f16]"): _HUGE,
-    ("NashMTL", "weighting[f16]"): _HUGE,
     ("MoDo", "weighting[f16]"): "finite weights from a Gramian that overflows float16",
-    ("GeometricMean", "scalarizer[bf16]"): "loses 3 to 6% in bfloat16",
-    ("COSMOS-uniform", "scalarizer[f16]"): _COSMOS,
-    ("COSMOS-ramp", "scalarizer[f16]"): _COSMOS,
-    ("PBI-uniform", "scalarizer[f16]"): "0 instead of the float64 result on zero values in float16",
     ("FAMO", "scalarizer[f16]"): "NaN from zero values in float16",
-    ("FAMO-min-losses", "scalarizer[bf16]"): _FAMO_HALF,
-    ("FAMO-min-losses", "scalarizer[f16]"): _FAMO_HALF,
 }
 
 # Configurations whose result does not conflict with any row, and the extent of the claim:

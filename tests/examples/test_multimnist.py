@@ -239,7 +239,11 @@ def test_bad_arguments_are_refused() -> None:
 
 def test_quick_run_writes_everything(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert cli.main(["--quick", "--no-progress", "--output", str(out)]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["--quick", "--no-progress", "--output", str(out)]) == 0
+    finally:  # the command sets the number of threads of the process
+        torch.set_num_threads(threads)
     for name in (report.SETTINGS, report.MULTIMNIST_RUNS, report.IWRM_RUNS, "results.md"):
         assert (out / name).is_file()
     for name in (report.DELTA_M_PLOT, report.IWRM_PLOT):
