@@ -50,18 +50,14 @@ from ._bank import ACCURACY, CONFLICT, DTYPE_IDS, DTYPES, Case, matrix_cases, va
 from ._entry import Entry
 from ._registry import AGGREGATORS
 
-# Defects fixed on another line of work: each case must fail until then (strict xfail), and its
-# entry must be deleted once it passes. Keys: (registry id, "check[dtype]").
+# Known failures (strict xfail: each case must fail, and its entry is deleted once it passes).
+# SDMGrad with its default step size jumps between vertices of the simplex: on the m = 128 case a
+# relative change of 1e-12 in the input moves its float64 output by about 7e-6, so its float32
+# and float16 results cannot be within the accuracy bound of the float64 one.
 _SDMGRAD = "far from the float64 result at m = 128 or n = 4096 (relative error 1e-2 to 0.5)"
-_MGDA = "Frank-Wolfe stops early: conflicts with a row of rank-deficient matrices"
-_HUGE = "weights beyond the float16 range (inf) from a singular Gramian"
-_COSMOS = "NaN from zero values in float16 (an epsilon underflows)"
-_FAMO_HALF = "off the float64 result in half precision (its softmax is summed in another dtype)"
-PENDING_ELSEWHERE: dict[tuple[str, str], str] = {
+KNOWN_FAILURES: dict[tuple[str, str], str] = {
     ("SDMGrad", "accuracy[f32]"): _SDMGRAD,
     ("SDMGrad", "accuracy[f16]"): _SDMGRAD,
-    ("MoDo", "weighting[f16]"): "finite weights from a Gramian that overflows float16",
-    ("FAMO", "scalarizer[f16]"): "NaN from zero values in float16",
 }
 
 # Configurations whose result does not conflict with any row, and the extent of the claim:
@@ -117,7 +113,7 @@ def _count() -> None:
 
 
 def _marked(entry_id: str, check: str, dtype: torch.dtype) -> tuple:
-    reason = PENDING_ELSEWHERE.get((entry_id, f"{check}[{DTYPE_IDS[dtype]}]"))
+    reason = KNOWN_FAILURES.get((entry_id, f"{check}[{DTYPE_IDS[dtype]}]"))
     return (pytest.mark.xfail(strict=True, reason=reason),) if reason else ()
 
 
@@ -284,7 +280,7 @@ def test_every_non_conflict_claim_names_a_registry_entry() -> None:
     ids = {entry.id for entry in AGGREGATORS}
     assert set(NON_CONFLICTING) <= ids
     assert {e.id for e in AGGREGATORS if e.non_conflicting} <= set(NON_CONFLICTING)
-    assert {key[0] for key in PENDING_ELSEWHERE} <= ids | {e.id for e in SCALARIZERS}
+    assert {key[0] for key in KNOWN_FAILURES} <= ids | {e.id for e in SCALARIZERS}
 
 
 # The Gramian weightings, called directly on a Gramian of the input's dtype.
@@ -367,7 +363,10 @@ def test_scalarizer_on_hard_values(entry: ScalarizerEntry, dtype: torch.dtype) -
             failures.append(f"{name}: finite input {finite}, output {out}")
         elif finite and dtype in ACCURACY and not entry.randomised:
             expected = _scalarize(entry, values.double())
-            error = float((out.double() - expected).abs() / expected.abs().clamp(min=1e-300))
+            # The float64 result rounded to the output's dtype is the best any implementation can
+            # return (a result in float16's subnormal range has few significant bits).
+            representable = expected.to(dtype).double()
+            error = float((out.double() - representable).abs() / expected.abs().clamp(min=1e-300))
             if not error <= ACCURACY[dtype]:
                 failures.append(f"{name}: relative error {error:.2e}")
     assert not failures, failures

@@ -6,6 +6,7 @@ from torchjd._stateful import Stateful
 from torchjd.aggregation._bases import Weighting
 from torchjd.aggregation._lazy_state import LazyStateMixin, warn_reinitialised
 from torchjd.linalg._matrix import Matrix
+from torchjd.linalg._nonfinite import finite_part, poison
 from torchjd.linalg._simplex import project_onto_simplex
 
 
@@ -82,12 +83,14 @@ class MoDoWeighting(LazyStateMixin, Weighting[Matrix], Stateful):
         m = stat.shape[0]
         if m == 0:
             raise ValueError("`MoDoWeighting` needs at least one objective, got a 0-row input.")
-        matrix = promoted(stat)
-        lam = self._current_weights(m, matrix)
-        gradient = matrix @ lam + self.rho * lam
-        lam = project_onto_simplex(lam - self.gamma * gradient)
-        self._weights = lam
-        return lam.to(dtype=stat.dtype, copy=True)
+        matrix, nan_where_non_finite = finite_part(promoted(stat))
+        previous = self._current_weights(m, matrix)
+        gradient = matrix @ previous + self.rho * previous
+        lam = project_onto_simplex(previous - self.gamma * gradient)
+        # A non-finite input leaves the state as it was and gives NaN weights (the projection
+        # onto the simplex would hide it).
+        self._weights = torch.where(nan_where_non_finite.isnan(), previous, lam)
+        return poison(lam, nan_where_non_finite).to(dtype=stat.dtype, copy=True)
 
     def _current_weights(self, m: int, stat: Tensor) -> Tensor:
         lam = self._weights
