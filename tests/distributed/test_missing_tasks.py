@@ -2,41 +2,25 @@
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.testing import assert_close
 
+from tests._gloo import needs_gloo, run_processes
 from tests.distributed._missing_tasks import CASES, reference, worker
 
 WORLD_SIZE = 2
 TIMEOUT_S = 120
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()),
-    reason="needs torch.distributed with the gloo backend",
-)
+pytestmark = needs_gloo
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     directory = tmp_path_factory.mktemp("missing")
-    init_file = str(directory / "store")
-    context = mp.spawn(
-        worker, args=(WORLD_SIZE, init_file, str(directory)), nprocs=WORLD_SIZE, join=False
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            pytest.fail(f"The {WORLD_SIZE} processes did not finish within {TIMEOUT_S} s.")
-    return [torch.load(Path(directory, f"rank{r}.pt")) for r in range(WORLD_SIZE)]
+    return run_processes(worker, directory, WORLD_SIZE, TIMEOUT_S)
 
 
 @pytest.mark.parametrize("name", list(CASES))

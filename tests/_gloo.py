@@ -1,0 +1,34 @@
+"""Running a test's worker in several processes that talk through gloo."""
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+needs_gloo = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="needs torch.distributed with the gloo backend",
+)
+
+
+def run_processes(
+    worker: Callable[..., None], directory: Path, world_size: int = 2, timeout_s: float = 120
+) -> list[Any]:
+    """Spawn ``worker(rank, world_size, init_file, directory)`` in ``world_size`` processes and
+    return what each saved as ``directory/rank{r}.pt``; fail the test past ``timeout_s``."""
+    init_file = str(directory / "store")
+    context = mp.spawn(
+        worker, args=(world_size, init_file, str(directory)), nprocs=world_size, join=False
+    )
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail(f"The {world_size} processes did not finish within {timeout_s} s.")
+    return [torch.load(Path(directory, f"rank{r}.pt")) for r in range(world_size)]
