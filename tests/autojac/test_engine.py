@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from torchjd.autojac._engine import GivenRows, IdentityRows, infer_leaves, vjp_rows
+from torchjd._graph import infer_leaves
+from torchjd.autojac._engine import GivenRows, IdentityRows, vjp_rows
 
 from ._utils import count_autograd_calls
 

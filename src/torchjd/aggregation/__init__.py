@@ -12,11 +12,12 @@ dtype.
 raised and never hidden (no uniform or zero weights in its place), so that a gradient scaler
 such as :class:`torch.amp.GradScaler` sees it and skips the step. Nothing is checked on the host
 to do so: no synchronisation with the device. Weightings give non-finite weights for a
-non-finite input. After such a step, GradVac, GradNorm, PCD and CRMOGM (around a stateless
-weighting) continue from their previous state; ExcessMTL, DBMTL, MoCo, MomentumConFIG, MoDo and
-SDMGrad keep the non-finite value in their averages until :meth:`~torchjd.Stateful.reset`. The exceptions are
-the robust aggregators: :class:`TrimmedMean` trims non-finite rows like any outlier, and Krum's
-weights select rows (its aggregation ``w @ J`` still carries the NaN of the matrix).
+non-finite input. After such a step, GradVac, GradNorm, PCD, MoDo and CRMOGM (around a
+stateless weighting) continue from their previous state; ExcessMTL, DBMTL, MoCo, MomentumConFIG
+and SDMGrad keep the non-finite value in their averages until :meth:`~torchjd.Stateful.reset`.
+The exceptions are the robust aggregators: :class:`TrimmedMean` trims non-finite rows like any
+outlier, and Krum's weights select rows (its aggregation ``w @ J`` still carries the NaN of the
+matrix).
 """
 
 from torchjd.aggregation._aligned_mtl import AlignedMTL, AlignedMTLWeighting

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from torchjd._accumulation import accumulate_grads, check_grad_targets
+from torchjd._graph import infer_leaves
 from torchjd._pipeline import Group, Steps, choose_route, run
 from torchjd._protocol import Need
 from torchjd._validation import check_aggregator
@@ -449,30 +450,12 @@ def _parts(units: list[nn.Module], reached: Deltas, groups: list[list[Tensor]]) 
     return parts
 
 
-def _head_parameters(losses: list[Tensor], features: list[Tensor]) -> list[Tensor]:
-    """The leaves requiring grad that the losses reach without going through the features."""
-    stop = {f.grad_fn for f in features}
-    stack = [loss.grad_fn for loss in losses if loss.grad_fn not in stop]
-    seen = set(stack)
-    leaves: dict[int, Tensor] = {}
-    while stack:
-        node = stack.pop()
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, Tensor) and variable.requires_grad:
-            leaves.setdefault(id(variable), variable)
-        for child, _ in node.next_functions:
-            if child is not None and child not in seen and child not in stop:
-                seen.add(child)
-                stack.append(child)
-    return list(leaves.values())
-
-
 def _backward_heads(
     losses: list[Tensor], features: list[Tensor], trunk: set[int], world: int
 ) -> None:
     """The heads' unweighted gradients (averaged over ``world`` processes): a backward pass of
     ``sum(losses)`` that stops at the features (the graph is freed)."""
-    heads = _head_parameters(losses, features)
+    heads = infer_leaves(losses, excluded=features)
     for param in heads:
         if id(param) in trunk:
             raise ValueError(

@@ -4,6 +4,7 @@ import torch
 from torch import Tensor
 
 from torchjd._accumulation import accumulate_jacs, check_jac_targets
+from torchjd._graph import infer_leaves
 from torchjd._tasks import validated_present
 from torchjd._validation import (
     as_tensor_list,
@@ -20,7 +21,6 @@ from torchjd.autojac._engine import (
     IdentityRows,
     Rows,
     check_requires_grad,
-    infer_leaves,
     scatter_rows,
     select_rows,
     vjp_rows,

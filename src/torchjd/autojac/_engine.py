@@ -1,16 +1,13 @@
 """The one place where Jacobians are computed.
 
-Two jobs:
-
-- :func:`infer_leaves` walks the autograd graph (breadth first, iteratively, so graphs of any depth
-  work) to find the leaves that a collection of tensors depends on.
-- :func:`vjp_rows` computes the Jacobian of ``outputs`` w.r.t. ``inputs`` multiplied on the left by
-  initial Jacobians (one per output, ``[m, *output.shape]``). Its ``m`` rows are ``m``
-  vector-Jacobian products of the same graph: they are computed with one batched call of
-  :func:`torch.autograd.grad` (``is_grads_batched=True``, i.e. ``vmap`` over the rows) per chunk of
-  at most ``parallel_chunk_size`` rows. A chunk of one row is a plain ``autograd.grad`` call (no
-  ``vmap``). Every chunk but the last retains the graph, so the graph is freed once, at the end,
-  unless ``retain_graph`` is set.
+The leaves that a collection of tensors depends on are found by ``torchjd._graph.infer_leaves``
+(shared with the Gramian engine). :func:`vjp_rows` computes the Jacobian of ``outputs`` w.r.t.
+``inputs`` multiplied on the left by initial Jacobians (one per output, ``[m, *output.shape]``).
+Its ``m`` rows are ``m`` vector-Jacobian products of the same graph: they are computed with one
+batched call of :func:`torch.autograd.grad` (``is_grads_batched=True``, i.e. ``vmap`` over the
+rows) per chunk of at most ``parallel_chunk_size`` rows. A chunk of one row is a plain
+``autograd.grad`` call (no ``vmap``). Every chunk but the last retains the graph, so the graph is
+freed once, at the end, unless ``retain_graph`` is set.
 
   Through a ``torch.compile``d region, the batched products may fail (inductor's backward has no
   batching rules); they are then tried once with the graph retained and, on failure, replaced by
@@ -30,35 +27,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-
-
-def infer_leaves(roots: Sequence[Tensor], excluded: Sequence[Tensor] = ()) -> list[Tensor]:
-    """Leaves requiring grad reachable from ``roots``, in breadth-first discovery order.
-
-    The walk never enters the ``grad_fn`` of an ``excluded`` tensor (an excluded root is not a
-    start node), so only the paths through them are blocked. Every root and every excluded tensor
-    must have a ``grad_fn`` (the caller checks it). Duplicate-free, ordered by first discovery.
-    """
-    excluded_nodes = {t.grad_fn for t in excluded}
-    visited = set()
-    queue = deque()
-    for root in roots:
-        node = root.grad_fn
-        if node not in excluded_nodes and node not in visited:
-            visited.add(node)
-            queue.append(node)
-
-    leaves: dict[int, Tensor] = {}
-    while queue:
-        node = queue.popleft()
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, Tensor) and variable.requires_grad:
-            leaves.setdefault(id(variable), variable)
-        for child, _ in node.next_functions:
-            if child is not None and child not in visited and child not in excluded_nodes:
-                visited.add(child)
-                queue.append(child)
-    return list(leaves.values())
 
 
 def reaches(roots: Sequence[Tensor], targets: Sequence[Tensor]) -> bool:

@@ -9,6 +9,7 @@ from torchjd._accumulation import (
     check_grad_targets,
     check_jac_targets,
 )
+from torchjd._graph import infer_leaves
 from torchjd._tasks import validated_present
 from torchjd._validation import (
     as_tensor_list,
@@ -22,7 +23,6 @@ from torchjd._validation import (
 from torchjd.autojac._engine import (
     GivenRows,
     grad,
-    infer_leaves,
     reaches,
     scatter_rows,
     vjp_rows,
