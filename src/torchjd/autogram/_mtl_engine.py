@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from functools import reduce
 
 import torch
@@ -37,6 +38,7 @@ from torchjd._accumulation import accumulate_grads, check_grad_targets
 from torchjd._graph import infer_leaves
 from torchjd._pipeline import Group, Steps, choose_route, run
 from torchjd._protocol import Need
+from torchjd._tasks import validated_present, warn_no_task_present
 from torchjd._validation import check_aggregator
 from torchjd.aggregation import Aggregator
 from torchjd.autogram._engine import (
@@ -135,6 +137,8 @@ class MTLEngine:
         /,
         features: Sequence[Tensor] | Tensor,
         aggregator: Aggregator | GroupedAggregator,
+        *,
+        present: Tensor | Sequence[bool] | None = None,
     ) -> Tensor | list[Tensor | None]:
         """Accumulate the step into ``.grad``: the trunk's update aggregated from the Gramians,
         the heads' unweighted gradients.
@@ -148,6 +152,10 @@ class MTLEngine:
         :param aggregator: An aggregator whose weights come from the Gramian or from the number
             of rows, or a :class:`~torchjd.grouping.GroupedAggregator` whose groups hold exactly
             the trainable parameters of the hooked units.
+        :param present: Keyword-only. One boolean per task (see the page on missing tasks): only
+            the present tasks' losses are differentiated, the aggregators see their ``k`` rows
+            (hyper-parameters and state restricted to them) and an absent task weighs 0. No task
+            present: a warning, and no ``.grad`` is touched. Default ``None``: all present.
         :return: The weights (``[m]``); with a ``GroupedAggregator``, the list of each group's
             weights (also in its ``last_weights``).
         """
@@ -156,12 +164,23 @@ class MTLEngine:
         grouped = isinstance(aggregator, GroupedAggregator)
         for each in aggregator.aggregators if grouped else [aggregator]:  # type: ignore[union-attr]
             _checked_route(each)
+        m = len(losses_)
+        indices = None if present is None else validated_present(present, m)
+        if indices is not None:
+            if len(indices) == 0:
+                self._engine._recorder.records = []  # the step's forward calls are dropped
+                warn_no_task_present("`.grad` is left untouched", 1)
+                zeros = losses_[0].new_zeros(m)
+                return [zeros for _ in aggregator.aggregators] if grouped else zeros  # type: ignore[union-attr]
+            losses_ = [losses_[i] for i in indices.tolist()]
+        tasks = _Tasks(indices, m)
         by_module, feature_grads = self._output_gradients(losses_, [] if grouped else features_)
         if isinstance(aggregator, GroupedAggregator):
-            return self._grouped_step(losses_, features_, by_module, aggregator)
-        weights = self._ungrouped_weights(by_module, aggregator, len(losses_))
+            return self._grouped_step(losses_, features_, by_module, aggregator, tasks)
+        weights = self._ungrouped_weights(by_module, aggregator, len(losses_), tasks)
         del by_module
-        _backward_with_feature_gradients(losses_, features_, feature_grads, weights)
+        present_weights = weights if indices is None else weights[indices.to(weights.device)]
+        _backward_with_feature_gradients(losses_, features_, feature_grads, present_weights)
         return weights
 
     def task_views(self, features: Tensor, n_tasks: int) -> list[Tensor]:
@@ -214,11 +233,12 @@ class MTLEngine:
         features: list[Tensor],
         by_module: Deltas,
         grouped: GroupedAggregator,
+        tasks: _Tasks | None = None,
     ) -> list[Tensor | None]:
         """Weights per group, each unit's update from one VJP per part, the heads' gradients."""
         tensor_groups = grouped.groups
         parts = _parts(self._engine._units, by_module, tensor_groups)
-        steps = _BlockSteps(by_module, parts, len(losses), self._world())
+        steps = _BlockSteps(by_module, parts, len(losses), self._world(), tasks=tasks)
         prepared = steps.groups(
             tensor_groups, list(grouped.aggregators), compute_gramians=grouped.compute_gramians
         )
@@ -229,12 +249,14 @@ class MTLEngine:
         _backward_heads(losses, features, trunk, self._world())
         return result
 
-    def _ungrouped_weights(self, by_module: Deltas, aggregator: Aggregator, m: int) -> Tensor:
+    def _ungrouped_weights(
+        self, by_module: Deltas, aggregator: Aggregator, m: int, tasks: _Tasks | None = None
+    ) -> Tensor:
         """The weights of one group holding the whole trunk; the update is left to a backward."""
         units = self._engine._units
         every = [[p for unit in units for p in trainable(unit)]]
         parts = _parts(units, by_module, every)
-        steps = _BlockSteps(by_module, parts, m, self._world(), update=False)
+        steps = _BlockSteps(by_module, parts, m, self._world(), update=False, tasks=tasks)
         (group,) = steps.groups([[]], [aggregator])
         run([group], steps, retain_jac=True, stacklevel=3)
         assert group.weights is not None
@@ -262,6 +284,14 @@ class MTLEngine:
         return output_gradients(target, seed, _task_rows(m), records, extra)
 
 
+@dataclass(frozen=True)
+class _Tasks:
+    """The present tasks of a step: their indices among ``n_tasks`` (``None``: all present)."""
+
+    indices: Tensor | None
+    n_tasks: int
+
+
 class _BlockSteps(Steps):
     """The pipeline's steps for block Gramians: each group's Gramian is the sum of the blocks of
     its parts; the update of a group is one VJP per part (``update``), or left to a backward
@@ -270,8 +300,15 @@ class _BlockSteps(Steps):
     warns_unsynchronized = False  # there are no `.jac` fields
 
     def __init__(
-        self, by_module: Deltas, parts: list[_Part], m: int, world: int, update: bool = True
+        self,
+        by_module: Deltas,
+        parts: list[_Part],
+        m: int,
+        world: int,
+        update: bool = True,
+        tasks: _Tasks | None = None,
     ) -> None:
+        self.tasks = tasks if tasks is not None else _Tasks(None, m)
         self.by_module = by_module
         self.parts = parts
         self.m = m
@@ -306,7 +343,8 @@ class _BlockSteps(Steps):
                     wants,
                     dtype,
                     params[0].device,
-                    n_tasks=self.m,
+                    present=self.tasks.indices,
+                    n_tasks=self.tasks.n_tasks,
                 )
             )
         return result
