@@ -46,6 +46,13 @@ DEFAULTS = {  # name: (default, with --quick)
 }
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text}")
+    return value
+
+
 def _keys(allowed: Sequence[str]):
     def parse(text: str) -> list[str]:
         keys = [k.strip() for k in text.split(",") if k.strip()]
@@ -121,6 +128,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--batch-size", type=int, default=64, help="MultiMNIST batch size (default: 64)")
     add("--lr", type=float, default=3e-3, help="MultiMNIST Adam learning rate (default: 3e-3)")
     add(
+        "--missing-labels",
+        type=_fraction,
+        default=0.0,
+        help="fraction of the training labels of each task dropped, the same for every method "
+        "(losses averaged over the labelled samples; a task without one is absent; default: 0)",
+    )
+    add(
         "--iwrm-size",
         type=int,
         default=None,
@@ -175,7 +189,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def plan(args: argparse.Namespace) -> tuple[list[RunConfig], list[IWRMConfig]]:
     """The runs, seed-major so that a shorter run still has paired seeds for every method."""
-    common = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
+    common = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "missing_labels": args.missing_labels,
+    }
     configs = [("sum", "together", (t,)) for t in range(len(TASKS))]  # single-task references
     configs += [(k, "together", (0, 1)) for k in args.methods]
     configs += [(k, g, (0, 1)) for k in args.grouped_methods for g in args.groupings]
@@ -264,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "epochs": args.epochs,
             "batch_size": args.batch_size,
             "lr": args.lr,
+            "missing_labels": args.missing_labels,
         },
         "iwrm": {
             "train": args.iwrm_size,

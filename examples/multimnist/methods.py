@@ -30,9 +30,12 @@ from .model import GROUPINGS
 
 
 class Step:
-    """Turns the task losses of a batch into ``.grad`` fields."""
+    """Turns the task losses of a batch into ``.grad`` fields; ``present`` (one boolean per task,
+    ``None``: all) marks the tasks with at least one labelled sample in the batch."""
 
-    def backward(self, losses: list[Tensor], features: Tensor) -> None:
+    def backward(
+        self, losses: list[Tensor], features: Tensor, present: Tensor | None = None
+    ) -> None:
         raise NotImplementedError
 
     def cosines(self) -> Tensor | None:
@@ -42,8 +45,12 @@ class Step:
 
 
 class SummedLoss(Step):
-    def backward(self, losses: list[Tensor], features: Tensor) -> None:
-        torch.stack(losses).sum().backward()
+    def backward(
+        self, losses: list[Tensor], features: Tensor, present: Tensor | None = None
+    ) -> None:
+        kept = losses if present is None else [x for x, p in zip(losses, present) if p]
+        if kept:  # a single-task model on a batch without any label: no gradient
+            torch.stack(kept).sum().backward()
 
 
 class JacobianDescent(Step):
@@ -51,11 +58,15 @@ class JacobianDescent(Step):
         self.grouped = GroupedAggregator(GROUPINGS[grouping](trunk), make, compute_gramians=True)
         self.uses_losses = any(hasattr(a, "update_losses") for a in self.grouped.aggregators)
 
-    def backward(self, losses: list[Tensor], features: Tensor) -> None:
-        mtl_backward(losses, features=features)  # heads: .grad; trunk: .jac, one row per task
+    def backward(
+        self, losses: list[Tensor], features: Tensor, present: Tensor | None = None
+    ) -> None:
+        # heads: .grad; trunk: .jac, one row per task
+        mtl_backward(losses, features=features, present=present)
         if self.uses_losses:
-            self.grouped.update_losses(losses)  # GradNorm, DB-MTL
-        self.grouped.jac_to_grad()
+            # GradNorm, DB-MTL; an absent task's value (NaN) is never read
+            self.grouped.update_losses([x.detach().nan_to_num(0.0) for x in losses])
+        self.grouped.jac_to_grad(present=present)
 
     def cosines(self) -> Tensor:
         return torch.stack([c[0, 1] for c in self.grouped.cosine_similarities()])
@@ -65,8 +76,10 @@ class MomentumConfig(Step):
     def __init__(self, params: list[nn.Parameter], beta: float) -> None:
         self.step = MConFIGBackward(params, beta=beta)
 
-    def backward(self, losses: list[Tensor], features: Tensor) -> None:
-        self.step.backward(losses)
+    def backward(
+        self, losses: list[Tensor], features: Tensor, present: Tensor | None = None
+    ) -> None:
+        self.step.backward(losses, present=present)
 
 
 class GramianFirst(Step):
@@ -74,8 +87,10 @@ class GramianFirst(Step):
         self.engine = MTLEngine(trunk)
         self.grouped = GroupedAggregator(GROUPINGS[grouping](trunk), make, compute_gramians=True)
 
-    def backward(self, losses: list[Tensor], features: Tensor) -> None:
-        self.engine.backward(losses, features, self.grouped)
+    def backward(
+        self, losses: list[Tensor], features: Tensor, present: Tensor | None = None
+    ) -> None:
+        self.engine.backward(losses, features, self.grouped, present=present)
 
     def cosines(self) -> Tensor:
         return torch.stack([c[0, 1] for c in self.grouped.cosine_similarities()])

@@ -33,6 +33,7 @@ class RunConfig:
     epochs: int
     batch_size: int = 64
     lr: float = 1e-3
+    missing_labels: float = 0.0  # fraction of the training labels of each task dropped
 
     @property
     def single_task(self) -> bool:
@@ -54,6 +55,29 @@ class RunResult:
     cosine: float | None  # mean over steps and groups of the cosine between the task gradients
     conflict: float | None  # fraction of (step, group) pairs whose task gradients conflict
     cpu_ms_per_step: float
+
+
+def _masked_losses(
+    features: Tensor,
+    heads: nn.ModuleList,
+    tasks: tuple[int, ...],
+    train: Split,
+    index: Tensor,
+    labelled: Tensor,
+) -> tuple[list[Tensor], Tensor | None]:
+    """Each task's cross-entropy averaged over its labelled samples of the batch, and which tasks
+    have one (``None`` when every label is there: the ordinary step)."""
+    mask = labelled[index]
+    if bool(mask.all()):
+        losses = [cross_entropy(h(features), train.labels[index, t]) for t, h in zip(tasks, heads)]
+        return losses, None
+    counts = mask.sum(dim=0)
+    losses = [
+        (cross_entropy(h(features), train.labels[index, t], reduction="none") * mask[:, i]).sum()
+        / counts[i]  # NaN (0 / 0) for a task without a label: absent, never read
+        for i, (t, h) in enumerate(zip(tasks, heads))
+    ]
+    return losses, counts > 0
 
 
 @torch.no_grad()
@@ -84,6 +108,9 @@ def train_run(
 
     train = data.train
     n = len(train)
+    # The same labels are dropped for every method of a seed.
+    drop = torch.Generator().manual_seed(10_000 + config.seed)
+    labelled = torch.rand(n, len(config.tasks), generator=drop) >= config.missing_labels
     steps = config.epochs * -(-n // config.batch_size)
     epoch_losses, cosines = [], []
     cpu_seconds, done = 0.0, 0
@@ -94,16 +121,13 @@ def train_run(
             index = order[start : start + config.batch_size]
             begin = time.process_time()  # CPU time: robust to other processes on the machine
             features = trunk(train.images[index])
-            losses = [
-                cross_entropy(head(features), train.labels[index, task])
-                for task, head in zip(config.tasks, heads)
-            ]
-            step.backward(losses, features)
+            losses, present = _masked_losses(features, heads, config.tasks, train, index, labelled)
+            step.backward(losses, features, present)
             optimizer.step()
             optimizer.zero_grad()
             cpu_seconds += time.process_time() - begin
 
-            batch_losses = torch.stack([loss.detach() for loss in losses])
+            batch_losses = torch.stack([loss.detach() for loss in losses]).nan_to_num(0.0)
             total += batch_losses * len(index)
             cosine = step.cosines()
             if cosine is not None:

@@ -292,3 +292,41 @@ def test_gramian_first_step_matches_the_jacobian_descent_step() -> None:
         grads.append([p.grad.clone() for p in [*trunk.parameters(), *heads.parameters()]])
     for ours, reference in zip(*grads):
         torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_masked_losses_average_over_the_labelled_samples_only() -> None:
+    from examples.multimnist.data import Split
+    from examples.multimnist.train import _masked_losses
+
+    torch.manual_seed(0)
+    heads = nn.ModuleList([nn.Linear(3, 10), nn.Linear(3, 10)])
+    features = torch.randn(4, 3)
+    labels = torch.randint(0, 10, (4, 2))
+    split = Split(torch.zeros(4, 1, SIDE, SIDE), labels, torch.zeros(4, 2, dtype=torch.long))
+    labelled = torch.tensor([[True, False], [False, False], [True, False], [True, False]])
+    losses, present = _masked_losses(features, heads, (0, 1), split, torch.arange(4), labelled)
+    logits = heads[0](features)
+    # By hand: -log softmax of the true class, averaged over samples 0, 2 and 3.
+    by_hand = torch.stack(
+        [-torch.log_softmax(logits[i], dim=0)[split.labels[i, 0]] for i in (0, 2, 3)]
+    ).mean()
+    torch.testing.assert_close(losses[0], by_hand)
+    assert present.tolist() == [True, False]
+    assert torch.isnan(losses[1])  # 0 / 0, never read: the task is absent
+
+
+def test_quick_run_with_missing_labels(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    threads = torch.get_num_threads()
+    args = ["--quick", "--no-progress", "--output", str(out), "--missing-labels", "0.97"]
+    args += ["--methods", "sum,upgrad,gradnorm,mconfig,upgrad-gf", "--grouped-methods", "upgrad"]
+    args += ["--iwrm-methods", "sgd"]
+    try:
+        assert cli.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    runs = report.read_csv(out / report.MULTIMNIST_RUNS)
+    assert {"UPGrad (Gramian-first)", "GradNorm", "UPGrad / per_layer"} <= {
+        r["label"] for r in runs
+    }
+    assert all(0.0 <= float(r["left_acc"]) <= 100.0 for r in runs if r["left_acc"])
