@@ -1,7 +1,9 @@
 """Running a test's worker in several processes that talk through gloo."""
 
+import os
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,3 +34,18 @@ def run_processes(
                 process.terminate()
             pytest.fail(f"The {world_size} processes did not finish within {timeout_s} s.")
     return [torch.load(Path(directory, f"rank{r}.pt")) for r in range(world_size)]
+
+
+def init_gloo(rank: int, world_size: int, init_file: str) -> None:
+    """Join the gloo process group of a worker (one thread, loopback interface where there is
+    one)."""
+    torch.set_num_threads(1)
+    if os.path.exists("/sys/class/net/lo"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )

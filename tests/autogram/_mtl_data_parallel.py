@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from tests._gloo import init_gloo
 from torchjd.aggregation import Aggregator, GradVac, Random, UPGrad
 from torchjd.autogram import MTLEngine
 from torchjd.autojac import mtl_backward
@@ -119,16 +119,7 @@ def reference(name: str, world: int) -> Tensor:
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    if os.path.exists("/sys/class/net/lo"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(rank, world, init_file)
     try:
         results = {name: train_distributed(name, rank, world) for name in SCENARIOS}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

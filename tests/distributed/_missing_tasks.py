@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from tests._gloo import init_gloo
 from torchjd import autojac, distributed
 from torchjd.aggregation import GradVac, Mean, UPGrad
 from torchjd.grouping import GroupedAggregator
@@ -158,16 +158,7 @@ def distributed_run(name: str, rank: int) -> list[Tensor]:
 
 
 def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    if os.path.exists("/sys/class/net/lo"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(rank, world_size, init_file)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the no-task warning is not under test here

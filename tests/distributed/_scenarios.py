@@ -14,7 +14,6 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.functional import cross_entropy, mse_loss
 from torch.nn.parallel import DistributedDataParallel
 
+from tests._gloo import init_gloo
 from torchjd import autojac, distributed
 from torchjd.aggregation import ConFIG, GradVac, Mean, PCGrad, Random, UPGrad
 from torchjd.grouping import GroupedAggregator
@@ -298,16 +298,7 @@ def _aggregate(
 
 def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     """Entry point of each process: runs every scenario and saves the results."""
-    torch.set_num_threads(1)
-    if os.path.exists("/sys/class/net/lo"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(rank, world_size, init_file)
     try:
         results = {s.name: train_distributed(s, rank, world_size) for s in SCENARIOS + CONTROLS}
         results["synced-no-warning"] = _warnings_after_sync()
