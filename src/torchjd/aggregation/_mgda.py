@@ -55,7 +55,7 @@ def _mgda_weights(
 
     With ``m = 2`` the first iteration's line search spans the whole simplex (from the midpoint
     towards the descent vertex), so it lands on the minimiser and the next step is 0: the result
-    is that minimiser, computed in closed form (:func:`_two_rows`), which avoids the cancellation
+    is that minimiser, computed in closed form, which avoids the cancellation
     of ``1 - gamma`` when the rows have very different norms.
 
     A stopped problem is frozen (its later steps use :math:`\gamma = 0`, which leaves
