@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
@@ -35,3 +35,19 @@ def infer_leaves(roots: Sequence[Tensor], excluded: Sequence[Tensor] = ()) -> li
                 visited.add(child)
                 queue.append(child)
     return list(leaves.values())
+
+
+def any_node(roots: Sequence[Tensor], predicate: Callable[[object], bool]) -> bool:
+    """Whether a node of the graph of ``roots`` satisfies ``predicate``; breadth first, so it
+    stops early when such a node is close to the roots."""
+    queue = deque({r.grad_fn for r in roots if r.grad_fn is not None})
+    visited = set(queue)
+    while queue:
+        node = queue.popleft()
+        if predicate(node):
+            return True
+        for child, _ in node.next_functions:
+            if child is not None and child not in visited:
+                visited.add(child)
+                queue.append(child)
+    return False

@@ -22,11 +22,12 @@ materialised beyond the chunk being differentiated.
 from __future__ import annotations
 
 import warnings
-from collections import deque
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from torchjd._graph import any_node
 
 
 def reaches(roots: Sequence[Tensor], targets: Sequence[Tensor]) -> bool:
@@ -35,17 +36,7 @@ def reaches(roots: Sequence[Tensor], targets: Sequence[Tensor]) -> bool:
     Breadth-first from the roots, so it stops early when the targets are close to them (the
     usual case: features read by the heads)."""
     target_nodes = {t.grad_fn for t in targets if t.grad_fn is not None}
-    queue = deque({r.grad_fn for r in roots if r.grad_fn is not None})
-    visited = set(queue)
-    while queue:
-        node = queue.popleft()
-        if node in target_nodes:
-            return True
-        for child, _ in node.next_functions:
-            if child is not None and child not in visited:
-                visited.add(child)
-                queue.append(child)
-    return False
+    return any_node(roots, lambda node: node in target_nodes)
 
 
 class Rows:
@@ -214,17 +205,7 @@ def _batched_once(
 def _through_compiled_code(outputs: Sequence[Tensor]) -> bool:
     """Whether the graph of ``outputs`` goes through the backward of a ``torch.compile``d region
     (an AOTAutograd ``CompiledFunctionBackward`` node)."""
-    queue = deque({y.grad_fn for y in outputs if y.grad_fn is not None})
-    visited = set(queue)
-    while queue:
-        node = queue.popleft()
-        if type(node).__name__ == "CompiledFunctionBackward":
-            return True
-        for child, _ in node.next_functions:
-            if child is not None and child not in visited:
-                visited.add(child)
-                queue.append(child)
-    return False
+    return any_node(outputs, lambda node: type(node).__name__ == "CompiledFunctionBackward")
 
 
 def _first_line(error: Exception) -> str:
