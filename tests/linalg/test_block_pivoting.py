@@ -335,19 +335,21 @@ def test_fixed_set_systems_match_quadprog(m: int, monkeypatch: pytest.MonkeyPatc
     J = J - J.mean(dim=0, keepdim=True)
     G = J @ J.T
     U = torch.diag(torch.rand(m, generator=generator, dtype=torch.float64) + 0.5)
-    calls = []
-    original = block_pivoting._solve_fixed_gathered
+    A = G / G.trace() + 1e-4 * torch.eye(m, dtype=G.dtype)
+    matrices = []
+    original = block_pivoting._solve_gathered
     monkeypatch.setattr(
         block_pivoting,
-        "_solve_fixed_gathered",
-        lambda *args: calls.append(1) or original(*args),
+        "_solve_gathered",
+        lambda M, *args: matrices.append(M) or original(M, *args),
     )
     W = BlockPivotingProjector()(U, G)
-    assert calls
+    # Some systems were gathered from A^{-1}.
+    eye = torch.eye(m, dtype=G.dtype)
+    assert any(M.ndim == 2 and torch.allclose(M @ A, eye, atol=1e-8) for M in matrices)
     torch.testing.assert_close(W, QuadprogProjector()(U, G), rtol=1e-6, atol=1e-6)
-    _assert_kkt(U, W, G / G.trace() + 1e-4 * torch.eye(m, dtype=G.dtype), tol=1e-9)
+    _assert_kkt(U, W, A, tol=1e-9)
     # Without regularisation the conditioning is not bounded: the fixed-set route is not taken.
-    calls.clear()
     A = block_pivoting.BlockPivotingProjector(norm_eps=0.0, reg_eps=0.0)._regularised_gramian(
         (J[:, : m // 2] @ J[:, : m // 2].T).unsqueeze(0)
     )[0]

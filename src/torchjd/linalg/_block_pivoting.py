@@ -453,8 +453,8 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     # costs less than the guess would save: start from the empty free set.
     if large and H is None:
         F = _guess_free_set(A, neg_q)
-        z, failed = _solve_free_set(A, neg_q, F, eye, H, u)
-        y = _add_product(q, z, A)
+        sizes = _read_sizes(F.new_ones(P), F, large)[1:]  # host synchronisation
+        z, y, failed = _solve_free_set(A, q, neg_q, F, eye, H, u, sizes)
         infeasible = torch.where(F, z < neg_tol_z, y < neg_tol_y)
     else:
         F, z, y, failed = None, None, q, None  # F empty, z = 0
@@ -468,43 +468,7 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     best: list[Tensor] = []
     converged = False
 
-    may_compact = _compact_below(P, m) >= 0
     for _ in range(50 + 10 * m):
-        # Host synchronisation: are we done?
-        if may_compact:
-            count = infeasible.sum(dim=-1)
-            n_unsolved = int(count.count_nonzero())
-        else:
-            n_unsolved = int(infeasible.any())
-            count = None
-        if n_unsolved == 0:
-            converged = True
-            break
-        if may_compact and n_unsolved <= _compact_below(count.shape[0], m):
-            # The solved problems leave the batch.
-            if V is None:
-                V = torch.empty_like(u)
-                suspicious = torch.zeros(P, dtype=torch.bool, device=u.device)
-            if F is None:
-                F = torch.zeros_like(u, dtype=torch.bool)
-                z = torch.zeros_like(u)
-                failed = torch.zeros(u.shape[0], dtype=torch.bool, device=u.device)
-            solved = count == 0
-            solved_index = solved.nonzero().squeeze(-1)
-            done = solved_index if active is None else active[solved_index]
-            V[done] = _solution(u, z, y)[solved]
-            suspicious[done] = failed[solved]
-            keep = (~solved).nonzero().squeeze(-1)
-            if not shared:
-                # One matrix per remaining problem from now on.
-                A = A[keep // (u.shape[0] // A.shape[0])]
-            active = keep if active is None else active[keep]
-            u, q, neg_q, F, z, y, infeasible, failed = (
-                t[keep] for t in (u, q, neg_q, F, z, y, infeasible, failed)
-            )
-            neg_tol_z, neg_tol_y = neg_tol_z[keep], neg_tol_y[keep]
-            history, best = [t[keep] for t in history], [t[keep] for t in best]
-
         # Júdice-Pires: exchange every infeasible index as long as their number reaches new
         # minima; after _PATIENCE + 1 exchanges without a new minimum, exchange only the largest
         # infeasible index (Murty's rule, which terminates).
@@ -523,10 +487,40 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
             single = torch.zeros_like(infeasible).scatter_(-1, largest, True) & infeasible
             exchange = torch.where(stalled.unsqueeze(-1), single, infeasible)
             history, best = history[-_PATIENCE - 1 :], best[-_PATIENCE - 1 :]
-        F = exchange if F is None else F ^ exchange
+        F_next = exchange if F is None else F ^ exchange
 
-        z, failed = _solve_free_set(A, neg_q, F, eye, H, u)
-        y = _add_product(q, z, A)
+        # The iteration's one host synchronisation: are we done and, for large batches, how
+        # large are the next systems?
+        unsolved = infeasible.any(dim=-1)
+        n_unsolved, *sizes = _read_sizes(unsolved, F_next, large)
+        if n_unsolved == 0:
+            converged = True
+            break
+        if n_unsolved <= _compact_below(unsolved.shape[0], m):
+            # The solved problems leave the batch.
+            if V is None:
+                V = torch.empty_like(u)
+                suspicious = torch.zeros(P, dtype=torch.bool, device=u.device)
+            if F is None:
+                z = torch.zeros_like(u)
+                failed = torch.zeros(u.shape[0], dtype=torch.bool, device=u.device)
+            solved = ~unsolved
+            done = solved.nonzero().squeeze(-1)
+            if active is not None:
+                done = active[done]
+            V[done] = _solution(u, z, y)[solved]
+            suspicious[done] = failed[solved]
+            keep = unsolved.nonzero().squeeze(-1)
+            if not shared:
+                # One matrix per remaining problem from now on.
+                A = A[keep // (u.shape[0] // A.shape[0])]
+            active = keep if active is None else active[keep]
+            u, q, neg_q, F_next, infeasible = (t[keep] for t in (u, q, neg_q, F_next, infeasible))
+            neg_tol_z, neg_tol_y = neg_tol_z[keep], neg_tol_y[keep]
+            history, best = [t[keep] for t in history], [t[keep] for t in best]
+
+        F = F_next
+        z, y, failed = _solve_free_set(A, q, neg_q, F, eye, H, u, sizes)
         infeasible = torch.where(F, z < neg_tol_z, y < neg_tol_y)
 
     if F is None:  # solved without any factorisation: v = u
@@ -539,6 +533,22 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     V[active] = _solution(u, z, y)
     suspicious[active] = failed
     return V, suspicious
+
+
+def _read_sizes(unsolved: Tensor, F: Tensor, large: bool) -> list[int]:
+    """Read on the host, in one synchronisation, the number of unsolved problems and, for large
+    batches, the largest free set and the largest fixed set of ``F`` among the problems that will
+    stay in the batch (all of them unless every solved one leaves it)."""
+    n_unsolved = unsolved.sum()
+    if not large:
+        return [int(n_unsolved), 0, 0]
+    m = F.shape[-1]
+    n_free = F.sum(dim=-1)
+    # With m >= _LARGE_M, the solved problems leave the batch (_compact_below).
+    kept = unsolved if m >= _LARGE_M else torch.ones_like(unsolved)
+    largest_free = torch.where(kept, n_free, 0).amax()
+    largest_fixed = torch.where(kept, m - n_free, 0).amax()
+    return torch.stack([n_unsolved, largest_free, largest_fixed]).tolist()
 
 
 def _solution(u: Tensor, z: Tensor, y: Tensor) -> Tensor:
@@ -590,37 +600,43 @@ def _compact_below(n_active: int, m: int) -> int:
 
 def _solve_free_set(
     A: Tensor,
+    q: Tensor,
     neg_q: Tensor,
     F: Tensor,
     eye: Tensor | None,
-    H: Tensor | None = None,
-    u: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Solve ``A_FF z_F = -q_F`` with ``z = 0`` off ``F``, for each row of ``F`` at once; also
-    return whether each factorisation failed.
+    H: Tensor | None,
+    u: Tensor,
+    sizes: list[int],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Solve ``A_FF z_F = -q_F`` with ``z = 0`` off ``F``, for each row of ``F`` at once; return
+    ``z``, ``y = q + A z`` and whether each factorisation failed.
 
     ``A_FF`` is padded with the identity to a common size: ``m`` for small batches (``eye`` is the
     identity), the largest free set of the batch for large ones (``eye`` is None; gathering costs
-    less than factorising ``m x m`` systems then). With ``H = A^{-1}`` (shared ``A``) and the
-    problems' lower bounds ``u``, a batch whose fixed sets are at most half as large is solved
-    through systems of the fixed sets' size instead (:func:`_solve_fixed_gathered`).
+    less than factorising ``m x m`` systems then; ``sizes`` holds the largest free and fixed sets).
+    With ``H = A^{-1}`` (shared ``A``), a batch whose fixed sets are the smaller ones is solved
+    through systems of the fixed sets' size instead: the minimiser of ``v^T A v`` subject to
+    ``v_B = u_B`` (``B`` the complement of ``F``) is ``v = H_{:B} lambda`` with
+    ``H_BB lambda = u_B``, and then ``A v`` is ``lambda`` on ``B`` and 0 on ``F``.
     """
-    if eye is None:
-        if H is not None and u is not None:
-            n_fixed = F.shape[-1] - F.sum(dim=-1)
-            size = int(n_fixed.max())  # host synchronisation, as for the gathered systems
-            if 2 * size <= F.shape[-1]:
-                return _solve_fixed_gathered(H, u, F, n_fixed, size)
-        return _solve_gathered(A, neg_q, F)
-    free_pairs = F.unsqueeze(-1) & F.unsqueeze(-2)
-    if A.ndim == 2:
-        M = torch.where(free_pairs, A, eye)
-    else:
-        c, m = A.shape[0], A.shape[-1]
-        P = F.shape[0]
-        M = torch.where(free_pairs.view(c, P // c, m, m), A.unsqueeze(1), eye).view(P, m, m)
-    L, info = torch.linalg.cholesky_ex(M)
-    return torch.cholesky_solve((neg_q * F).unsqueeze(-1), L).squeeze(-1), info > 0
+    if eye is not None:
+        free_pairs = F.unsqueeze(-1) & F.unsqueeze(-2)
+        if A.ndim == 2:
+            M = torch.where(free_pairs, A, eye)
+        else:
+            c, m = A.shape[0], A.shape[-1]
+            P = F.shape[0]
+            M = torch.where(free_pairs.view(c, P // c, m, m), A.unsqueeze(1), eye).view(P, m, m)
+        L, info = torch.linalg.cholesky_ex(M)
+        z = torch.cholesky_solve((neg_q * F).unsqueeze(-1), L).squeeze(-1)
+        return z, _add_product(q, z, A), info > 0
+    largest_free, largest_fixed = sizes
+    if H is not None and largest_fixed <= largest_free:
+        lam, failed = _solve_gathered(H, u, ~F, largest_fixed)
+        z = torch.where(F, lam @ H - u, 0.0)  # H is symmetric: the rows of lam @ H are H lam
+        return z, lam, failed
+    z, failed = _solve_gathered(A, neg_q, F, largest_free)
+    return z, _add_product(q, z, A), failed
 
 
 def _inverse_if_well_conditioned(A: Tensor) -> Tensor | None:
@@ -636,63 +652,46 @@ def _inverse_if_well_conditioned(A: Tensor) -> Tensor | None:
     return H
 
 
-def _solve_fixed_gathered(
-    H: Tensor, u: Tensor, F: Tensor, n_fixed: Tensor, size: int
-) -> tuple[Tensor, Tensor]:
-    """What :func:`_solve_gathered` returns, through the fixed sets ``B`` (the complement of
-    ``F``): the minimiser of ``v^T A v`` subject to ``v_B = u_B`` is ``v = H_{:B} lambda`` with
-    ``H_BB lambda = u_B`` (``H = A^{-1}``; ``lambda = (A v)_B``), so each problem factorises a
-    system of the size of its fixed set, padded with the identity to ``size``. Returns
-    ``z = v - u`` on ``F`` (0 off it) and whether each factorisation failed."""
-    P, m = u.shape
-    slot = torch.arange(size, device=u.device)
-    valid = slot < n_fixed.unsqueeze(-1)  # [P, size]
-    # Position j of problem p holds the j-th index of its fixed set, or 0 (masked) after it.
-    order = torch.argsort(F.to(torch.int8), dim=-1, stable=True)[:, :size]
-    index = torch.where(valid, order, 0)
-    rows = H.index_select(0, index.flatten()).view(P, size, m)  # H[b_j, :]
-    H_BB = rows.gather(2, index.unsqueeze(1).expand(P, size, size))
-    eye = torch.eye(size, dtype=H.dtype, device=H.device)
-    H_BB = torch.where(valid.unsqueeze(-1) & valid.unsqueeze(-2), H_BB, eye)
-    u_B = torch.where(valid, u.gather(-1, index), 0.0).unsqueeze(-1)
-    L, info = torch.linalg.cholesky_ex(H_BB)
-    lam = torch.cholesky_solve(u_B, L).squeeze(-1) * valid  # [P, size]
-    v = (lam.unsqueeze(1) @ rows).squeeze(1)  # sum_j lambda_j H[b_j, :] (H is symmetric)
-    return torch.where(F, v - u, 0.0), info > 0
-
-
-def _solve_gathered(A: Tensor, neg_q: Tensor, F: Tensor) -> tuple[Tensor, Tensor]:
-    m = A.shape[-1]
-    c = 1 if A.ndim == 2 else A.shape[0]
-    P = neg_q.shape[0]
-    device = neg_q.device
-    n_free = F.sum(dim=-1)
-    size = int(n_free.max())  # host synchronisation: the size of the gathered systems
-    # Position j of problem p holds the j-th index of its free set, or the padding index m + j.
-    order = torch.argsort((~F).to(torch.int8), dim=-1, stable=True)[:, :size]
+def _solve_gathered(M: Tensor, rhs: Tensor, S: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Solve ``M_SS x_S = rhs_S`` with ``x = 0`` off ``S`` for each row of ``S`` (``[P, m]``),
+    ``M`` being ``[m, m]`` (shared) or ``[c, m, m]`` (``P / c`` problems each); return ``x`` and
+    whether each factorisation failed. Each system is gathered to ``size x size`` (at least the
+    largest set ``S``), padded with the identity."""
+    m = M.shape[-1]
+    c = 1 if M.ndim == 2 else M.shape[0]
+    P = rhs.shape[0]
+    device = rhs.device
+    if size == 0:
+        return torch.zeros_like(rhs), torch.zeros(P, dtype=torch.bool, device=device)
+    n_in = S.sum(dim=-1)
+    # Position j of problem p holds the j-th index of its set, or the padding index m + j after
+    # it (a stable sort of the indices by membership, built by two cumulative sums).
+    rank = torch.where(S, S.cumsum(dim=-1), n_in.unsqueeze(-1) + (~S).cumsum(dim=-1)) - 1
+    indices = torch.arange(m, device=device).expand(P, m)
+    order = torch.empty_like(rank).scatter_(-1, rank, indices)[:, :size]
     slot = torch.arange(size, device=device)
-    valid = slot < n_free.unsqueeze(-1)
+    valid = slot < n_in.unsqueeze(-1)
     index = torch.where(valid, order, m + slot)
-    # Flat indices into A: int32 when they fit (much faster to build and to gather with).
+    # Flat indices into M: int32 when they fit (much faster to build and to gather with).
     index_dtype = torch.int32 if c * (m + size) ** 2 < 2**31 else torch.int64
-    if A.ndim == 2:
-        # [[A, 0], [0, I]]: the padding indices give the identity block directly.
-        A_padded = torch.block_diag(A, torch.eye(size, dtype=A.dtype, device=device))
+    if M.ndim == 2:
+        # [[M, 0], [0, I]]: the padding indices give the identity block directly.
+        M_padded = torch.block_diag(M, torch.eye(size, dtype=M.dtype, device=device))
         index_ = index.to(index_dtype)
         flat_index = index_.unsqueeze(-1) * (m + size) + index_.unsqueeze(-2)
-        M = A_padded.flatten().index_select(0, flat_index.flatten()).view(P, size, size)
+        M_SS = M_padded.flatten().index_select(0, flat_index.flatten()).view(P, size, size)
     else:
         order_ = order.to(index_dtype)
         flat_index = order_.unsqueeze(-1) * m + order_.unsqueeze(-2)
         owner = torch.arange(P, device=device, dtype=index_dtype) // (P // c)
         flat_index += (owner * (m * m)).view(P, 1, 1)
-        M = A.flatten().index_select(0, flat_index.flatten()).view(P, size, size)
-        eye = torch.eye(size, dtype=A.dtype, device=device)
-        M = torch.where(valid.unsqueeze(-1) & valid.unsqueeze(-2), M, eye)
-    rhs = torch.where(valid, neg_q.gather(-1, order), 0.0).unsqueeze(-1)
-    L, info = torch.linalg.cholesky_ex(M)
+        M_SS = M.flatten().index_select(0, flat_index.flatten()).view(P, size, size)
+        eye = torch.eye(size, dtype=M.dtype, device=device)
+        M_SS = torch.where(valid.unsqueeze(-1) & valid.unsqueeze(-2), M_SS, eye)
+    rhs_S = torch.where(valid, rhs.gather(-1, order), 0.0).unsqueeze(-1)
+    L, info = torch.linalg.cholesky_ex(M_SS)
     # Two triangular solves: faster than cholesky_solve on large CPU batches.
-    w = torch.linalg.solve_triangular(L, rhs, upper=False)
-    z_small = torch.linalg.solve_triangular(L.mT, w, upper=True).squeeze(-1)
-    z = torch.zeros(P, m + size, dtype=neg_q.dtype, device=device)
-    return z.scatter_(-1, index, z_small)[:, :m], info > 0
+    w = torch.linalg.solve_triangular(L, rhs_S, upper=False)
+    x_S = torch.linalg.solve_triangular(L.mT, w, upper=True).squeeze(-1)
+    x = torch.zeros(P, m + size, dtype=rhs.dtype, device=device)
+    return x.scatter_(-1, index, x_S)[:, :m], info > 0
