@@ -436,6 +436,15 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     large = _is_large(P, m)
     eye = None if large else torch.eye(m, dtype=u.dtype, device=u.device)
     H = _inverse_if_well_conditioned(A) if large and shared else None
+    # Large batches gather their systems from copies of A and H with a row and a column of zeros
+    # appended (the padding of the gathered systems); A and H are views of them.
+    A_padded = H_padded = None
+    if large:
+        A_padded = _zero_padded(A)
+        A = A_padded[..., :m, :m]
+        if H is not None:
+            H_padded = _zero_padded(H)
+            H = H_padded[:m, :m]
 
     q = u @ A if shared else _add_product(torch.zeros_like(u), u, A)  # A u
     neg_q = -q
@@ -454,7 +463,7 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     if large and H is None:
         F = _guess_free_set(A, neg_q)
         sizes = _read_sizes(F.new_ones(P), F, large)[1:]  # host synchronisation
-        z, y, failed = _solve_free_set(A, q, neg_q, F, eye, H, u, sizes)
+        z, y, failed = _solve_free_set(A, q, neg_q, F, eye, A_padded, H_padded, u, sizes)
         infeasible = torch.where(F, z < neg_tol_z, y < neg_tol_y)
     else:
         F, z, y, failed = None, None, q, None  # F empty, z = 0
@@ -513,14 +522,15 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
             keep = unsolved.nonzero().squeeze(-1)
             if not shared:
                 # One matrix per remaining problem from now on.
-                A = A[keep // (u.shape[0] // A.shape[0])]
+                A_padded = A_padded[keep // (u.shape[0] // A.shape[0])]
+                A = A_padded[..., :m, :m]
             active = keep if active is None else active[keep]
             u, q, neg_q, F_next, infeasible = (t[keep] for t in (u, q, neg_q, F_next, infeasible))
             neg_tol_z, neg_tol_y = neg_tol_z[keep], neg_tol_y[keep]
             history, best = [t[keep] for t in history], [t[keep] for t in best]
 
         F = F_next
-        z, y, failed = _solve_free_set(A, q, neg_q, F, eye, H, u, sizes)
+        z, y, failed = _solve_free_set(A, q, neg_q, F, eye, A_padded, H_padded, u, sizes)
         infeasible = torch.where(F, z < neg_tol_z, y < neg_tol_y)
 
     if F is None:  # solved without any factorisation: v = u
@@ -537,18 +547,12 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
 
 def _read_sizes(unsolved: Tensor, F: Tensor, large: bool) -> list[int]:
     """Read on the host, in one synchronisation, the number of unsolved problems and, for large
-    batches, the largest free set and the largest fixed set of ``F`` among the problems that will
-    stay in the batch (all of them unless every solved one leaves it)."""
+    batches, the sizes of the largest free set and of the largest fixed set of ``F``."""
     n_unsolved = unsolved.sum()
     if not large:
         return [int(n_unsolved), 0, 0]
-    m = F.shape[-1]
-    n_free = F.sum(dim=-1)
-    # With m >= _LARGE_M, the solved problems leave the batch (_compact_below).
-    kept = unsolved if m >= _LARGE_M else torch.ones_like(unsolved)
-    largest_free = torch.where(kept, n_free, 0).amax()
-    largest_fixed = torch.where(kept, m - n_free, 0).amax()
-    return torch.stack([n_unsolved, largest_free, largest_fixed]).tolist()
+    smallest_free, largest_free = F.sum(dim=-1).aminmax()
+    return torch.stack([n_unsolved, largest_free, F.shape[-1] - smallest_free]).tolist()
 
 
 def _solution(u: Tensor, z: Tensor, y: Tensor) -> Tensor:
@@ -604,17 +608,19 @@ def _solve_free_set(
     neg_q: Tensor,
     F: Tensor,
     eye: Tensor | None,
-    H: Tensor | None,
+    A_padded: Tensor | None,
+    H_padded: Tensor | None,
     u: Tensor,
     sizes: list[int],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Solve ``A_FF z_F = -q_F`` with ``z = 0`` off ``F``, for each row of ``F`` at once; return
     ``z``, ``y = q + A z`` and whether each factorisation failed.
 
-    ``A_FF`` is padded with the identity to a common size: ``m`` for small batches (``eye`` is the
-    identity), the largest free set of the batch for large ones (``eye`` is None; gathering costs
-    less than factorising ``m x m`` systems then; ``sizes`` holds the largest free and fixed sets).
-    With ``H = A^{-1}`` (shared ``A``), a batch whose fixed sets are the smaller ones is solved
+    For small batches (``eye`` is the identity), ``A_FF`` is padded with the identity to ``m x m``.
+    For large ones, the systems are gathered from ``A_padded`` (``A`` with a zero row and column
+    appended) to the size of the largest free set (``sizes`` holds the largest free and fixed
+    sets): gathering costs less than factorising ``m x m`` systems then. With ``H_padded`` (the
+    same for ``H = A^{-1}``, shared ``A``), a batch whose fixed sets are the smaller ones is solved
     through systems of the fixed sets' size instead: the minimiser of ``v^T A v`` subject to
     ``v_B = u_B`` (``B`` the complement of ``F``) is ``v = H_{:B} lambda`` with
     ``H_BB lambda = u_B``, and then ``A v`` is ``lambda`` on ``B`` and 0 on ``F``.
@@ -630,12 +636,15 @@ def _solve_free_set(
         L, info = torch.linalg.cholesky_ex(M)
         z = torch.cholesky_solve((neg_q * F).unsqueeze(-1), L).squeeze(-1)
         return z, _add_product(q, z, A), info > 0
+    assert A_padded is not None
     largest_free, largest_fixed = sizes
-    if H is not None and largest_fixed <= largest_free:
-        lam, failed = _solve_gathered(H, u, ~F, largest_fixed)
-        z = torch.where(F, lam @ H - u, 0.0)  # H is symmetric: the rows of lam @ H are H lam
+    if H_padded is not None and largest_fixed <= largest_free:
+        lam, failed = _solve_gathered(H_padded, u, ~F, largest_fixed)
+        m = F.shape[-1]
+        # H is symmetric: the rows of lam @ H are H lam.
+        z = torch.where(F, lam @ H_padded[:m, :m] - u, 0.0)
         return z, lam, failed
-    z, failed = _solve_gathered(A, neg_q, F, largest_free)
+    z, failed = _solve_gathered(A_padded, neg_q, F, largest_free)
     return z, _add_product(q, z, A), failed
 
 
@@ -652,46 +661,43 @@ def _inverse_if_well_conditioned(A: Tensor) -> Tensor | None:
     return H
 
 
-def _solve_gathered(M: Tensor, rhs: Tensor, S: Tensor, size: int) -> tuple[Tensor, Tensor]:
+def _zero_padded(M: Tensor) -> Tensor:
+    """``M`` (``[..., m, m]``) with a row and a column of zeros appended."""
+    return torch.nn.functional.pad(M, (0, 1, 0, 1))
+
+
+def _solve_gathered(M_padded: Tensor, rhs: Tensor, S: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """Solve ``M_SS x_S = rhs_S`` with ``x = 0`` off ``S`` for each row of ``S`` (``[P, m]``),
-    ``M`` being ``[m, m]`` (shared) or ``[c, m, m]`` (``P / c`` problems each); return ``x`` and
-    whether each factorisation failed. Each system is gathered to ``size x size`` (at least the
-    largest set ``S``), padded with the identity."""
-    m = M.shape[-1]
-    c = 1 if M.ndim == 2 else M.shape[0]
-    P = rhs.shape[0]
+    ``M`` being ``[m, m]`` (shared) or ``[c, m, m]`` (``P / c`` problems each), given as
+    ``M_padded`` (a zero row and column appended); return ``x`` and whether each factorisation
+    failed. Each system is gathered to ``size x size`` (``size`` at least the largest set ``S``),
+    padded with the identity."""
+    P, m = rhs.shape
+    c = 1 if M_padded.ndim == 2 else M_padded.shape[0]
     device = rhs.device
     if size == 0:
         return torch.zeros_like(rhs), torch.zeros(P, dtype=torch.bool, device=device)
-    n_in = S.sum(dim=-1)
-    # Position j of problem p holds the j-th index of its set, or the padding index m + j after
-    # it (a stable sort of the indices by membership, built by two cumulative sums).
-    rank = torch.where(S, S.cumsum(dim=-1), n_in.unsqueeze(-1) + (~S).cumsum(dim=-1)) - 1
+    # Slot j of problem p holds the j-th index of its set, or the padding index m after it (the
+    # indices outside the set are all sent to the extra slot `size`, then dropped).
+    slot = torch.where(S, S.cumsum(dim=-1) - 1, size)
     indices = torch.arange(m, device=device).expand(P, m)
-    order = torch.empty_like(rank).scatter_(-1, rank, indices)[:, :size]
-    slot = torch.arange(size, device=device)
-    valid = slot < n_in.unsqueeze(-1)
-    index = torch.where(valid, order, m + slot)
-    # Flat indices into M: int32 when they fit (much faster to build and to gather with).
-    index_dtype = torch.int32 if c * (m + size) ** 2 < 2**31 else torch.int64
-    if M.ndim == 2:
-        # [[M, 0], [0, I]]: the padding indices give the identity block directly.
-        M_padded = torch.block_diag(M, torch.eye(size, dtype=M.dtype, device=device))
-        index_ = index.to(index_dtype)
-        flat_index = index_.unsqueeze(-1) * (m + size) + index_.unsqueeze(-2)
-        M_SS = M_padded.flatten().index_select(0, flat_index.flatten()).view(P, size, size)
-    else:
-        order_ = order.to(index_dtype)
-        flat_index = order_.unsqueeze(-1) * m + order_.unsqueeze(-2)
+    order = torch.full((P, size + 1), m, device=device).scatter_(-1, slot, indices)[:, :size]
+    # Flat indices into M_padded: int32 when they fit (much faster to build and to gather with).
+    n = m + 1
+    index_dtype = torch.int32 if c * n * n < 2**31 else torch.int64
+    order_ = order.to(index_dtype)
+    flat_index = order_.unsqueeze(-1) * n + order_.unsqueeze(-2)
+    if c > 1:
         owner = torch.arange(P, device=device, dtype=index_dtype) // (P // c)
-        flat_index += (owner * (m * m)).view(P, 1, 1)
-        M_SS = M.flatten().index_select(0, flat_index.flatten()).view(P, size, size)
-        eye = torch.eye(size, dtype=M.dtype, device=device)
-        M_SS = torch.where(valid.unsqueeze(-1) & valid.unsqueeze(-2), M_SS, eye)
-    rhs_S = torch.where(valid, rhs.gather(-1, order), 0.0).unsqueeze(-1)
+        flat_index += (owner * (n * n)).view(P, 1, 1)
+    M_SS = M_padded.flatten().index_select(0, flat_index.flatten()).view(P, size, size)
+    padding = order == m
+    M_SS.diagonal(dim1=-2, dim2=-1).add_(padding)  # the zero rows and columns get a unit diagonal
+    rhs_S = torch.nn.functional.pad(rhs, (0, 1)).gather(-1, order).unsqueeze(-1)
     L, info = torch.linalg.cholesky_ex(M_SS)
     # Two triangular solves: faster than cholesky_solve on large CPU batches.
     w = torch.linalg.solve_triangular(L, rhs_S, upper=False)
     x_S = torch.linalg.solve_triangular(L.mT, w, upper=True).squeeze(-1)
-    x = torch.zeros(P, m + size, dtype=rhs.dtype, device=device)
-    return x.scatter_(-1, index, x_S)[:, :m], info > 0
+    # The padding slots (all sent to index m) hold zeros.
+    x = torch.zeros(P, n, dtype=rhs.dtype, device=device)
+    return x.scatter_(-1, order, x_S)[:, :m], info > 0
