@@ -341,7 +341,7 @@ def test_fixed_set_systems_match_quadprog(m: int, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(
         block_pivoting,
         "_solve_gathered",
-        lambda M, *args: matrices.append(M) or original(M, *args),
+        lambda M, *args, **kwargs: matrices.append(M) or original(M, *args, **kwargs),
     )
     W = BlockPivotingProjector()(U, G)
     # Some systems were gathered from A^{-1} (with a zero row and column appended).

@@ -437,17 +437,15 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     eye = None if large else torch.eye(m, dtype=u.dtype, device=u.device)
     H = _inverse_if_well_conditioned(A) if large and shared else None
     # Large batches gather their systems from copies of A and H with a row and a column of zeros
-    # appended (the padding of the gathered systems); A and H are views of them.
+    # appended (the padding of the gathered systems); A is a view of its copy.
     A_padded = H_padded = None
     if large:
         A_padded = _zero_padded(A)
         A = A_padded[..., :m, :m]
         if H is not None:
             H_padded = _zero_padded(H)
-            H = H_padded[:m, :m]
 
     q = u @ A if shared else _add_product(torch.zeros_like(u), u, A)  # A u
-    neg_q = -q
     # z = v - u is infeasible on F below neg_tol_z, y = A v off F below neg_tol_y (the diagonal
     # bounds |A_ij|).
     rel_tol = _REL_TOL if u.dtype == torch.float64 else _REL_TOL_FLOAT32
@@ -461,16 +459,16 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     # F: the free set (z_F may be positive, y_F = 0); z = 0 off F. With the inverse, an iteration
     # costs less than the guess would save: start from the empty free set.
     if large and H is None:
-        F = _guess_free_set(A, neg_q)
+        F = _guess_free_set(A, -q)
         sizes = _read_sizes(F.new_ones(P), F, large)[1:]  # host synchronisation
-        z, y, failed = _solve_free_set(A, q, neg_q, F, eye, A_padded, H_padded, u, sizes)
+        z, y, failed = _solve_free_set(A, q, F, eye, A_padded, H_padded, u, sizes)
         infeasible = torch.where(F, z < neg_tol_z, y < neg_tol_y)
     else:
         F, z, y, failed = None, None, q, None  # F empty, z = 0
         infeasible = y < neg_tol_y
-    V = None  # the solutions of the problems that left the batch (and whether suspicious)
-    suspicious = None
-    active = None  # indices of the problems still in the batch (None: all of them)
+    # The solutions of the problems that left the batch, whether they are suspicious, and the
+    # indices of the problems still in the batch (None: all of them).
+    V = suspicious = active = None
     # The infeasible indices at each iteration (their numbers are counted only from the first
     # iteration where the rule below needs them), and the running minimum of those numbers.
     history: list[Tensor] = []
@@ -506,31 +504,28 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
             converged = True
             break
         if n_unsolved <= _compact_below(unsolved.shape[0], m):
-            # The solved problems leave the batch.
-            if V is None:
-                V = torch.empty_like(u)
-                suspicious = torch.zeros(P, dtype=torch.bool, device=u.device)
+            # The solved problems leave the batch; the solutions of all the problems in it are
+            # stored (those of the unsolved ones are overwritten later).
             if F is None:
                 z = torch.zeros_like(u)
                 failed = torch.zeros(u.shape[0], dtype=torch.bool, device=u.device)
-            solved = ~unsolved
-            done = solved.nonzero().squeeze(-1)
-            if active is not None:
-                done = active[done]
-            V[done] = _solution(u, z, y)[solved]
-            suspicious[done] = failed[solved]
+            if active is None:
+                V, suspicious = _solution(u, z, y), failed
+            else:
+                V[active] = _solution(u, z, y)
+                suspicious[active] = failed
             keep = unsolved.nonzero().squeeze(-1)
             if not shared:
                 # One matrix per remaining problem from now on.
                 A_padded = A_padded[keep // (u.shape[0] // A.shape[0])]
                 A = A_padded[..., :m, :m]
             active = keep if active is None else active[keep]
-            u, q, neg_q, F_next, infeasible = (t[keep] for t in (u, q, neg_q, F_next, infeasible))
+            u, q, F_next, infeasible = u[keep], q[keep], F_next[keep], infeasible[keep]
             neg_tol_z, neg_tol_y = neg_tol_z[keep], neg_tol_y[keep]
             history, best = [t[keep] for t in history], [t[keep] for t in best]
 
         F = F_next
-        z, y, failed = _solve_free_set(A, q, neg_q, F, eye, A_padded, H_padded, u, sizes)
+        z, y, failed = _solve_free_set(A, q, F, eye, A_padded, H_padded, u, sizes)
         infeasible = torch.where(F, z < neg_tol_z, y < neg_tol_y)
 
     if F is None:  # solved without any factorisation: v = u
@@ -551,8 +546,11 @@ def _read_sizes(unsolved: Tensor, F: Tensor, large: bool) -> list[int]:
     n_unsolved = unsolved.sum()
     if not large:
         return [int(n_unsolved), 0, 0]
-    smallest_free, largest_free = F.sum(dim=-1).aminmax()
-    return torch.stack([n_unsolved, largest_free, F.shape[-1] - smallest_free]).tolist()
+    n_free = F.sum(dim=-1)
+    n_unsolved_, largest_free, smallest_free = torch.stack(
+        [n_unsolved, n_free.amax(), n_free.amin()]
+    ).tolist()
+    return [n_unsolved_, largest_free, F.shape[-1] - smallest_free]
 
 
 def _solution(u: Tensor, z: Tensor, y: Tensor) -> Tensor:
@@ -605,7 +603,6 @@ def _compact_below(n_active: int, m: int) -> int:
 def _solve_free_set(
     A: Tensor,
     q: Tensor,
-    neg_q: Tensor,
     F: Tensor,
     eye: Tensor | None,
     A_padded: Tensor | None,
@@ -625,7 +622,7 @@ def _solve_free_set(
     ``v_B = u_B`` (``B`` the complement of ``F``) is ``v = H_{:B} lambda`` with
     ``H_BB lambda = u_B``, and then ``A v`` is ``lambda`` on ``B`` and 0 on ``F``.
     """
-    if eye is not None:
+    if A_padded is None:  # a small batch: eye is the identity
         free_pairs = F.unsqueeze(-1) & F.unsqueeze(-2)
         if A.ndim == 2:
             M = torch.where(free_pairs, A, eye)
@@ -634,17 +631,17 @@ def _solve_free_set(
             P = F.shape[0]
             M = torch.where(free_pairs.view(c, P // c, m, m), A.unsqueeze(1), eye).view(P, m, m)
         L, info = torch.linalg.cholesky_ex(M)
-        z = torch.cholesky_solve((neg_q * F).unsqueeze(-1), L).squeeze(-1)
+        z = torch.cholesky_solve((q * F).unsqueeze(-1), L).squeeze(-1).neg_()
         return z, _add_product(q, z, A), info > 0
-    assert A_padded is not None
     largest_free, largest_fixed = sizes
     if H_padded is not None and largest_fixed <= largest_free:
-        lam, failed = _solve_gathered(H_padded, u, ~F, largest_fixed)
+        lam, failed = _solve_gathered(H_padded, u, F, largest_fixed, complement=True)
         m = F.shape[-1]
         # H is symmetric: the rows of lam @ H are H lam.
         z = torch.where(F, lam @ H_padded[:m, :m] - u, 0.0)
         return z, lam, failed
-    z, failed = _solve_gathered(A_padded, neg_q, F, largest_free)
+    z, failed = _solve_gathered(A_padded, q, F, largest_free)
+    z.neg_()  # A_FF z_F = -q_F
     return z, _add_product(q, z, A), failed
 
 
@@ -656,7 +653,8 @@ def _inverse_if_well_conditioned(A: Tensor) -> Tensor | None:
     L, info = torch.linalg.cholesky_ex(A)
     H = torch.cholesky_inverse(L)
     bound = A.diagonal().sum() * H.diagonal().sum()
-    if bool(info != 0) or not float(bound) < _MAX_CONDITION_FOR_INVERSE:
+    # One host read (NaN, failing the test, when the factorisation failed).
+    if not float(torch.where(info == 0, bound, torch.nan)) < _MAX_CONDITION_FOR_INVERSE:
         return None
     return H
 
@@ -666,12 +664,14 @@ def _zero_padded(M: Tensor) -> Tensor:
     return torch.nn.functional.pad(M, (0, 1, 0, 1))
 
 
-def _solve_gathered(M_padded: Tensor, rhs: Tensor, S: Tensor, size: int) -> tuple[Tensor, Tensor]:
+def _solve_gathered(
+    M_padded: Tensor, rhs: Tensor, F: Tensor, size: int, complement: bool = False
+) -> tuple[Tensor, Tensor]:
     """Solve ``M_SS x_S = rhs_S`` with ``x = 0`` off ``S`` for each row of ``S`` (``[P, m]``),
-    ``M`` being ``[m, m]`` (shared) or ``[c, m, m]`` (``P / c`` problems each), given as
-    ``M_padded`` (a zero row and column appended); return ``x`` and whether each factorisation
-    failed. Each system is gathered to ``size x size`` (``size`` at least the largest set ``S``),
-    padded with the identity."""
+    where ``S`` is ``F``, or its complement if ``complement``, and ``M`` is ``[m, m]`` (shared)
+    or ``[c, m, m]`` (``P / c`` problems each), given as ``M_padded`` (a zero row and column
+    appended); return ``x`` and whether each factorisation failed. Each system is gathered to
+    ``size x size`` (``size`` at least the largest set ``S``), padded with the identity."""
     P, m = rhs.shape
     c = 1 if M_padded.ndim == 2 else M_padded.shape[0]
     device = rhs.device
@@ -679,8 +679,13 @@ def _solve_gathered(M_padded: Tensor, rhs: Tensor, S: Tensor, size: int) -> tupl
         return torch.zeros_like(rhs), torch.zeros(P, dtype=torch.bool, device=device)
     # Slot j of problem p holds the j-th index of its set, or the padding index m after it (the
     # indices outside the set are all sent to the extra slot `size`, then dropped).
-    slot = torch.where(S, S.cumsum(dim=-1) - 1, size)
-    indices = torch.arange(m, device=device).expand(P, m)
+    indices = torch.arange(m, device=device)
+    n_before = F.cumsum(dim=-1)  # the rank of j in F is n_before[j] - 1, in its complement
+    if complement:  # j - n_before[j]
+        slot = torch.where(F, size, indices - n_before)
+    else:
+        slot = torch.where(F, n_before - 1, size)
+    indices = indices.expand(P, m)
     order = torch.full((P, size + 1), m, device=device).scatter_(-1, slot, indices)[:, :size]
     # Flat indices into M_padded: int32 when they fit (much faster to build and to gather with).
     n = m + 1
@@ -693,7 +698,7 @@ def _solve_gathered(M_padded: Tensor, rhs: Tensor, S: Tensor, size: int) -> tupl
     M_SS = M_padded.flatten().index_select(0, flat_index.flatten()).view(P, size, size)
     padding = order == m
     M_SS.diagonal(dim1=-2, dim2=-1).add_(padding)  # the zero rows and columns get a unit diagonal
-    rhs_S = torch.nn.functional.pad(rhs, (0, 1)).gather(-1, order).unsqueeze(-1)
+    rhs_S = rhs.gather(-1, order.clamp(max=m - 1)).masked_fill_(padding, 0.0).unsqueeze(-1)
     L, info = torch.linalg.cholesky_ex(M_SS)
     # Two triangular solves: faster than cholesky_solve on large CPU batches.
     w = torch.linalg.solve_triangular(L, rhs_S, upper=False)
