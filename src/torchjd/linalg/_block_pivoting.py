@@ -77,16 +77,21 @@ class BlockPivotingProjector(NormalizingProjector):
     or many problems), the first guess comes from a few projected Jacobi iterations (a handful of
     matrix products), and the systems are gathered to the size of the largest free set. When all
     the problems share one float64 matrix whose condition number is provably below ``1e8`` (as
-    with UPGrad's default ``reg_eps``) and every fixed set (the complement of :math:`F`) is at most
-    half as large, the inverse of :math:`\hat G` is computed once and each problem solves a system
-    of the size of its fixed set instead (:math:`v = H_{:B} \lambda`, :math:`H_{BB} \lambda = u_B`
-    with :math:`H = \hat G^{-1}`), which is much smaller for many conflicting rows (e.g. the
-    per-sample gradients of an IWRM step); the first guess is then the empty free set.
+    with UPGrad's default ``reg_eps``), the inverse :math:`H = \hat G^{-1}` is computed once, the
+    first guess is the empty free set, and each iteration solves the batch through the smaller of
+    the free sets and the fixed sets :math:`B` (the complements of :math:`F`): the minimiser with
+    :math:`v_B = u_B` is :math:`v = H_{:B} \lambda` with :math:`H_{BB} \lambda = u_B`, and then
+    :math:`\hat G v` is :math:`\lambda` on :math:`B` and 0 elsewhere, so checking the optimality
+    conditions needs no product with :math:`\hat G`. With many conflicting rows (e.g. the
+    per-sample gradients of an IWRM step) the fixed sets are a small fraction of ``m``.
 
-    Each iteration reads a few numbers on the host to decide whether to stop (and, for large
-    batches, how large the gathered systems are): a synchronisation with the device that an
-    iterative solver cannot avoid. Random Gramians take one to three iterations; ill-conditioned
-    ones (rank-deficient Jacobians) can take tens.
+    **Synchronisation.** Block pivoting is iterative: each iteration reads on the host, in one
+    transfer, the number of unsolved problems and (for large batches) the sizes of the largest free
+    and fixed sets, which set the size of the next gathered systems. In a batch from which the
+    solved problems leave (``m >= 32``, or many problems), finding the remaining ones
+    (``nonzero``) is another synchronisation. The condition bound of the inverse is read once, and
+    after the iterations, whether a problem needs the rescue below. Random Gramians take one to
+    three iterations; ill-conditioned ones (rank-deficient Jacobians) can take tens.
 
     **Small problems, no synchronisation.** With ``m = 2`` the solution has a closed form (the
     optimality conditions of the four free sets, evaluated branch-free), computed in ``G``'s dtype
@@ -512,17 +517,19 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
             if active is None:
                 V, suspicious = _solution(u, z, y), failed
             else:
-                V[active] = _solution(u, z, y)
-                suspicious[active] = failed
+                V.index_copy_(0, active, _solution(u, z, y))
+                suspicious.index_copy_(0, active, failed)
             keep = unsolved.nonzero().squeeze(-1)
             if not shared:
                 # One matrix per remaining problem from now on.
-                A_padded = A_padded[keep // (u.shape[0] // A.shape[0])]
+                A_padded = A_padded.index_select(0, keep // (u.shape[0] // A.shape[0]))
                 A = A_padded[..., :m, :m]
-            active = keep if active is None else active[keep]
-            u, q, F_next, infeasible = u[keep], q[keep], F_next[keep], infeasible[keep]
-            neg_tol_z, neg_tol_y = neg_tol_z[keep], neg_tol_y[keep]
-            history, best = [t[keep] for t in history], [t[keep] for t in best]
+            active = keep if active is None else active.index_select(0, keep)
+            u, q, F_next, infeasible, neg_tol_z, neg_tol_y = (
+                t.index_select(0, keep) for t in (u, q, F_next, infeasible, neg_tol_z, neg_tol_y)
+            )
+            history = [t.index_select(0, keep) for t in history]
+            best = [t.index_select(0, keep) for t in best]
 
         F = F_next
         z, y, failed = _solve_free_set(A, q, F, eye, A_padded, H_padded, u, sizes)
