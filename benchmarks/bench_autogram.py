@@ -269,6 +269,31 @@ _KINDS = {
     "dtype conversions": ("aten::_to_copy", "aten::copy_"),
     "host reads": ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero"),
 }
+# Tensor methods that read values on the host (a synchronisation on a GPU), and nonzero, whose
+# output size the host must know.
+_READS = ("tolist", "item", "__bool__", "__int__", "__float__", "nonzero")
+
+
+def _count_reads(fn: Callable[[], object]) -> dict[str, int]:
+    """How many times ``fn()`` calls each method of ``_READS`` on a tensor."""
+    counts = dict.fromkeys(_READS, 0)
+    originals = {name: getattr(torch.Tensor, name) for name in _READS}
+
+    def counting(name: str) -> Callable[..., object]:
+        def method(self: Tensor, *args: object, **kwargs: object) -> object:
+            counts[name] += 1
+            return originals[name](self, *args, **kwargs)
+
+        return method
+
+    try:
+        for name in _READS:
+            setattr(torch.Tensor, name, counting(name))
+        fn()
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    return counts
 
 
 def bench_solve_profile(repeats: int) -> None:
@@ -289,20 +314,21 @@ def bench_solve_profile(repeats: int) -> None:
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events) / calls / 1000
         by_kind = dict.fromkeys([*_KINDS, "other"], 0.0)
-        counts = {"factorisations": 0, "host reads": 0}
+        factorisations = 0
         for event in events:
             kind = next(
                 (k for k, names in _KINDS.items() if any(n in event.key for n in names)), "other"
             )
             by_kind[kind] += event.self_cpu_time_total / calls / 1000
             if event.key == "aten::linalg_cholesky_ex":
-                counts["factorisations"] += event.count
-            if event.key == "aten::_local_scalar_dense":
-                counts["host reads"] += event.count
+                factorisations += event.count
+        reads = _count_reads(lambda: [weighting(gramian) for gramian in gramians])  # noqa: B023
+        n_nonzero = reads.pop("nonzero") / len(gramians)
         print(
             f"UPGradWeighting, IWRM {name.upper()} Gramian, m = 128: {total:.2f} ms of operators "
-            f"per call; {counts['factorisations'] / calls:.1f} batched factorisations and "
-            f"{counts['host reads'] / calls:.1f} host reads per call"
+            f"per call; {factorisations / calls:.1f} batched factorisations, "
+            f"{sum(reads.values()) / len(gramians):.1f} host reads and {n_nonzero:.1f} nonzero "
+            "per call"
         )
         for kind, ms in sorted(by_kind.items(), key=lambda item: -item[1]):
             print(f"  {kind:<38} {ms:6.2f} ms ({ms / total:.0%})")
