@@ -416,3 +416,18 @@ def test_iwrm_gramian_matches_quadprog_with_one_read_per_iteration(
     # Starting from the empty free set, every solve is preceded by one read, and one more read
     # finds that all the problems are solved.
     assert len(reads) == len(sizes) + 1
+
+
+def test_many_small_gramians_drop_their_solved_problems() -> None:
+    # Enough small Gramians (one matrix per problem group, not one shared) that the solved problems
+    # leave the batch while it is still solved without gathered systems.
+    generator = torch.Generator().manual_seed(21)
+    m, c = 8, 40
+    J = torch.randn(c, m, 3, generator=generator, dtype=torch.float64)
+    G = J @ J.transpose(1, 2)
+    U = torch.eye(m, dtype=torch.float64).expand(c, m, m)
+    assert c * m * m * m >= block_pivoting._COMPACT_FROM  # the batch is compacted
+    assert not block_pivoting._is_large(c * m, m)
+    batched = BlockPivotingProjector().solve_batched(U, G)
+    reference = torch.stack([QuadprogProjector()(U_k, G_k) for U_k, G_k in zip(U, G)])
+    torch.testing.assert_close(batched, reference, rtol=1e-6, atol=1e-7)

@@ -522,8 +522,12 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
             keep = unsolved.nonzero().squeeze(-1)
             if not shared:
                 # One matrix per remaining problem from now on.
-                A_padded = A_padded.index_select(0, keep // (u.shape[0] // A.shape[0]))
-                A = A_padded[..., :m, :m]
+                owner = keep // (u.shape[0] // A.shape[0])
+                if A_padded is None:
+                    A = A.index_select(0, owner)
+                else:
+                    A_padded = A_padded.index_select(0, owner)
+                    A = A_padded[..., :m, :m]
             active = keep if active is None else active.index_select(0, keep)
             u, q, F_next, infeasible, neg_tol_z, neg_tol_y = (
                 t.index_select(0, keep) for t in (u, q, F_next, infeasible, neg_tol_z, neg_tol_y)
