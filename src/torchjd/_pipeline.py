@@ -114,7 +114,10 @@ def _hooked(aggregator: Aggregator) -> bool:
     """Whether the aggregator or its weighting has forward hooks or pre-hooks."""
     if _has_forward_hooks(aggregator):
         return True
-    weighting = getattr(aggregator, "weighting", None)
+    # The submodule table first: `nn.Module.__getattr__` is slow (a property may hold it too).
+    weighting = aggregator._modules.get("weighting")
+    if weighting is None:
+        weighting = getattr(aggregator, "weighting", None)
     return isinstance(weighting, nn.Module) and _has_forward_hooks(weighting)
 
 

@@ -248,7 +248,11 @@ class GramianWeightedAggregator(WeightedAggregator):
 
     @property
     def gramian_weighting(self) -> Weighting[PSDMatrix]:
-        return self.weighting.weighting
+        # Read from the submodule tables: `nn.Module.__getattr__` would cost more than a small
+        # aggregation's arithmetic. The attribute path covers a replaced `weighting`.
+        composition = self._modules["weighting"]
+        inner = composition._modules.get("weighting") if composition is not None else None
+        return inner if inner is not None else self.weighting.weighting  # type: ignore[return-value]
 
     @property
     def need(self) -> Need:
