@@ -87,6 +87,21 @@ def _has_forward_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+def _hooked_tree(module: nn.Module) -> bool:
+    """Whether ``module`` or one of its submodules has forward hooks or pre-hooks (a walk over
+    the submodule tables: ``modules()`` costs microseconds per call in generator machinery)."""
+    stack, seen = [module], {id(module)}
+    while stack:
+        current = stack.pop()
+        if current._forward_hooks or current._forward_pre_hooks:
+            return True
+        for child in current._modules.values():
+            if child is not None and id(child) not in seen:  # shared or cyclic submodules
+                seen.add(id(child))
+                stack.append(child)
+    return False
+
+
 def choose_route(aggregator: Aggregator, optimize_gramian_computation: bool = False) -> Need:
     """The route of ``aggregator``: what it declares it needs, unless hooks must see the matrix.
 
@@ -307,7 +322,7 @@ def _scatter_to_all_tasks(group: Group, indices: Tensor) -> None:
 
 def _batch_key(group: Group) -> Hashable | None:
     """Groups with equal keys are weighed in one call; ``None``: weigh this group alone."""
-    if group.route is Need.MATRIX or any(map(_has_forward_hooks, group.weighting.modules())):
+    if group.route is Need.MATRIX or _hooked_tree(group.weighting):
         return None
     stat_dtype = group.gramian_dtype if group.route is Need.GRAMIAN else group.dtype
     return (group.route, type(group.weighting), group.m, stat_dtype, group.device)
