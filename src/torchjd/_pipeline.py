@@ -415,9 +415,20 @@ def combine(tensors: list[Tensor], jacobians: list[Tensor], weights: Tensor) -> 
     gradients = []
     for t, j in zip(tensors, jacobians):
         w = row if (j.dtype, j.device) == (row.dtype, row.device) else row.to(j.device, j.dtype)
-        gradient = torch.mm(w, j.reshape(m, -1)).view(t.shape)
+        matrix = j if j.ndim == 2 else j.reshape(m, -1)  # even a no-op reshape costs
+        gradient = _shaped_like(torch.mm(w, matrix), t)
         gradients.append(gradient if gradient.dtype == t.dtype else gradient.to(t.dtype))
     return gradients
+
+
+def _shaped_like(gradient: Tensor, t: Tensor) -> Tensor:
+    """``gradient`` (contiguous) viewed with the shape of ``t``. ``view_as`` on a plain tensor or
+    parameter: ``view(t.shape)`` parses the ``torch.Size`` on a slow path (microseconds a tensor);
+    a tensor subclass is only read for its shape, so that its ``__torch_function__`` is not
+    involved."""
+    if type(t) is Tensor or type(t) is nn.Parameter:
+        return gradient.view_as(t)
+    return gradient.view(t.shape)
 
 
 def aggregate_matrix(
