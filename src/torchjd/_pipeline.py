@@ -252,7 +252,7 @@ def apply_local(
     m, dtype = first.shape[0], _promoted_dtype(jacobians)
     if route is Need.GRAMIAN:
         # Summed in float32 at least: a half-precision sum loses the small rows.
-        stat = sum_of_gramians(jacobians, torch.promote_types(dtype, torch.float32))
+        stat = _gramian(jacobians, torch.promote_types(dtype, torch.float32))
         weighting = aggregator.gramian_weighting  # type: ignore[attr-defined]
     else:  # the weighting reads only the number of rows, the dtype and the device
         stat = torch.empty((m, 0), dtype=dtype, device=first.device)
@@ -387,6 +387,16 @@ def _weigh_restricted(batch: list[Group]) -> None:
         return
     for group, w in zip(batch, weights.unbind(0)):
         group.weights = w
+
+
+def _gramian(jacobians: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """:func:`sum_of_gramians` in ``dtype``; one ``[m, n]`` Jacobian already in ``dtype`` (a
+    bias or a norm's weight in a per-tensor loop) is one product, without the generic steps."""
+    if len(jacobians) == 1:
+        matrix = jacobians[0]
+        if matrix.ndim == 2 and matrix.dtype == dtype:
+            return torch.mm(matrix, matrix.t())
+    return sum_of_gramians(jacobians, dtype)
 
 
 def _checked_weights(weights: object, aggregator: Aggregator, expected: tuple[int, ...]) -> Tensor:

@@ -368,12 +368,15 @@ def test_route_without_concatenation_equals_concatenated_route(name: str) -> Non
     "dtypes",
     [[torch.float32], [torch.float64, torch.float32], [torch.float16], [torch.bfloat16]],
 )
-def test_short_path_is_the_pipeline_step(name: str, dtypes: list[torch.dtype]) -> None:
+@pytest.mark.parametrize("shapes", [SHAPES, [(5,)], [(2, 3)]])
+def test_short_path_is_the_pipeline_step(
+    name: str, dtypes: list[torch.dtype], shapes: list[tuple[int, ...]]
+) -> None:
     """One group whose every task is present skips the many-group machinery of the pipeline;
     the step must be bit for bit the one of that machinery (prepare + run)."""
     results = []
     for short in [True, False]:
-        params, _ = _params_with_jacs(SHAPES, m=3, seed=3)
+        params, _ = _params_with_jacs(shapes, m=3, seed=3)
         for i, p in enumerate(params):  # cycle through the dtypes, parameter and `.jac` alike
             dtype = dtypes[i % len(dtypes)]
             p.data, p.jac = p.data.to(dtype), p.jac.to(dtype)
