@@ -335,20 +335,84 @@ def test_fixed_set_systems_match_quadprog(m: int, monkeypatch: pytest.MonkeyPatc
     J = J - J.mean(dim=0, keepdim=True)
     G = J @ J.T
     U = torch.diag(torch.rand(m, generator=generator, dtype=torch.float64) + 0.5)
-    calls = []
-    original = block_pivoting._solve_fixed_gathered
+    A = G / G.trace() + 1e-4 * torch.eye(m, dtype=G.dtype)
+    matrices = []
+    original = block_pivoting._solve_gathered
     monkeypatch.setattr(
         block_pivoting,
-        "_solve_fixed_gathered",
-        lambda *args: calls.append(1) or original(*args),
+        "_solve_gathered",
+        lambda M, *args, **kwargs: matrices.append(M) or original(M, *args, **kwargs),
     )
     W = BlockPivotingProjector()(U, G)
-    assert calls
+    # Some systems were gathered from A^{-1} (with a zero row and column appended).
+    eye = torch.eye(m, dtype=G.dtype)
+    assert any(M.ndim == 2 and torch.allclose(M[:m, :m] @ A, eye, atol=1e-8) for M in matrices)
     torch.testing.assert_close(W, QuadprogProjector()(U, G), rtol=1e-6, atol=1e-6)
-    _assert_kkt(U, W, G / G.trace() + 1e-4 * torch.eye(m, dtype=G.dtype), tol=1e-9)
+    _assert_kkt(U, W, A, tol=1e-9)
     # Without regularisation the conditioning is not bounded: the fixed-set route is not taken.
-    calls.clear()
     A = block_pivoting.BlockPivotingProjector(norm_eps=0.0, reg_eps=0.0)._regularised_gramian(
         (J[:, : m // 2] @ J[:, : m // 2].T).unsqueeze(0)
     )[0]
     assert block_pivoting._inverse_if_well_conditioned(A) is None
+
+
+@pytest.mark.parametrize("complement", [False, True])
+def test_gathered_systems_solve_principal_submatrices(complement: bool) -> None:
+    # Each row solves M_SS x_S = rhs_S (S the set or its complement, 0 outside), compared with
+    # torch.linalg.solve on the explicit submatrices; one batch holds sets of different sizes,
+    # the empty set and the full set, padded to a larger common size.
+    generator = torch.Generator().manual_seed(21)
+    m = 9
+    X = torch.randn(m, m + 3, generator=generator, dtype=torch.float64)
+    M = X @ X.T
+    F = torch.rand(6, m, generator=generator) < 0.5
+    F[0], F[1] = True, False
+    rhs = torch.randn(6, m, generator=generator, dtype=torch.float64)
+    S = ~F if complement else F
+    size = int(S.sum(dim=-1).max()) + 2
+    x, failed = block_pivoting._solve_gathered(
+        block_pivoting._zero_padded(M), rhs, F, size, complement=complement
+    )
+    assert not failed.any()
+    for p in range(6):
+        index = S[p].nonzero().squeeze(-1)
+        expected = torch.zeros(m, dtype=torch.float64)
+        if index.numel() > 0:
+            expected[index] = torch.linalg.solve(M[index][:, index], rhs[p, index])
+        torch.testing.assert_close(x[p], expected, rtol=1e-10, atol=1e-12)
+
+
+def _iwrm_gramian(m: int, generator: torch.Generator) -> torch.Tensor:
+    """The Gramian of the per-sample gradients of the cross-entropy of a linear classifier with
+    ten classes on non-negative features (as after a ReLU): the structure of an IWRM step, where
+    samples of a class agree and most of the others conflict."""
+    d, classes = 20, 10
+    x = torch.randn(m, d, generator=generator, dtype=torch.float64).abs()
+    W = 0.1 * torch.randn(d, classes, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, classes, (m,), generator=generator)
+    delta = torch.softmax(x @ W, dim=-1) - torch.nn.functional.one_hot(labels, classes)
+    J = (delta.unsqueeze(-1) * x.unsqueeze(-2)).reshape(m, -1)  # d loss_b / d W, flattened
+    return J @ J.T
+
+
+@pytest.mark.parametrize("m", [64, 128])
+def test_iwrm_gramian_matches_quadprog_with_one_read_per_iteration(
+    m: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generator = torch.Generator().manual_seed(500 + m)
+    G = _iwrm_gramian(m, generator)
+    U = torch.diag(torch.full((m,), 1.0 / m, dtype=torch.float64))
+    reads, sizes = [], []
+    read_sizes, solve_free_set = block_pivoting._read_sizes, block_pivoting._solve_free_set
+    monkeypatch.setattr(block_pivoting, "_read_sizes", lambda *a: reads.append(1) or read_sizes(*a))
+    monkeypatch.setattr(
+        block_pivoting, "_solve_free_set", lambda *a: sizes.append(a[-1]) or solve_free_set(*a)
+    )
+    W = BlockPivotingProjector()(U, G)
+    torch.testing.assert_close(W, QuadprogProjector()(U, G), rtol=1e-6, atol=1e-6)
+    _assert_kkt(U, W, G / G.trace() + 1e-4 * torch.eye(m, dtype=G.dtype), tol=1e-9)
+    # Some systems are those of the fixed sets (the smaller ones).
+    assert any(largest_fixed <= largest_free for largest_free, largest_fixed in sizes)
+    # Starting from the empty free set, every solve is preceded by one read, and one more read
+    # finds that all the problems are solved.
+    assert len(reads) == len(sizes) + 1

@@ -77,16 +77,21 @@ class BlockPivotingProjector(NormalizingProjector):
     or many problems), the first guess comes from a few projected Jacobi iterations (a handful of
     matrix products), and the systems are gathered to the size of the largest free set. When all
     the problems share one float64 matrix whose condition number is provably below ``1e8`` (as
-    with UPGrad's default ``reg_eps``) and every fixed set (the complement of :math:`F`) is at most
-    half as large, the inverse of :math:`\hat G` is computed once and each problem solves a system
-    of the size of its fixed set instead (:math:`v = H_{:B} \lambda`, :math:`H_{BB} \lambda = u_B`
-    with :math:`H = \hat G^{-1}`), which is much smaller for many conflicting rows (e.g. the
-    per-sample gradients of an IWRM step); the first guess is then the empty free set.
+    with UPGrad's default ``reg_eps``), the inverse :math:`H = \hat G^{-1}` is computed once, the
+    first guess is the empty free set, and each iteration solves the batch through the smaller of
+    the free sets and the fixed sets :math:`B` (the complements of :math:`F`): the minimiser with
+    :math:`v_B = u_B` is :math:`v = H_{:B} \lambda` with :math:`H_{BB} \lambda = u_B`, and then
+    :math:`\hat G v` is :math:`\lambda` on :math:`B` and 0 elsewhere, so checking the optimality
+    conditions needs no product with :math:`\hat G`. With many conflicting rows (e.g. the
+    per-sample gradients of an IWRM step) the fixed sets are a small fraction of ``m``.
 
-    Each iteration reads a few numbers on the host to decide whether to stop (and, for large
-    batches, how large the gathered systems are): a synchronisation with the device that an
-    iterative solver cannot avoid. Random Gramians take one to three iterations; ill-conditioned
-    ones (rank-deficient Jacobians) can take tens.
+    **Synchronisation.** Block pivoting is iterative: each iteration reads on the host, in one
+    transfer, the number of unsolved problems and (for large batches) the sizes of the largest free
+    and fixed sets, which set the size of the next gathered systems. In a batch from which the
+    solved problems leave (``m >= 32``, or many problems), finding the remaining ones
+    (``nonzero``) is another synchronisation. The condition bound of the inverse is read once, and
+    after the iterations, whether a problem needs the rescue below. Random Gramians take one to
+    three iterations; ill-conditioned ones (rank-deficient Jacobians) can take tens.
 
     **Small problems, no synchronisation.** With ``m = 2`` the solution has a closed form (the
     optimality conditions of the four free sets, evaluated branch-free), computed in ``G``'s dtype
@@ -436,9 +441,16 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     large = _is_large(P, m)
     eye = None if large else torch.eye(m, dtype=u.dtype, device=u.device)
     H = _inverse_if_well_conditioned(A) if large and shared else None
+    # Large batches gather their systems from copies of A and H with a row and a column of zeros
+    # appended (the padding of the gathered systems); A is a view of its copy.
+    A_padded = H_padded = None
+    if large:
+        A_padded = _zero_padded(A)
+        A = A_padded[..., :m, :m]
+        if H is not None:
+            H_padded = _zero_padded(H)
 
     q = u @ A if shared else _add_product(torch.zeros_like(u), u, A)  # A u
-    neg_q = -q
     # z = v - u is infeasible on F below neg_tol_z, y = A v off F below neg_tol_y (the diagonal
     # bounds |A_ij|).
     rel_tol = _REL_TOL if u.dtype == torch.float64 else _REL_TOL_FLOAT32
@@ -452,59 +464,23 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     # F: the free set (z_F may be positive, y_F = 0); z = 0 off F. With the inverse, an iteration
     # costs less than the guess would save: start from the empty free set.
     if large and H is None:
-        F = _guess_free_set(A, neg_q)
-        z, failed = _solve_free_set(A, neg_q, F, eye, H, u)
-        y = _add_product(q, z, A)
+        F = _guess_free_set(A, -q)
+        sizes = _read_sizes(F.new_ones(P), F, large)[1:]  # host synchronisation
+        z, y, failed = _solve_free_set(A, q, F, eye, A_padded, H_padded, u, sizes)
         infeasible = torch.where(F, z < neg_tol_z, y < neg_tol_y)
     else:
         F, z, y, failed = None, None, q, None  # F empty, z = 0
         infeasible = y < neg_tol_y
-    V = None  # the solutions of the problems that left the batch (and whether suspicious)
-    suspicious = None
-    active = None  # indices of the problems still in the batch (None: all of them)
+    # The solutions of the problems that left the batch, whether they are suspicious, and the
+    # indices of the problems still in the batch (None: all of them).
+    V = suspicious = active = None
     # The infeasible indices at each iteration (their numbers are counted only from the first
     # iteration where the rule below needs them), and the running minimum of those numbers.
     history: list[Tensor] = []
     best: list[Tensor] = []
     converged = False
 
-    may_compact = _compact_below(P, m) >= 0
     for _ in range(50 + 10 * m):
-        # Host synchronisation: are we done?
-        if may_compact:
-            count = infeasible.sum(dim=-1)
-            n_unsolved = int(count.count_nonzero())
-        else:
-            n_unsolved = int(infeasible.any())
-            count = None
-        if n_unsolved == 0:
-            converged = True
-            break
-        if may_compact and n_unsolved <= _compact_below(count.shape[0], m):
-            # The solved problems leave the batch.
-            if V is None:
-                V = torch.empty_like(u)
-                suspicious = torch.zeros(P, dtype=torch.bool, device=u.device)
-            if F is None:
-                F = torch.zeros_like(u, dtype=torch.bool)
-                z = torch.zeros_like(u)
-                failed = torch.zeros(u.shape[0], dtype=torch.bool, device=u.device)
-            solved = count == 0
-            solved_index = solved.nonzero().squeeze(-1)
-            done = solved_index if active is None else active[solved_index]
-            V[done] = _solution(u, z, y)[solved]
-            suspicious[done] = failed[solved]
-            keep = (~solved).nonzero().squeeze(-1)
-            if not shared:
-                # One matrix per remaining problem from now on.
-                A = A[keep // (u.shape[0] // A.shape[0])]
-            active = keep if active is None else active[keep]
-            u, q, neg_q, F, z, y, infeasible, failed = (
-                t[keep] for t in (u, q, neg_q, F, z, y, infeasible, failed)
-            )
-            neg_tol_z, neg_tol_y = neg_tol_z[keep], neg_tol_y[keep]
-            history, best = [t[keep] for t in history], [t[keep] for t in best]
-
         # Júdice-Pires: exchange every infeasible index as long as their number reaches new
         # minima; after _PATIENCE + 1 exchanges without a new minimum, exchange only the largest
         # infeasible index (Murty's rule, which terminates).
@@ -523,10 +499,40 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
             single = torch.zeros_like(infeasible).scatter_(-1, largest, True) & infeasible
             exchange = torch.where(stalled.unsqueeze(-1), single, infeasible)
             history, best = history[-_PATIENCE - 1 :], best[-_PATIENCE - 1 :]
-        F = exchange if F is None else F ^ exchange
+        F_next = exchange if F is None else F ^ exchange
 
-        z, failed = _solve_free_set(A, neg_q, F, eye, H, u)
-        y = _add_product(q, z, A)
+        # The iteration's one host synchronisation: are we done and, for large batches, how
+        # large are the next systems?
+        unsolved = infeasible.any(dim=-1)
+        n_unsolved, *sizes = _read_sizes(unsolved, F_next, large)
+        if n_unsolved == 0:
+            converged = True
+            break
+        if n_unsolved <= _compact_below(unsolved.shape[0], m):
+            # The solved problems leave the batch; the solutions of all the problems in it are
+            # stored (those of the unsolved ones are overwritten later).
+            if F is None:
+                z = torch.zeros_like(u)
+                failed = torch.zeros(u.shape[0], dtype=torch.bool, device=u.device)
+            if active is None:
+                V, suspicious = _solution(u, z, y), failed
+            else:
+                V.index_copy_(0, active, _solution(u, z, y))
+                suspicious.index_copy_(0, active, failed)
+            keep = unsolved.nonzero().squeeze(-1)
+            if not shared:
+                # One matrix per remaining problem from now on.
+                A_padded = A_padded.index_select(0, keep // (u.shape[0] // A.shape[0]))
+                A = A_padded[..., :m, :m]
+            active = keep if active is None else active.index_select(0, keep)
+            u, q, F_next, infeasible, neg_tol_z, neg_tol_y = (
+                t.index_select(0, keep) for t in (u, q, F_next, infeasible, neg_tol_z, neg_tol_y)
+            )
+            history = [t.index_select(0, keep) for t in history]
+            best = [t.index_select(0, keep) for t in best]
+
+        F = F_next
+        z, y, failed = _solve_free_set(A, q, F, eye, A_padded, H_padded, u, sizes)
         infeasible = torch.where(F, z < neg_tol_z, y < neg_tol_y)
 
     if F is None:  # solved without any factorisation: v = u
@@ -539,6 +545,19 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     V[active] = _solution(u, z, y)
     suspicious[active] = failed
     return V, suspicious
+
+
+def _read_sizes(unsolved: Tensor, F: Tensor, large: bool) -> list[int]:
+    """Read on the host, in one synchronisation, the number of unsolved problems and, for large
+    batches, the sizes of the largest free set and of the largest fixed set of ``F``."""
+    n_unsolved = unsolved.sum()
+    if not large:
+        return [int(n_unsolved), 0, 0]
+    n_free = F.sum(dim=-1)
+    n_unsolved_, largest_free, smallest_free = torch.stack(
+        [n_unsolved, n_free.amax(), n_free.amin()]
+    ).tolist()
+    return [n_unsolved_, largest_free, F.shape[-1] - smallest_free]
 
 
 def _solution(u: Tensor, z: Tensor, y: Tensor) -> Tensor:
@@ -590,37 +609,47 @@ def _compact_below(n_active: int, m: int) -> int:
 
 def _solve_free_set(
     A: Tensor,
-    neg_q: Tensor,
+    q: Tensor,
     F: Tensor,
     eye: Tensor | None,
-    H: Tensor | None = None,
-    u: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Solve ``A_FF z_F = -q_F`` with ``z = 0`` off ``F``, for each row of ``F`` at once; also
-    return whether each factorisation failed.
+    A_padded: Tensor | None,
+    H_padded: Tensor | None,
+    u: Tensor,
+    sizes: list[int],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Solve ``A_FF z_F = -q_F`` with ``z = 0`` off ``F``, for each row of ``F`` at once; return
+    ``z``, ``y = q + A z`` and whether each factorisation failed.
 
-    ``A_FF`` is padded with the identity to a common size: ``m`` for small batches (``eye`` is the
-    identity), the largest free set of the batch for large ones (``eye`` is None; gathering costs
-    less than factorising ``m x m`` systems then). With ``H = A^{-1}`` (shared ``A``) and the
-    problems' lower bounds ``u``, a batch whose fixed sets are at most half as large is solved
-    through systems of the fixed sets' size instead (:func:`_solve_fixed_gathered`).
+    For small batches (``eye`` is the identity), ``A_FF`` is padded with the identity to ``m x m``.
+    For large ones, the systems are gathered from ``A_padded`` (``A`` with a zero row and column
+    appended) to the size of the largest free set (``sizes`` holds the largest free and fixed
+    sets): gathering costs less than factorising ``m x m`` systems then. With ``H_padded`` (the
+    same for ``H = A^{-1}``, shared ``A``), a batch whose fixed sets are the smaller ones is solved
+    through systems of the fixed sets' size instead: the minimiser of ``v^T A v`` subject to
+    ``v_B = u_B`` (``B`` the complement of ``F``) is ``v = H_{:B} lambda`` with
+    ``H_BB lambda = u_B``, and then ``A v`` is ``lambda`` on ``B`` and 0 on ``F``.
     """
-    if eye is None:
-        if H is not None and u is not None:
-            n_fixed = F.shape[-1] - F.sum(dim=-1)
-            size = int(n_fixed.max())  # host synchronisation, as for the gathered systems
-            if 2 * size <= F.shape[-1]:
-                return _solve_fixed_gathered(H, u, F, n_fixed, size)
-        return _solve_gathered(A, neg_q, F)
-    free_pairs = F.unsqueeze(-1) & F.unsqueeze(-2)
-    if A.ndim == 2:
-        M = torch.where(free_pairs, A, eye)
-    else:
-        c, m = A.shape[0], A.shape[-1]
-        P = F.shape[0]
-        M = torch.where(free_pairs.view(c, P // c, m, m), A.unsqueeze(1), eye).view(P, m, m)
-    L, info = torch.linalg.cholesky_ex(M)
-    return torch.cholesky_solve((neg_q * F).unsqueeze(-1), L).squeeze(-1), info > 0
+    if A_padded is None:  # a small batch: eye is the identity
+        free_pairs = F.unsqueeze(-1) & F.unsqueeze(-2)
+        if A.ndim == 2:
+            M = torch.where(free_pairs, A, eye)
+        else:
+            c, m = A.shape[0], A.shape[-1]
+            P = F.shape[0]
+            M = torch.where(free_pairs.view(c, P // c, m, m), A.unsqueeze(1), eye).view(P, m, m)
+        L, info = torch.linalg.cholesky_ex(M)
+        z = torch.cholesky_solve((q * F).unsqueeze(-1), L).squeeze(-1).neg_()
+        return z, _add_product(q, z, A), info > 0
+    largest_free, largest_fixed = sizes
+    if H_padded is not None and largest_fixed <= largest_free:
+        lam, failed = _solve_gathered(H_padded, u, F, largest_fixed, complement=True)
+        m = F.shape[-1]
+        # H is symmetric: the rows of lam @ H are H lam.
+        z = torch.where(F, lam @ H_padded[:m, :m] - u, 0.0)
+        return z, lam, failed
+    z, failed = _solve_gathered(A_padded, q, F, largest_free)
+    z.neg_()  # A_FF z_F = -q_F
+    return z, _add_product(q, z, A), failed
 
 
 def _inverse_if_well_conditioned(A: Tensor) -> Tensor | None:
@@ -631,68 +660,56 @@ def _inverse_if_well_conditioned(A: Tensor) -> Tensor | None:
     L, info = torch.linalg.cholesky_ex(A)
     H = torch.cholesky_inverse(L)
     bound = A.diagonal().sum() * H.diagonal().sum()
-    if bool(info != 0) or not float(bound) < _MAX_CONDITION_FOR_INVERSE:
+    # One host read (NaN, failing the test, when the factorisation failed).
+    if not float(torch.where(info == 0, bound, torch.nan)) < _MAX_CONDITION_FOR_INVERSE:
         return None
     return H
 
 
-def _solve_fixed_gathered(
-    H: Tensor, u: Tensor, F: Tensor, n_fixed: Tensor, size: int
+def _zero_padded(M: Tensor) -> Tensor:
+    """``M`` (``[..., m, m]``) with a row and a column of zeros appended."""
+    return torch.nn.functional.pad(M, (0, 1, 0, 1))
+
+
+def _solve_gathered(
+    M_padded: Tensor, rhs: Tensor, F: Tensor, size: int, complement: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """What :func:`_solve_gathered` returns, through the fixed sets ``B`` (the complement of
-    ``F``): the minimiser of ``v^T A v`` subject to ``v_B = u_B`` is ``v = H_{:B} lambda`` with
-    ``H_BB lambda = u_B`` (``H = A^{-1}``; ``lambda = (A v)_B``), so each problem factorises a
-    system of the size of its fixed set, padded with the identity to ``size``. Returns
-    ``z = v - u`` on ``F`` (0 off it) and whether each factorisation failed."""
-    P, m = u.shape
-    slot = torch.arange(size, device=u.device)
-    valid = slot < n_fixed.unsqueeze(-1)  # [P, size]
-    # Position j of problem p holds the j-th index of its fixed set, or 0 (masked) after it.
-    order = torch.argsort(F.to(torch.int8), dim=-1, stable=True)[:, :size]
-    index = torch.where(valid, order, 0)
-    rows = H.index_select(0, index.flatten()).view(P, size, m)  # H[b_j, :]
-    H_BB = rows.gather(2, index.unsqueeze(1).expand(P, size, size))
-    eye = torch.eye(size, dtype=H.dtype, device=H.device)
-    H_BB = torch.where(valid.unsqueeze(-1) & valid.unsqueeze(-2), H_BB, eye)
-    u_B = torch.where(valid, u.gather(-1, index), 0.0).unsqueeze(-1)
-    L, info = torch.linalg.cholesky_ex(H_BB)
-    lam = torch.cholesky_solve(u_B, L).squeeze(-1) * valid  # [P, size]
-    v = (lam.unsqueeze(1) @ rows).squeeze(1)  # sum_j lambda_j H[b_j, :] (H is symmetric)
-    return torch.where(F, v - u, 0.0), info > 0
-
-
-def _solve_gathered(A: Tensor, neg_q: Tensor, F: Tensor) -> tuple[Tensor, Tensor]:
-    m = A.shape[-1]
-    c = 1 if A.ndim == 2 else A.shape[0]
-    P = neg_q.shape[0]
-    device = neg_q.device
-    n_free = F.sum(dim=-1)
-    size = int(n_free.max())  # host synchronisation: the size of the gathered systems
-    # Position j of problem p holds the j-th index of its free set, or the padding index m + j.
-    order = torch.argsort((~F).to(torch.int8), dim=-1, stable=True)[:, :size]
-    slot = torch.arange(size, device=device)
-    valid = slot < n_free.unsqueeze(-1)
-    index = torch.where(valid, order, m + slot)
-    # Flat indices into A: int32 when they fit (much faster to build and to gather with).
-    index_dtype = torch.int32 if c * (m + size) ** 2 < 2**31 else torch.int64
-    if A.ndim == 2:
-        # [[A, 0], [0, I]]: the padding indices give the identity block directly.
-        A_padded = torch.block_diag(A, torch.eye(size, dtype=A.dtype, device=device))
-        index_ = index.to(index_dtype)
-        flat_index = index_.unsqueeze(-1) * (m + size) + index_.unsqueeze(-2)
-        M = A_padded.flatten().index_select(0, flat_index.flatten()).view(P, size, size)
+    """Solve ``M_SS x_S = rhs_S`` with ``x = 0`` off ``S`` for each row of ``S`` (``[P, m]``),
+    where ``S`` is ``F``, or its complement if ``complement``, and ``M`` is ``[m, m]`` (shared)
+    or ``[c, m, m]`` (``P / c`` problems each), given as ``M_padded`` (a zero row and column
+    appended); return ``x`` and whether each factorisation failed. Each system is gathered to
+    ``size x size`` (``size`` at least the largest set ``S``), padded with the identity."""
+    P, m = rhs.shape
+    c = 1 if M_padded.ndim == 2 else M_padded.shape[0]
+    device = rhs.device
+    if size == 0:
+        return torch.zeros_like(rhs), torch.zeros(P, dtype=torch.bool, device=device)
+    # Slot j of problem p holds the j-th index of its set, or the padding index m after it (the
+    # indices outside the set are all sent to the extra slot `size`, then dropped).
+    indices = torch.arange(m, device=device)
+    n_before = F.cumsum(dim=-1)  # the rank of j in F is n_before[j] - 1, in its complement
+    if complement:  # j - n_before[j]
+        slot = torch.where(F, size, indices - n_before)
     else:
-        order_ = order.to(index_dtype)
-        flat_index = order_.unsqueeze(-1) * m + order_.unsqueeze(-2)
+        slot = torch.where(F, n_before - 1, size)
+    indices = indices.expand(P, m)
+    order = torch.full((P, size + 1), m, device=device).scatter_(-1, slot, indices)[:, :size]
+    # Flat indices into M_padded: int32 when they fit (much faster to build and to gather with).
+    n = m + 1
+    index_dtype = torch.int32 if c * n * n < 2**31 else torch.int64
+    order_ = order.to(index_dtype)
+    flat_index = order_.unsqueeze(-1) * n + order_.unsqueeze(-2)
+    if c > 1:
         owner = torch.arange(P, device=device, dtype=index_dtype) // (P // c)
-        flat_index += (owner * (m * m)).view(P, 1, 1)
-        M = A.flatten().index_select(0, flat_index.flatten()).view(P, size, size)
-        eye = torch.eye(size, dtype=A.dtype, device=device)
-        M = torch.where(valid.unsqueeze(-1) & valid.unsqueeze(-2), M, eye)
-    rhs = torch.where(valid, neg_q.gather(-1, order), 0.0).unsqueeze(-1)
-    L, info = torch.linalg.cholesky_ex(M)
+        flat_index += (owner * (n * n)).view(P, 1, 1)
+    M_SS = M_padded.flatten().index_select(0, flat_index.flatten()).view(P, size, size)
+    padding = order == m
+    M_SS.diagonal(dim1=-2, dim2=-1).add_(padding)  # the zero rows and columns get a unit diagonal
+    rhs_S = rhs.gather(-1, order.clamp(max=m - 1)).masked_fill_(padding, 0.0).unsqueeze(-1)
+    L, info = torch.linalg.cholesky_ex(M_SS)
     # Two triangular solves: faster than cholesky_solve on large CPU batches.
-    w = torch.linalg.solve_triangular(L, rhs, upper=False)
-    z_small = torch.linalg.solve_triangular(L.mT, w, upper=True).squeeze(-1)
-    z = torch.zeros(P, m + size, dtype=neg_q.dtype, device=device)
-    return z.scatter_(-1, index, z_small)[:, :m], info > 0
+    w = torch.linalg.solve_triangular(L, rhs_S, upper=False)
+    x_S = torch.linalg.solve_triangular(L.mT, w, upper=True).squeeze(-1)
+    # The padding slots (all sent to index m) hold zeros.
+    x = torch.zeros(P, n, dtype=rhs.dtype, device=device)
+    return x.scatter_(-1, order, x_S)[:, :m], info > 0
