@@ -11,7 +11,8 @@ Cases (the 12-block MLP of ``bench_grouping.py``, 76 tensors, ``.jac`` filled at
   Gramian with state, matrix), m = 2 and 8;
 - the documented loop ``jac_to_grad(group, aggregator)`` per layer and per tensor, UPGrad, m = 2;
 - ``GroupedAggregator`` per tensor, UPGrad and GradVac, m = 8;
-- one call on one small tensor (the fixed cost of a call), UPGrad, m = 2.
+- one call on one small tensor (the fixed cost of a call), UPGrad, m = 2, and with a weighting
+  that costs one indexing (the application's own fixed cost, without the weighting's).
 
 Usage: ``python benchmarks/compare_commits.py OLD NEW [--rounds 5] [--repeats 15]``
 (e.g. ``HEAD~3 HEAD``; ``WORKTREE`` for the working tree as it is).
@@ -34,7 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def _cases() -> dict[str, object]:
     import torch
 
-    from torchjd.aggregation import ConFIG, GradVac, Mean, UPGrad
+    from torchjd.aggregation import (
+        ConFIG,
+        GradVac,
+        GramianWeightedAggregator,
+        Mean,
+        UPGrad,
+        Weighting,
+    )
     from torchjd.autojac import jac_to_grad
     from torchjd.grouping import GroupedAggregator, per_layer, per_tensor
 
@@ -76,6 +84,18 @@ def _cases() -> dict[str, object]:
         small.grad = None
         jac_to_grad([small], upgrad, retain_jac=True)
 
+    class FirstRow(Weighting):
+        """Weights that cost one indexing (the first row of the Gramian): no meaning, no work."""
+
+        def forward(self, gramian: torch.Tensor, /) -> torch.Tensor:
+            return gramian[0]
+
+    trivial = GramianWeightedAggregator(FirstRow())
+
+    def one_small_call_trivial() -> None:
+        small.grad = None
+        jac_to_grad([small], trivial, retain_jac=True)
+
     cases = {
         f"whole {c.__name__} m={m}": whole(c, m) for c in (Mean, UPGrad, GradVac) for m in (2, 8)
     }
@@ -85,6 +105,7 @@ def _cases() -> dict[str, object]:
     cases["grouped per tensor UPGrad m=8"] = grouped(UPGrad, 8)
     cases["grouped per tensor GradVac m=8"] = grouped(GradVac, 8)
     cases["one small call UPGrad m=2"] = one_small_call
+    cases["one small call, trivial weighting, m=2"] = one_small_call_trivial
     return cases
 
 

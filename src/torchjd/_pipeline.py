@@ -87,32 +87,53 @@ def _has_forward_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+def _hooked_tree(module: nn.Module) -> bool:
+    """Whether ``module`` or one of its submodules has forward hooks or pre-hooks (a walk over
+    the submodule tables: ``modules()`` costs microseconds per call in generator machinery)."""
+    stack, seen = [module], {id(module)}
+    while stack:
+        current = stack.pop()
+        if current._forward_hooks or current._forward_pre_hooks:
+            return True
+        for child in current._modules.values():
+            if child is not None and id(child) not in seen:  # shared or cyclic submodules
+                seen.add(id(child))
+                stack.append(child)
+    return False
+
+
 def choose_route(aggregator: Aggregator, optimize_gramian_computation: bool = False) -> Need:
     """The route of ``aggregator``: what it declares it needs, unless hooks must see the matrix.
 
     ``optimize_gramian_computation`` requires the Gramian route (``ValueError`` otherwise)."""
     need = aggregator.need
-    weighting = getattr(aggregator, "weighting", None)
-    hooked = _has_forward_hooks(aggregator) or (
-        isinstance(weighting, nn.Module) and _has_forward_hooks(weighting)
-    )
     if optimize_gramian_computation:
         if not hasattr(aggregator, "gramian_weighting"):
             raise ValueError(
                 "`optimize_gramian_computation=True` needs a GramianWeightedAggregator, got "
                 f"{aggregator!r}. Leave it False: the computation is then chosen automatically."
             )
-        if hooked:
+        if _hooked(aggregator):
             raise ValueError(
                 "`optimize_gramian_computation=True` calls neither the aggregator nor "
                 "`aggregator.weighting`, so it cannot run their forward hooks or pre-hooks. Remove "
                 "them (hooks on `aggregator.gramian_weighting` are fine), or leave it False."
             )
         return Need.GRAMIAN
-    global_hooks = _module._global_forward_hooks or _module._global_forward_pre_hooks
-    if need is Need.MATRIX or hooked or global_hooks:
+    if need is Need.MATRIX or _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return Need.MATRIX
-    return need
+    return Need.MATRIX if _hooked(aggregator) else need
+
+
+def _hooked(aggregator: Aggregator) -> bool:
+    """Whether the aggregator or its weighting has forward hooks or pre-hooks."""
+    if _has_forward_hooks(aggregator):
+        return True
+    # The submodule table first: `nn.Module.__getattr__` is slow (a property may hold it too).
+    weighting = aggregator._modules.get("weighting")
+    if weighting is None:
+        weighting = getattr(aggregator, "weighting", None)
+    return isinstance(weighting, nn.Module) and _has_forward_hooks(weighting)
 
 
 def prepare(
@@ -133,22 +154,114 @@ def prepare(
         check_aggregator(aggregator)
         tensors = list(tensors)
         try:
-            jacobians = validated_jacobians(tensors, name)
-            check_grad_targets(tensors, name, requires_grad_error=ValueError)
+            jacobians = _checked_jacobians(tensors, name)
         except ValueError as error:
             if len(names) == 1:
                 raise
             raise ValueError(f"Group {k}: {error}") from None
-        route = choose_route(aggregator, optimize_gramian_computation)
-        wants = route is Need.GRAMIAN or compute_gramians
-        dtype = reduce(torch.promote_types, {j.dtype for j in jacobians})
-        m = len(jacobians[0])
-        device = jacobians[0].device
-        group = Group(tensors, jacobians, aggregator, route, m, wants, dtype, device, n_tasks=m)
+        group = _routed(tensors, jacobians, aggregator, optimize_gramian_computation)
+        group.wants_gramian = group.wants_gramian or compute_gramians
         prepared.append(group)
     if present is not None:
         select_tasks(prepared, present)
     return prepared
+
+
+def _checked_jacobians(tensors: list[Tensor], name: str) -> list[Tensor]:
+    """The ``.jac`` fields of ``tensors``, once every field and every ``.grad`` target is
+    checked."""
+    jacobians = _plain_jacobians(tensors)
+    if jacobians is None:  # something is wrong: let the checks say what
+        jacobians = validated_jacobians(tensors, name)
+        check_grad_targets(tensors, name, requires_grad_error=ValueError)
+    return jacobians
+
+
+def _plain_jacobians(tensors: list[Tensor]) -> list[Tensor] | None:
+    """The ``.jac`` fields of ``tensors`` if every check of :func:`_checked_jacobians` passes at
+    first sight, else ``None``: one pass over the tensors in place of one pass per check (on a
+    small group, the checks are a good part of the cost of a call)."""
+    jacobians = []
+    rows = -1
+    for t in tensors:
+        jacobian = getattr(t, "jac", None)
+        if (
+            not isinstance(jacobian, Tensor)
+            or jacobian.ndim == 0
+            or jacobian.shape[1:] != t.shape
+            or not t.requires_grad
+            or not (t.is_leaf or t.retains_grad)
+        ):
+            return None
+        if jacobian.shape[0] != rows:
+            if rows != -1:
+                return None
+            rows = jacobian.shape[0]
+        jacobians.append(jacobian)
+    if rows <= 0 or (len(tensors) > 1 and len(set(map(id, tensors))) != len(tensors)):
+        return None
+    return jacobians
+
+
+def _routed(
+    tensors: list[Tensor], jacobians: list[Tensor], aggregator: Aggregator, optimize: bool
+) -> Group:
+    """The group of validated ``tensors``, routed by what ``aggregator`` needs."""
+    route = choose_route(aggregator, optimize)
+    m = jacobians[0].shape[0]
+    dtype, device = _promoted_dtype(jacobians), jacobians[0].device
+    return Group(
+        tensors, jacobians, aggregator, route, m, route is Need.GRAMIAN, dtype, device, n_tasks=m
+    )
+
+
+def _promoted_dtype(jacobians: list[Tensor]) -> torch.dtype:
+    if len(jacobians) == 1:
+        return jacobians[0].dtype
+    return reduce(torch.promote_types, {j.dtype for j in jacobians})
+
+
+def apply_local(
+    tensors: list[Tensor],
+    aggregator: Aggregator,
+    *,
+    retain_jac: bool,
+    optimize_gramian_computation: bool,
+    present: object,
+    stacklevel: int,
+) -> Tensor | None:
+    """One group of local ``.jac`` fields aggregated into ``.grad`` (``jac_to_grad``); the weights
+    (``None`` without a weighting).
+
+    The common case (every task present, weights from the Gramian or the row count) skips the
+    batching and task-selection machinery of :func:`run`: it validates alike, computes the same
+    statistic and calls the same weighting, so the step is the one :func:`run` would take."""
+    check_aggregator(aggregator)
+    jacobians = _checked_jacobians(tensors, "tensors")
+    route = choose_route(aggregator, optimize_gramian_computation)
+    if present is not None or route is Need.MATRIX:
+        group = _routed(tensors, jacobians, aggregator, optimize_gramian_computation)
+        if present is not None:
+            select_tasks([group], present)
+        run([group], Steps(), retain_jac=retain_jac, stacklevel=stacklevel + 1)
+        return group.weights
+    warn_if_unsynchronized(jacobians, stacklevel=stacklevel + 1)
+    if not retain_jac:
+        consume_jacs(tensors)
+    first = jacobians[0]
+    m, dtype = first.shape[0], _promoted_dtype(jacobians)
+    if route is Need.GRAMIAN:
+        # Summed in float32 at least: a half-precision sum loses the small rows.
+        stat = _gramian(jacobians, torch.promote_types(dtype, torch.float32))
+        weighting = aggregator.gramian_weighting  # type: ignore[attr-defined]
+    else:  # the weighting reads only the number of rows, the dtype and the device
+        stat = torch.empty((m, 0), dtype=dtype, device=first.device)
+        weighting = aggregator.weighting  # type: ignore[attr-defined]
+    weights = _checked_weights(weighting(stat), aggregator, (m,))
+    if route is Need.GRAMIAN and weights.dtype != dtype:  # weighed in the Gramian's dtype
+        weights = weights.to(dtype=dtype)
+    accumulate_grads(tensors, combine(tensors, jacobians, weights))
+    return weights
 
 
 def select_tasks(groups: list[Group], present: object) -> None:
@@ -209,7 +322,7 @@ def _scatter_to_all_tasks(group: Group, indices: Tensor) -> None:
 
 def _batch_key(group: Group) -> Hashable | None:
     """Groups with equal keys are weighed in one call; ``None``: weigh this group alone."""
-    if group.route is Need.MATRIX or any(map(_has_forward_hooks, group.weighting.modules())):
+    if group.route is Need.MATRIX or _hooked_tree(group.weighting):
         return None
     stat_dtype = group.gramian_dtype if group.route is Need.GRAMIAN else group.dtype
     return (group.route, type(group.weighting), group.m, stat_dtype, group.device)
@@ -266,16 +379,7 @@ def _weigh_restricted(batch: list[Group]) -> None:
     else:
         weights = type(first.weighting)._forward_grouped([g.weighting for g in batch], stats)
         expected = (len(batch), first.m)
-    if not isinstance(weights, Tensor) or weights.shape != expected:
-        got = (
-            tuple(weights.shape[len(expected) - 1 :])
-            if isinstance(weights, Tensor)
-            else type(weights).__name__
-        )
-        raise ValueError(
-            f"The weighting of {first.aggregator!r} must return one weight per row "
-            f"({first.m}), got {got}."
-        )
+    weights = _checked_weights(weights, first.aggregator, expected)
     if first.route is Need.GRAMIAN:
         weights = weights.to(dtype=first.dtype)
     if len(batch) == 1:
@@ -285,13 +389,56 @@ def _weigh_restricted(batch: list[Group]) -> None:
         group.weights = w
 
 
+def _gramian(jacobians: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """:func:`sum_of_gramians` in ``dtype``; one ``[m, n]`` Jacobian already in ``dtype`` (a
+    bias or a norm's weight in a per-tensor loop) is one product, without the generic steps."""
+    if len(jacobians) == 1:
+        matrix = jacobians[0]
+        if matrix.ndim == 2 and matrix.dtype == dtype:
+            return torch.mm(matrix, matrix.t())
+    return sum_of_gramians(jacobians, dtype)
+
+
+def _checked_weights(weights: object, aggregator: Aggregator, expected: tuple[int, ...]) -> Tensor:
+    """``weights``, once checked to hold one weight per row (``expected``: ``(m,)``, or
+    ``(b, m)`` for a batch of ``b`` groups)."""
+    if not isinstance(weights, Tensor) or weights.shape != expected:
+        got = (
+            tuple(weights.shape[len(expected) - 1 :])
+            if isinstance(weights, Tensor)
+            else type(weights).__name__
+        )
+        raise ValueError(
+            f"The weighting of {aggregator!r} must return one weight per row "
+            f"({expected[-1]}), got {got}."
+        )
+    return weights
+
+
 def combine(tensors: list[Tensor], jacobians: list[Tensor], weights: Tensor) -> list[Tensor]:
     """``wᵀ J_t`` for each tensor, with ``w`` cast to the ``.jac``'s dtype, cast to ``t.dtype``."""
     m = weights.shape[0]
-    return [
-        (weights.to(j.device, j.dtype) @ j.reshape(m, -1)).reshape(t.shape).to(t.dtype)
-        for t, j in zip(tensors, jacobians)
-    ]
+    # A [1, m] x [m, n] product: `w @ J` on a vector goes through a transposed matrix-vector
+    # product, slower on the small tensors of a per-tensor loop. Casts only where needed: even a
+    # cast that copies nothing costs.
+    row = weights.unsqueeze(0)
+    gradients = []
+    for t, j in zip(tensors, jacobians):
+        w = row if (j.dtype, j.device) == (row.dtype, row.device) else row.to(j.device, j.dtype)
+        matrix = j if j.ndim == 2 else j.reshape(m, -1)  # even a no-op reshape costs
+        gradient = _shaped_like(torch.mm(w, matrix), t)
+        gradients.append(gradient if gradient.dtype == t.dtype else gradient.to(t.dtype))
+    return gradients
+
+
+def _shaped_like(gradient: Tensor, t: Tensor) -> Tensor:
+    """``gradient`` (contiguous) viewed with the shape of ``t``. ``view_as`` on a plain tensor or
+    parameter: ``view(t.shape)`` parses the ``torch.Size`` on a slow path (microseconds a tensor);
+    a tensor subclass is only read for its shape, so that its ``__torch_function__`` is not
+    involved."""
+    if type(t) is Tensor or type(t) is nn.Parameter:
+        return gradient.view_as(t)
+    return gradient.view(t.shape)
 
 
 def aggregate_matrix(

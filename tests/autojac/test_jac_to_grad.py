@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.testing import assert_close
 
 import torchjd.aggregation as aggregation
+from torchjd import _pipeline
 from torchjd._pipeline import choose_route as _choose_route
 from torchjd._protocol import Need as _Route
 from torchjd.aggregation import (
@@ -19,6 +20,7 @@ from torchjd.aggregation import (
     MeanWeighting,
     Random,
     Sum,
+    UPGrad,
     Weighting,
 )
 from torchjd.autojac import backward, jac_to_grad, mtl_backward
@@ -359,6 +361,63 @@ def test_route_without_concatenation_equals_concatenated_route(name: str) -> Non
         weights = jac_to_grad(params, aggregator)
         results.append((weights, [p.grad for p in params]))
     assert_close(results[0], results[1])
+
+
+@pytest.mark.parametrize("name", [n for n in AGGREGATORS if n != "ColumnMax"])
+@pytest.mark.parametrize(
+    "dtypes",
+    [[torch.float32], [torch.float64, torch.float32], [torch.float16], [torch.bfloat16]],
+)
+@pytest.mark.parametrize("shapes", [SHAPES, [(5,)], [(2, 3)]])
+def test_short_path_is_the_pipeline_step(
+    name: str, dtypes: list[torch.dtype], shapes: list[tuple[int, ...]]
+) -> None:
+    """One group whose every task is present skips the many-group machinery of the pipeline;
+    the step must be bit for bit the one of that machinery (prepare + run)."""
+    results = []
+    for short in [True, False]:
+        params, _ = _params_with_jacs(shapes, m=3, seed=3)
+        for i, p in enumerate(params):  # cycle through the dtypes, parameter and `.jac` alike
+            dtype = dtypes[i % len(dtypes)]
+            p.data, p.jac = p.data.to(dtype), p.jac.to(dtype)
+        params[0].grad = torch.ones_like(params[0])  # accumulated into, not replaced
+        aggregator = AGGREGATORS[name]()
+        torch.manual_seed(0)
+        if short:
+            weights = jac_to_grad(params, aggregator)
+        else:
+            (group,) = _pipeline.prepare([params], [aggregator], ["tensors"])
+            _pipeline.run([group], _pipeline.Steps(), retain_jac=False, stacklevel=1)
+            weights = group.weights
+        assert not any(hasattr(p, "jac") for p in params)
+        results.append((weights, [p.grad for p in params]))
+    (weights, grads), (expected_weights, expected_grads) = results
+    if expected_weights is None:  # not a weighted aggregator
+        assert weights is None
+    else:
+        assert weights.dtype == expected_weights.dtype and torch.equal(weights, expected_weights)
+    for grad, expected in zip(grads, expected_grads):
+        assert grad.dtype == expected.dtype and torch.equal(grad, expected)
+
+
+def test_short_path_checks_every_tensor() -> None:
+    """The one-pass check of the short path lets nothing through that the full checks refuse."""
+    p, q = torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)
+    scalar = torch.tensor(1.0, requires_grad=True)
+    cases: list[tuple[list[Tensor], str]] = [
+        ([p, q, p], "twice"),
+        ([p, q.detach()], "does not require grad"),
+        ([p, q * 2], "retain_grad"),
+        ([p, scalar], "shape"),
+    ]
+    p.jac, q.jac, scalar.jac = torch.ones(3, 2), torch.ones(3, 2), torch.ones(3, 2)
+    for tensors, message in cases:
+        for t in tensors:
+            if not hasattr(t, "jac"):
+                t.jac = torch.ones(3, 2)
+        with pytest.raises(ValueError, match=message):
+            jac_to_grad(tensors, UPGrad(), retain_jac=True)
+        assert p.grad is None and q.grad is None
 
 
 def test_routes() -> None:

@@ -273,6 +273,22 @@ def test_hooks_on_a_group_see_that_group_and_the_result_matches_the_loop() -> No
     torch.testing.assert_close(weights[3], expected_weights)
 
 
+def test_a_hook_on_a_nested_submodule_of_a_weighting_sees_its_own_group() -> None:
+    """A hook deep inside one group's weighting (UPGrad's preference weighting) takes that group
+    out of the batch: the hook runs once, on that group's Gramian."""
+    model = make_model(2)
+    groups = per_tensor(model.encoder, model.decoder)
+    grouped = GroupedAggregator(groups, UPGrad)
+    calls: list[Tensor] = []
+    nested = grouped.aggregators[3].gramian_weighting.weighting
+    nested.register_forward_hook(lambda _module, inputs, _output: calls.append(inputs[0]))
+    fill_jacobians(model, 0)
+    jacobian = groups[3][0].jac.reshape(2, -1)
+    grouped.jac_to_grad()
+    assert len(calls) == 1
+    torch.testing.assert_close(calls[0], jacobian @ jacobian.T)
+
+
 def test_constant_groups_use_their_own_weights() -> None:
     p, q = (torch.zeros(2, requires_grad=True) for _ in range(2))
     p.jac = torch.tensor([[1.0, 2.0], [3.0, 4.0]])

@@ -248,7 +248,12 @@ class GramianWeightedAggregator(WeightedAggregator):
 
     @property
     def gramian_weighting(self) -> Weighting[PSDMatrix]:
-        return self.weighting.weighting
+        # Read from the submodule tables (read on every `jac_to_grad` call, and
+        # `nn.Module.__getattr__` costs about a microsecond a lookup); the attribute path covers
+        # a `weighting` that is not a composition.
+        composition = self._modules.get("weighting")
+        inner = composition._modules.get("weighting") if composition is not None else None
+        return inner if inner is not None else self.weighting.weighting  # type: ignore[return-value]
 
     @property
     def need(self) -> Need:

@@ -5,7 +5,7 @@ from typing import Literal, overload
 
 from torch import Tensor
 
-from torchjd._pipeline import Steps, prepare, run
+from torchjd._pipeline import apply_local
 from torchjd._validation import materialise
 from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator
 
@@ -103,7 +103,11 @@ def jac_to_grad(
     >>> p.grad
     tensor([0.5000, 1.0000])
     """
-    options = {"optimize_gramian_computation": optimize_gramian_computation, "present": present}
-    (group,) = prepare([materialise(tensors, "tensors")], [aggregator], ["tensors"], **options)
-    run([group], Steps(), retain_jac=retain_jac, stacklevel=2)
-    return group.weights
+    return apply_local(
+        materialise(tensors, "tensors"),
+        aggregator,
+        retain_jac=retain_jac,
+        optimize_gramian_computation=optimize_gramian_computation,
+        present=present,
+        stacklevel=2,
+    )
