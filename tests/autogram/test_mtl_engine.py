@@ -152,3 +152,45 @@ def test_data_parallel_needs_a_process_group() -> None:
     losses, features = forward(model, 0)
     with pytest.raises(RuntimeError, match="process group"):
         engine.backward(losses, features, UPGrad())
+
+
+def _feature_grads(losses: list[Tensor], features: Tensor) -> Tensor:
+    """Row i: the gradient of loss i w.r.t. the features (one backward pass per loss)."""
+    rows = [torch.autograd.grad(loss, features, retain_graph=True)[0] for loss in losses]
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "transformer"])
+@pytest.mark.parametrize("grouped", [False, True], ids=["together", "per_layer"])
+def test_gradients_are_the_trunk_part_of_the_step(kind: str, grouped: bool) -> None:
+    """The weights and the trunk's update that `gradients` returns are those of `mtl_backward`
+    then `jac_to_grad`; no `.grad` is written."""
+    expected_model = make_model(kind, 3)
+    losses, features = forward(expected_model, 0)
+    mtl_backward(losses, features=features)
+    if grouped:
+        expected = GroupedAggregator(per_layer(expected_model.trunk), UPGrad).jac_to_grad()
+    else:
+        expected = jac_to_grad(expected_model.trunk.parameters(), UPGrad())
+
+    model = make_model(kind, 3)
+    engine = MTLEngine(model.trunk)
+    losses, features = forward(model, 0)
+    aggregator = GroupedAggregator(per_layer(model.trunk), UPGrad) if grouped else UPGrad()
+    weights, gramians, updates = engine.gradients(
+        _feature_grads(losses, features), features, aggregator
+    )
+    torch.testing.assert_close(weights, expected)
+    assert (len(gramians) == len(expected)) if grouped else gramians.shape == (3, 3)
+    assert all(p.grad is None for p in model.all_parameters())
+    by_id = {id(p): u for p, u in updates}
+    for p, e in zip(model.trunk.parameters(), expected_model.trunk.parameters()):
+        torch.testing.assert_close(by_id[id(p)], e.grad)
+
+
+def test_gradients_checks_the_shape_of_the_feature_gradients() -> None:
+    model = make_model("mlp", 2)
+    engine = MTLEngine(model.trunk)
+    _, features = forward(model, 0)
+    with pytest.raises(ValueError, match=r"\[m, \*features.shape\]"):
+        engine.gradients(torch.zeros(2, 3), features, UPGrad())

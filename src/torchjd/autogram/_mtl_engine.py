@@ -51,6 +51,9 @@ from torchjd.autogram._engine import (
 from torchjd.autogram._layer_gramians import Rows, module_gramians, module_update, trainable
 from torchjd.grouping import GroupedAggregator
 
+# A tensor for the whole trunk, or one per group of a GroupedAggregator.
+_PerGroup = Tensor | list[Tensor | None]
+
 # One part of a unit's trainable parameters that falls in one group: (unit, group, parameters).
 _Part = tuple[nn.Module, int, list[Tensor]]
 
@@ -227,6 +230,83 @@ class MTLEngine:
             view.register_hook(lambda g, w=w: g * w.to(g.dtype))
         return weights
 
+    def gradients(
+        self,
+        feature_grads: Tensor,
+        /,
+        features: Tensor,
+        aggregator: Aggregator | GroupedAggregator,
+        *,
+        compute_gramians: bool = False,
+    ) -> tuple[_PerGroup, _PerGroup | None, list[tuple[Tensor, Tensor]]]:
+        """The weights and the trunk's update, without writing ``.grad``: for a training framework
+        that applies the update in its own backward pass (with its gradient scaling,
+        accumulation, data-parallel reducer...), while the heads' backward pass stops at the
+        features (they read a detached copy of them).
+
+        The trunk is differentiated from ``features`` seeded with ``feature_grads``, the gradient
+        of each task's loss w.r.t. the features; the update of each hooked unit is one
+        vector-Jacobian product with its combined output-gradients (the trunk's full backward
+        pass, which would also compute the gradients of its activations, is never run). With
+        ``data_parallel``, the Gramians are averaged over the processes as in :meth:`backward`,
+        but the returned update is this process's own: the framework's data-parallel wrapper
+        averages it, as it does the heads' gradients.
+
+        :param feature_grads: ``[m, *features.shape]``: row ``i`` is the gradient of task ``i``'s
+            loss w.r.t. ``features``.
+        :param features: The output of the trunk (with its graph), computed by the forward pass
+            recorded since the previous step.
+        :param aggregator: As in :meth:`backward`: an aggregator whose weights come from the
+            Gramian or the row count, or a :class:`~torchjd.grouping.GroupedAggregator`.
+        :param compute_gramians: Keyword-only. Also form the Gramian of the groups whose
+            aggregator reads only the row count (e.g. to log the tasks' cosine similarities).
+            Default ``False``.
+        :return: The weights (``[m]``, or one per group), the Gramians they come from (``[m, m]``,
+            or one per group; ``None`` where not formed), and the pairs ``(parameter, update)``
+            of the trainable parameters of the hooked units that the tasks reached.
+        """
+        if not isinstance(features, Tensor) or features.grad_fn is None:
+            raise ValueError(
+                "`features` must be a tensor computed by the trunk (with a `grad_fn`): the output "
+                "the heads read."
+            )
+        if not isinstance(feature_grads, Tensor) or feature_grads.shape[1:] != features.shape:
+            got = tuple(feature_grads.shape) if isinstance(feature_grads, Tensor) else None
+            raise ValueError(
+                f"`feature_grads` must have shape [m, *features.shape] = [m, "
+                f"{', '.join(map(str, features.shape))}], got {got}."
+            )
+        grouped = isinstance(aggregator, GroupedAggregator)
+        if isinstance(aggregator, GroupedAggregator):
+            tensor_groups = aggregator.groups
+            aggregators = list(aggregator.aggregators)
+            compute_gramians = compute_gramians or aggregator.compute_gramians
+        else:
+            tensor_groups = [[p for unit in self._engine._units for p in trainable(unit)]]
+            aggregators = [aggregator]
+        for each in aggregators:
+            _checked_route(each)
+        m = feature_grads.shape[0]
+        records = self._engine._recorder.records
+        self._engine._recorder.records = []
+        seed = feature_grads.to(features.dtype)
+        by_module, _ = output_gradients(features, seed, _task_rows(m), records, [])
+        parts = _parts(self._engine._units, by_module, tensor_groups)
+        steps = _BlockSteps(by_module, parts, m, self._world(), collect=True)
+        groups = steps.groups(
+            [[] for _ in tensor_groups], aggregators, compute_gramians=compute_gramians
+        )
+        if isinstance(aggregator, GroupedAggregator):
+            weights: _PerGroup = aggregator._apply(
+                lambda _groups: steps, retain_jac=True, stacklevel=3, prepared=groups
+            )
+        else:
+            run(groups, steps, retain_jac=True, stacklevel=3)
+            assert groups[0].weights is not None
+            weights = groups[0].weights
+        gramians = [g.gramian for g in groups]
+        return weights, gramians if grouped else gramians[0], steps.collected
+
     def _grouped_step(
         self,
         losses: list[Tensor],
@@ -307,8 +387,12 @@ class _BlockSteps(Steps):
         world: int,
         update: bool = True,
         tasks: _Tasks | None = None,
+        collect: bool = False,
     ) -> None:
         self.tasks = tasks if tasks is not None else _Tasks(None, m)
+        # `collect`: the updates are kept in `collected`, local, for the caller to apply.
+        self.collect = collect
+        self.collected: list[tuple[Tensor, Tensor]] = []
         self.by_module = by_module
         self.parts = parts
         self.m = m
@@ -383,7 +467,11 @@ class _BlockSteps(Steps):
                 weights = groups[k].weights
                 assert weights is not None
                 grads = module_update(unit, self.by_module[unit], params, weights)
+                if self.collect:
+                    self.collected.extend(zip(params, grads))
                 updates.update((id(p), g) for p, g in zip(params, grads))
+        if self.collect:
+            return
         for group in groups:
             group.gradients = [
                 updates[id(t)].to(t.dtype) if id(t) in updates else torch.zeros_like(t)
