@@ -15,8 +15,10 @@ from lightning.pytorch import Trainer
 from torch.nn.functional import mse_loss
 
 from torchjd.aggregation import PCD, ConFIG, UPGrad
+from torchjd.autojac import mtl_backward
+from torchjd.grouping import GroupedAggregator, per_layer
 
-from ._lightning_models import TwoTasks, data, hand_written_step, loader, networks
+from ._lightning_models import PerLayerTwoTasks, TwoTasks, data, hand_written_step, loader, networks
 
 
 def _trainer(**kwargs: object) -> Trainer:
@@ -119,6 +121,65 @@ def test_bf16_mixed_precision() -> None:
         [p.detach().flatten() for p in [*module.trunk.parameters(), *module.heads.parameters()]]
     )
     assert torch.allclose(actual, expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    ("precision", "tol"), [("32-true", 1e-5), ("bf16-mixed", 2e-2)], ids=["float32", "bf16"]
+)
+def test_grouped_steps_with_accumulation_and_clipping(precision: str, tol: float) -> None:
+    """Per-layer UPGrad under Lightning, two micro-batches per step and gradient clipping: the
+    steps of `mtl_backward` then `GroupedAggregator.jac_to_grad`, averaged, clipped by hand."""
+    dataset = data()
+    module = PerLayerTwoTasks()
+    trainer = _trainer(
+        max_steps=2,
+        accumulate_grad_batches=2,
+        gradient_clip_val=0.5,
+        precision=precision,
+        log_every_n_steps=1,
+    )
+    trainer.fit(module, loader(dataset))
+
+    trunk, heads = networks()
+    grouped = GroupedAggregator(per_layer(trunk), UPGrad)
+    params = [*trunk.parameters(), *heads.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    batches = list(loader(dataset))[:4]
+    for step in range(2):
+        total = [torch.zeros_like(p) for p in params]
+        for x, y in batches[2 * step : 2 * step + 2]:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "32-true"):
+                features = trunk(x)
+                losses = [mse_loss(h(features), y[:, [i]]) for i, h in enumerate(heads)]
+            mtl_backward(losses, features=features)
+            weights = grouped.jac_to_grad()
+            for t, p in zip(total, params):
+                t += p.grad.float() / 2
+                p.grad = None
+        for t, p in zip(total, params):
+            p.grad = t
+        torch.nn.utils.clip_grad_norm_(params, 0.5)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    expected = torch.cat([p.detach().flatten() for p in params])
+    actual = torch.cat(
+        [p.detach().flatten() for p in [*module.trunk.parameters(), *module.heads.parameters()]]
+    )
+    assert torch.allclose(actual, expected, rtol=tol, atol=tol)
+    logged = trainer.logged_metrics  # the last micro-batch's weights, one vector per layer
+    for k, layer_weights in enumerate(weights):
+        assert torch.allclose(logged[f"weight/{k}/a"], layer_weights[0], rtol=tol, atol=tol)
+        assert torch.allclose(logged[f"weight/{k}/b"], layer_weights[1], rtol=tol, atol=tol)
+
+
+def test_grouped_aggregation_needs_task_views() -> None:
+    module = PerLayerTwoTasks()
+    x, y = data(8).tensors
+    # The heads read the features themselves: no weighted sum of the losses is the update.
+    module.task_views = lambda features, m: [features] * m  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match="task_views"):
+        module.training_step([x, y], 0)
 
 
 def test_refuses_an_aggregator_that_needs_the_matrix() -> None:

@@ -297,7 +297,7 @@ class MTLEngine:
             [[] for _ in tensor_groups], aggregators, compute_gramians=compute_gramians
         )
         if isinstance(aggregator, GroupedAggregator):
-            weights: _PerGroup = aggregator._apply(
+            weights: _PerGroup = aggregator._aggregate_groups(
                 lambda _groups: steps, retain_jac=True, stacklevel=3, prepared=groups
             )
         else:
@@ -322,7 +322,7 @@ class MTLEngine:
         prepared = steps.groups(
             tensor_groups, list(grouped.aggregators), compute_gramians=grouped.compute_gramians
         )
-        result = grouped._apply(
+        result = grouped._aggregate_groups(
             lambda _groups: steps, retain_jac=True, stacklevel=3, prepared=prepared
         )
         trunk = {id(t) for group in tensor_groups for t in group}
