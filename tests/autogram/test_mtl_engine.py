@@ -194,3 +194,22 @@ def test_gradients_checks_the_shape_of_the_feature_gradients() -> None:
     _, features = forward(model, 0)
     with pytest.raises(ValueError, match=r"\[m, \*features.shape\]"):
         engine.gradients(torch.zeros(2, 3), features, UPGrad())
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["together", "per_layer"])
+def test_gradients_undo_a_loss_scale(grouped: bool) -> None:
+    """Scaled feature gradients with their `scale`: the Gramians, weights and update of the
+    unscaled ones (exactly, for a power of two)."""
+    results = []
+    for scale in [None, torch.tensor(2.0**10)]:
+        model = make_model("mlp", 3)
+        engine = MTLEngine(model.trunk)
+        losses, features = forward(model, 0)
+        aggregator = GroupedAggregator(per_layer(model.trunk), UPGrad) if grouped else UPGrad()
+        grads = _feature_grads(losses, features) * (1.0 if scale is None else scale)
+        results.append(engine.gradients(grads, features, aggregator, scale=scale))
+    (weights, gramians, updates), (s_weights, s_gramians, s_updates) = results
+    torch.testing.assert_close(s_weights, weights, rtol=0, atol=0)
+    torch.testing.assert_close(s_gramians, gramians, rtol=0, atol=0)
+    for (_, u), (_, s_u) in zip(updates, s_updates):
+        torch.testing.assert_close(s_u, u, rtol=0, atol=0)

@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("lightning")
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.plugins import MixedPrecision
 from torch.nn.functional import mse_loss
 
 from torchjd.aggregation import PCD, ConFIG, UPGrad
@@ -180,6 +181,44 @@ def test_grouped_aggregation_needs_task_views() -> None:
     module.task_views = lambda features, m: [features] * m  # type: ignore[method-assign]
     with pytest.raises(ValueError, match="task_views"):
         module.training_step([x, y], 0)
+
+
+def _float16_trainer(scaler: torch.amp.GradScaler, steps: int) -> Trainer:
+    """float16 autocast with loss scaling ("16-mixed"), on the CPU: the plugin with a CPU scaler."""
+    return _trainer(max_steps=steps, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+
+
+def test_float16_with_a_grad_scaler_gives_the_unscaled_steps() -> None:
+    """The scale reaches the gradients propagated through the trunk and is undone on the
+    Gramian and the update: the steps are those of float32, up to float16 rounding."""
+    dataset = data()
+    module = TwoTasks(UPGrad())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    _float16_trainer(scaler, 3).fit(module, loader(dataset))
+    assert scaler.get_scale() == 2.0**12  # no step was skipped
+
+    trunk, heads = networks()
+    params = [*trunk.parameters(), *heads.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    for x, y in list(loader(dataset))[:3]:
+        grads, _ = hand_written_step(trunk, heads, x, y)
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+    expected = torch.cat([p.detach().flatten() for p in params])
+    actual = torch.cat(
+        [p.detach().flatten() for p in [*module.trunk.parameters(), *module.heads.parameters()]]
+    )
+    assert torch.allclose(actual, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_float16_overflow_skips_the_step() -> None:
+    module = TwoTasks(UPGrad())
+    before = [p.detach().clone() for p in module.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # overflows float16
+    _float16_trainer(scaler, 1).fit(module, loader(data()))
+    assert scaler.get_scale() == 2.0**39
+    assert all(torch.equal(p, b) for p, b in zip(module.parameters(), before))
 
 
 def test_refuses_an_aggregator_that_needs_the_matrix() -> None:

@@ -238,6 +238,7 @@ class MTLEngine:
         aggregator: Aggregator | GroupedAggregator,
         *,
         compute_gramians: bool = False,
+        scale: Tensor | None = None,
     ) -> tuple[_PerGroup, _PerGroup | None, list[tuple[Tensor, Tensor]]]:
         """The weights and the trunk's update, without writing ``.grad``: for a training framework
         that applies the update in its own backward pass (with its gradient scaling,
@@ -261,6 +262,11 @@ class MTLEngine:
         :param compute_gramians: Keyword-only. Also form the Gramian of the groups whose
             aggregator reads only the row count (e.g. to log the tasks' cosine similarities).
             Default ``False``.
+        :param scale: Keyword-only. A positive scalar tensor by which ``feature_grads`` are
+            multiplied (a gradient scaler's scale, so that small gradients survive float16): the
+            Gramians are divided by its square before the weighting and the update by it, so both
+            are those of the unscaled losses (exactly, for a power of two). An overflow gives a
+            non-finite update, which the scaler then skips. Default ``None``: unscaled.
         :return: The weights (``[m]``, or one per group), the Gramians they come from (``[m, m]``,
             or one per group; ``None`` where not formed), and the pairs ``(parameter, update)``
             of the trainable parameters of the hooked units that the tasks reached.
@@ -292,7 +298,7 @@ class MTLEngine:
         seed = feature_grads.to(features.dtype)
         by_module, _ = output_gradients(features, seed, _task_rows(m), records, [])
         parts = _parts(self._engine._units, by_module, tensor_groups)
-        steps = _BlockSteps(by_module, parts, m, self._world(), collect=True)
+        steps = _BlockSteps(by_module, parts, m, self._world(), collect=True, scale=scale)
         groups = steps.groups(
             [[] for _ in tensor_groups], aggregators, compute_gramians=compute_gramians
         )
@@ -388,11 +394,13 @@ class _BlockSteps(Steps):
         update: bool = True,
         tasks: _Tasks | None = None,
         collect: bool = False,
+        scale: Tensor | None = None,
     ) -> None:
         self.tasks = tasks if tasks is not None else _Tasks(None, m)
         # `collect`: the updates are kept in `collected`, local, for the caller to apply.
         self.collect = collect
         self.collected: list[tuple[Tensor, Tensor]] = []
+        self.scale = scale  # of the output-gradients, undone on the Gramians and the updates
         self.by_module = by_module
         self.parts = parts
         self.m = m
@@ -452,6 +460,8 @@ class _BlockSteps(Steps):
             # A group whose units the losses did not reach has a zero Jacobian.
             zeros = torch.zeros((self.m, self.m), dtype=group.gramian_dtype, device=group.device)
             group.gramian = zeros if gramian is None else gramian
+            if self.scale is not None:
+                group.gramian = group.gramian / self.scale.to(group.gramian_dtype).square()
         if self.world > 1 and wanting:
             # The mean of the local Gramians, all the groups in one collective.
             stacked = torch.stack([group.gramian for group, _ in wanting])  # type: ignore[misc]
@@ -468,6 +478,8 @@ class _BlockSteps(Steps):
                 assert weights is not None
                 grads = module_update(unit, self.by_module[unit], params, weights)
                 if self.collect:
+                    if self.scale is not None:
+                        grads = [g.div_(self.scale.to(g.dtype)) for g in grads]
                     self.collected.extend(zip(params, grads))
                 updates.update((id(p), g) for p, g in zip(params, grads))
         if self.collect:

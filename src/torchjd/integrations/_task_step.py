@@ -139,6 +139,7 @@ def descend(
     recorded: Sequence[Recorded],
     *,
     with_gramian: bool = False,
+    loss_scale: Tensor | None = None,
 ) -> Step:
     """The step of Jacobian descent on the task ``losses`` (``[m]``), to be completed by the
     framework's backward pass of ``Step.objective``.
@@ -149,6 +150,9 @@ def descend(
     Without, the objective is the weighted sum of the losses (a full backward pass: the heads
     get weighted gradients too); a grouped aggregator needs the views. ``with_gramian``: also form
     the Gramian when the aggregator does not read it (for the logged cosine similarities).
+    ``loss_scale``: the framework's gradient-scaler scale (float16), applied to the gradients
+    that the engine propagates through the trunk so that the small ones survive, and undone on
+    the Gramian and the update.
     """
     m = losses.shape[0]
     if len(recorded) > 1:
@@ -168,16 +172,25 @@ def descend(
     # The engine's products would otherwise run in the autocast dtype: the Gramian must be as
     # precise as the parameters for the weighting's thresholds to mean something.
     with torch.autocast(device_type=losses.device.type, enabled=False):
-        grads = torch.autograd.grad(total, views, retain_graph=True, allow_unused=True)
+        seed = None if loss_scale is None else loss_scale.to(total.dtype)
+        grads = torch.autograd.grad(total, views, seed, retain_graph=True, allow_unused=True)
         feature_grads = torch.stack(
             [torch.zeros_like(v) if g is None else g for v, g in zip(views, grads)]
         )
         weights, gramians, updates = engine.gradients(
-            feature_grads, features, aggregator, compute_gramians=with_gramian
+            feature_grads, features, aggregator, compute_gramians=with_gramian, scale=loss_scale
         )
     params = [p for p, _ in updates]
     objective = _ApplyUpdate.apply(total, _Pending([u for _, u in updates]), *params)
     return Step(objective, _detached(weights), _whole(gramians))
+
+
+def scale_of(scaler: object, like: Tensor) -> Tensor | None:
+    """The current scale of a framework's enabled ``GradScaler`` (``None`` without one), as a
+    tensor on ``like``'s device: read without a host synchronisation."""
+    if not isinstance(scaler, torch.amp.GradScaler) or not scaler.is_enabled():
+        return None
+    return scaler.scale(torch.ones((), dtype=torch.float32, device=like.device))
 
 
 def _descend_without_views(

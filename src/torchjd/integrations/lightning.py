@@ -22,6 +22,7 @@ from torchjd.integrations._task_step import (  # noqa: E402
     descend,
     metrics,
     recording_views,
+    scale_of,
     shared_engine,
     stack_losses,
     task_names,
@@ -112,7 +113,11 @@ class JacobianDescentModule(LightningModule):
         losses = stack_losses(output)
         assert self._engine is not None
         logging = self._log_metrics and self._logging_step()
-        step = descend(self._engine, self.aggregator, losses, recorded, with_gramian=logging)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer else None
+        scale = scale_of(scaler, losses)
+        step = descend(
+            self._engine, self.aggregator, losses, recorded, with_gramian=logging, loss_scale=scale
+        )
         if logging:
             names = task_names(self._task_names, losses.shape[0])
             logged = metrics(names, losses, step.weights, step.gramian)

@@ -21,6 +21,7 @@ from torchjd.integrations._task_step import (  # noqa: E402
     descend,
     metrics,
     recording_views,
+    scale_of,
     shared_engine,
     stack_losses,
     task_names,
@@ -95,7 +96,10 @@ class JacobianDescentTrainer(Trainer):
             outputs = model(**inputs)
         losses = stack_losses(_task_losses(outputs))
         if model.training and torch.is_grad_enabled():
-            step = descend(self._engine, self.aggregator, losses, recorded, with_gramian=True)
+            scale = scale_of(getattr(self.accelerator, "scaler", None), losses)
+            step = descend(
+                self._engine, self.aggregator, losses, recorded, with_gramian=True, loss_scale=scale
+            )
             names = task_names(self._task_names, losses.shape[0])
             self._last_metrics = metrics(names, losses, step.weights, step.gramian)
             loss = step.objective
