@@ -177,15 +177,18 @@ def test_gradients_are_the_trunk_part_of_the_step(kind: str, grouped: bool) -> N
     engine = MTLEngine(model.trunk)
     losses, features = forward(model, 0)
     aggregator = GroupedAggregator(per_layer(model.trunk), UPGrad) if grouped else UPGrad()
-    weights, gramians, updates = engine.gradients(
+    weights, gramians, update = engine.gradients(
         _feature_grads(losses, features), features, aggregator
     )
     torch.testing.assert_close(weights, expected)
     assert (len(gramians) == len(expected)) if grouped else gramians.shape == (3, 3)
+    factor = torch.tensor(0.25, dtype=torch.float64)  # e.g. 1 / (micro-batches per step)
+    by_id = {id(p): u for p, u in zip(update.parameters, update(factor))}
     assert all(p.grad is None for p in model.all_parameters())
-    by_id = {id(p): u for p, u in updates}
     for p, e in zip(model.trunk.parameters(), expected_model.trunk.parameters()):
-        torch.testing.assert_close(by_id[id(p)], e.grad)
+        torch.testing.assert_close(by_id[id(p)], factor * e.grad)
+    with pytest.raises(RuntimeError, match="called once"):
+        update()
 
 
 def test_gradients_checks_the_shape_of_the_feature_gradients() -> None:
@@ -208,8 +211,9 @@ def test_gradients_undo_a_loss_scale(grouped: bool) -> None:
         aggregator = GroupedAggregator(per_layer(model.trunk), UPGrad) if grouped else UPGrad()
         grads = _feature_grads(losses, features) * (1.0 if scale is None else scale)
         results.append(engine.gradients(grads, features, aggregator, scale=scale))
-    (weights, gramians, updates), (s_weights, s_gramians, s_updates) = results
+    (weights, gramians, update), (s_weights, s_gramians, s_update) = results
     torch.testing.assert_close(s_weights, weights, rtol=0, atol=0)
     torch.testing.assert_close(s_gramians, gramians, rtol=0, atol=0)
-    for (_, u), (_, s_u) in zip(updates, s_updates):
+    factor = torch.tensor(0.25, dtype=torch.float64)
+    for u, s_u in zip(update(factor), s_update(factor)):
         torch.testing.assert_close(s_u, u, rtol=0, atol=0)

@@ -239,7 +239,7 @@ class MTLEngine:
         *,
         compute_gramians: bool = False,
         scale: Tensor | None = None,
-    ) -> tuple[_PerGroup, _PerGroup | None, list[tuple[Tensor, Tensor]]]:
+    ) -> tuple[_PerGroup, _PerGroup | None, PendingUpdate]:
         """The weights and the trunk's update, without writing ``.grad``: for a training framework
         that applies the update in its own backward pass (with its gradient scaling,
         accumulation, data-parallel reducer...), while the heads' backward pass stops at the
@@ -248,10 +248,12 @@ class MTLEngine:
         The trunk is differentiated from ``features`` seeded with ``feature_grads``, the gradient
         of each task's loss w.r.t. the features; the update of each hooked unit is one
         vector-Jacobian product with its combined output-gradients (the trunk's full backward
-        pass, which would also compute the gradients of its activations, is never run). With
-        ``data_parallel``, the Gramians are averaged over the processes as in :meth:`backward`,
-        but the returned update is this process's own: the framework's data-parallel wrapper
-        averages it, as it does the heads' gradients.
+        pass, which would also compute the gradients of its activations, is never run), made when
+        the returned ``PendingUpdate`` is called (typically inside the framework's backward
+        pass, with the gradient that reaches the loss as ``factor``). With ``data_parallel``, the
+        Gramians are averaged over the processes as in :meth:`backward`, but the update is this
+        process's own: the framework's data-parallel wrapper averages it, as it does the heads'
+        gradients.
 
         :param feature_grads: ``[m, *features.shape]``: row ``i`` is the gradient of task ``i``'s
             loss w.r.t. ``features``.
@@ -268,8 +270,8 @@ class MTLEngine:
             are those of the unscaled losses (exactly, for a power of two). An overflow gives a
             non-finite update, which the scaler then skips. Default ``None``: unscaled.
         :return: The weights (``[m]``, or one per group), the Gramians they come from (``[m, m]``,
-            or one per group; ``None`` where not formed), and the pairs ``(parameter, update)``
-            of the trainable parameters of the hooked units that the tasks reached.
+            or one per group; ``None`` where not formed), and the pending update of the
+            trainable parameters of the hooked units that the tasks reached.
         """
         if not isinstance(features, Tensor) or features.grad_fn is None:
             raise ValueError(
@@ -311,7 +313,7 @@ class MTLEngine:
             assert groups[0].weights is not None
             weights = groups[0].weights
         gramians = [g.gramian for g in groups]
-        return weights, gramians if grouped else gramians[0], steps.collected
+        return weights, gramians if grouped else gramians[0], PendingUpdate(steps, groups)
 
     def _grouped_step(
         self,
@@ -397,9 +399,8 @@ class _BlockSteps(Steps):
         scale: Tensor | None = None,
     ) -> None:
         self.tasks = tasks if tasks is not None else _Tasks(None, m)
-        # `collect`: the updates are kept in `collected`, local, for the caller to apply.
+        # `collect`: no update here, the caller makes it later (`PendingUpdate`), unaveraged.
         self.collect = collect
-        self.collected: list[tuple[Tensor, Tensor]] = []
         self.scale = scale  # of the output-gradients, undone on the Gramians and the updates
         self.by_module = by_module
         self.parts = parts
@@ -469,7 +470,7 @@ class _BlockSteps(Steps):
                 group.gramian = mean
 
     def combine(self, groups: list[Group]) -> None:
-        if not self.update:
+        if not self.update or self.collect:
             return
         updates: dict[int, Tensor] = {}
         with torch.no_grad(), _recording_paused():
@@ -477,13 +478,7 @@ class _BlockSteps(Steps):
                 weights = groups[k].weights
                 assert weights is not None
                 grads = module_update(unit, self.by_module[unit], params, weights)
-                if self.collect:
-                    if self.scale is not None:
-                        grads = [g.div_(self.scale.to(g.dtype)) for g in grads]
-                    self.collected.extend(zip(params, grads))
                 updates.update((id(p), g) for p, g in zip(params, grads))
-        if self.collect:
-            return
         for group in groups:
             group.gradients = [
                 updates[id(t)].to(t.dtype) if id(t) in updates else torch.zeros_like(t)
@@ -493,6 +488,45 @@ class _BlockSteps(Steps):
             means = iter(_all_mean([g for group in groups for g in group.gradients], self.world))
             for group in groups:
                 group.gradients = [next(means) for _ in group.gradients]
+
+
+class PendingUpdate:
+    """The trunk's update of an :meth:`MTLEngine.gradients` call, made when called (once).
+
+    ``parameters`` lists the parameters it updates; ``update(factor)`` returns, in that order,
+    ``factor * sum_i w_i dL_i/dtheta`` for each (``factor``: a scalar tensor, e.g. the gradient
+    that reaches the loss in the framework's backward pass; default 1), with the weights of each
+    parameter's group. The factor is applied to the weights, not to the parameter-sized results.
+    """
+
+    def __init__(self, steps: _BlockSteps, groups: list[Group]) -> None:
+        self._steps: _BlockSteps | None = steps
+        self._weights = [g.weights for g in groups]
+        self.parameters = [p for _, _, params in steps.parts for p in params]
+
+    def __call__(self, factor: Tensor | None = None) -> list[Tensor]:
+        steps = self._steps
+        if steps is None:
+            raise RuntimeError("This update was already made: a PendingUpdate is called once.")
+        self._steps = None  # frees the output-gradients
+        # With a loss scale, the output-gradients are large half-precision numbers: the weights
+        # must not shrink to the scale's inverse before meeting them, so it is undone on the
+        # results instead.
+        unscale = None if steps.scale is None else 1 / steps.scale
+        if factor is not None and unscale is not None:
+            unscale = unscale * factor
+        result = []
+        with torch.no_grad(), _recording_paused():
+            for unit, k, params in steps.parts:
+                weights = self._weights[k]
+                assert weights is not None
+                if factor is not None and unscale is None:
+                    weights = weights * factor.to(weights.dtype)
+                grads = module_update(unit, steps.by_module[unit], params, weights)
+                if unscale is not None:
+                    grads = [g.mul_(unscale.to(g.dtype)) for g in grads]
+                result.extend(grads)
+        return result
 
 
 def _checked_route(aggregator: object) -> Need:

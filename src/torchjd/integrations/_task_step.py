@@ -20,7 +20,7 @@ One training step of Jacobian descent in the form that frameworks with their own
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -177,11 +177,10 @@ def descend(
         feature_grads = torch.stack(
             [torch.zeros_like(v) if g is None else g for v, g in zip(views, grads)]
         )
-        weights, gramians, updates = engine.gradients(
+        weights, gramians, update = engine.gradients(
             feature_grads, features, aggregator, compute_gramians=with_gramian, scale=loss_scale
         )
-    params = [p for p, _ in updates]
-    objective = _ApplyUpdate.apply(total, _Pending([u for _, u in updates]), *params)
+    objective = _ApplyUpdate.apply(total, _Once(update), *update.parameters)
     return Step(objective, _detached(weights), _whole(gramians))
 
 
@@ -218,20 +217,20 @@ def _descend_without_views(
     return Step(losses @ weights.to(losses.dtype), weights, _whole(gramian))
 
 
-class _Pending:
-    """The shared parameters' updates, until the backward pass consumes them."""
+class _Once:
+    """The shared parameters' pending update, made by the first backward pass."""
 
-    def __init__(self, updates: list[Tensor]) -> None:
-        self.updates: list[Tensor] | None = updates
+    def __init__(self, update: Callable[[Tensor], list[Tensor]]) -> None:
+        self.update: Callable[[Tensor], list[Tensor]] | None = update
 
-    def take(self) -> list[Tensor]:
-        if self.updates is None:
+    def __call__(self, factor: Tensor) -> list[Tensor]:
+        if self.update is None:
             raise RuntimeError(
                 "The objective of a Jacobian descent step was back-propagated twice: its update "
                 "is applied once (do not use `retain_graph=True` to back-propagate it again)."
             )
-        updates, self.updates = self.updates, None
-        return updates
+        update, self.update = self.update, None
+        return update(factor)
 
 
 class _ApplyUpdate(torch.autograd.Function):
@@ -239,7 +238,7 @@ class _ApplyUpdate(torch.autograd.Function):
     its update times the incoming gradient (the loss scale and accumulation factor)."""
 
     @staticmethod
-    def forward(total: Tensor, pending: _Pending, *params: Tensor) -> Tensor:
+    def forward(total: Tensor, pending: _Once, *params: Tensor) -> Tensor:
         return total.clone()
 
     @staticmethod
@@ -249,11 +248,9 @@ class _ApplyUpdate(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        updates = ctx.pending.take()
-        # In place: the updates are this step's own buffers, and the parameters' `.grad` can
-        # then take them over without a copy.
-        scaled = [u.mul_(grad.to(u.dtype)) for u in updates]
-        return (grad, None, *scaled)
+        # The engine makes the update now, with `grad` folded into the weights: the parameters'
+        # `.grad` then take its buffers over, without a copy.
+        return (grad, None, *ctx.pending(grad))
 
 
 def _detached(weights: Tensor | list[Tensor | None]) -> Tensor | list[Tensor | None]:
