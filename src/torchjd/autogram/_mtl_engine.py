@@ -103,7 +103,10 @@ class MTLEngine:
     that runs its own ``loss.backward()`` (with gradient scaling, DDP's reducer...): the heads
     read one view of the features each, :meth:`weigh` returns the weights and registers on each
     view a hook that scales its gradient by the task's weight, and the framework's backward pass
-    of ``sum(losses)`` (times any scale) then writes the update.
+    of ``sum(losses)`` (times any scale) then writes the update. :meth:`gradients` serves such a
+    framework better, grouped or not: the heads read a detached copy of the features, the engine
+    returns the weights and an update made per layer (no second backward pass through the trunk),
+    and the framework's backward pass, which then stops at the features, hands it over.
 
     Data-parallel training (``data_parallel=True``, every process of the default process group
     calling the engine on its shard of the batch): the Jacobian of the whole batch is never
