@@ -1,5 +1,7 @@
 """The two-task model of ``_two_tasks`` as a JacobianDescentModule."""
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.nn.functional import mse_loss
@@ -32,9 +34,9 @@ class TwoTasks(JacobianDescentModule):
 
 
 class PerLayerTwoTasks(TwoTasks):
-    """The same model, aggregated layer by layer: one UPGrad per layer of the trunk."""
+    """The same model, aggregated layer by layer: one aggregator per layer of the trunk."""
 
-    def __init__(self, lr: float = 0.1) -> None:
+    def __init__(self, lr: float = 0.1, aggregator: Callable[[], Aggregator] = UPGrad) -> None:
         trunk, heads = networks()
-        super().__init__(GroupedAggregator(per_layer(trunk), UPGrad), lr=lr)
+        super().__init__(GroupedAggregator(per_layer(trunk), aggregator), lr=lr)
         self.trunk, self.heads = trunk, heads

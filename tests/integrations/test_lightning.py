@@ -234,13 +234,15 @@ def test_refuses_manual_optimisation() -> None:
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_agree_with_the_documented_rule(tmp_path: Path) -> None:
+@pytest.mark.parametrize("grouped", [False, True], ids=["whole_trunk", "per_layer"])
+def test_ddp_two_processes_agree_with_the_documented_rule(tmp_path: Path, grouped: bool) -> None:
     """Both ranks end with the same parameters and aggregator state, those of a single-process
-    simulation of the rule: weights from the mean of the ranks' Gramians, gradients averaged."""
+    simulation of the rule: for each group (the whole trunk, or each layer), weights from the
+    mean of the ranks' Gramians, gradients averaged."""
     script = Path(__file__).with_name("_ddp_lightning.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     run = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
+        [sys.executable, str(script), str(tmp_path), "3", "grouped" if grouped else "whole"],
         env=env,
         capture_output=True,
         text=True,
@@ -258,16 +260,19 @@ def test_ddp_two_processes_agree_with_the_documented_rule(tmp_path: Path) -> Non
     # The simulation, on the batches that each rank recorded (its sampler shuffles).
     trunk, heads = networks()
     shared, params = list(trunk.parameters()), [*trunk.parameters(), *heads.parameters()]
+    groups = per_layer(trunk) if grouped else [shared]
+    aggregators = [PCD() for _ in groups]
     optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
-    weighting = PCD().gramian_weighting
     for step in range(3):
-        rows, head_grads = [], []
+        head_grads = []
+        rows: list[list[torch.Tensor]] = [[] for _ in groups]  # per group, per rank
         for rank in ranks:
             xb, yb = rank["batches"][step]
             features = trunk(xb)
             losses = [mse_loss(h(features), yb[:, [i]]) for i, h in enumerate(heads)]
-            grads = [torch.autograd.grad(loss, shared, retain_graph=True) for loss in losses]
-            rows.append(torch.stack([torch.cat([g.flatten() for g in row]) for row in grads]))
+            for group, group_rows in zip(groups, rows):
+                grads = [torch.autograd.grad(loss, group, retain_graph=True) for loss in losses]
+                group_rows.append(torch.stack([torch.cat([g.flatten() for g in r]) for r in grads]))
             head_grads.append(
                 [
                     g
@@ -275,13 +280,13 @@ def test_ddp_two_processes_agree_with_the_documented_rule(tmp_path: Path) -> Non
                     for g in torch.autograd.grad(losses[i], list(h.parameters()), retain_graph=True)
                 ]
             )
-        gramian = sum(j @ j.T for j in rows) / 2
-        weights = weighting(gramian)
-        update = sum(weights @ j for j in rows) / 2
-        offset = 0
-        for p in shared:
-            p.grad = update[offset : offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
+        for group, group_rows, aggregator in zip(groups, rows, aggregators):
+            weights = aggregator.gramian_weighting(sum(j @ j.T for j in group_rows) / 2)
+            update = sum(weights @ j for j in group_rows) / 2
+            offset = 0
+            for p in group:
+                p.grad = update[offset : offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
         head_params = list(heads.parameters())
         for k, p in enumerate(head_params):
             p.grad = (head_grads[0][k] + head_grads[1][k]) / 2
@@ -289,9 +294,15 @@ def test_ddp_two_processes_agree_with_the_documented_rule(tmp_path: Path) -> Non
 
     for actual, expected in zip(ranks[0]["params"], params):
         assert torch.allclose(actual, expected.detach(), rtol=1e-5, atol=1e-6)
-    for key, value in weighting.state_dict().items():
-        if torch.is_tensor(value) and key in ranks[0]["state"]:
-            assert torch.allclose(ranks[0]["state"][key], value, rtol=1e-5, atol=1e-7)
+    expected_state = {
+        (f"aggregators.{k}." if grouped else "") + key: value
+        for k, aggregator in enumerate(aggregators)
+        for key, value in aggregator.state_dict().items()
+        if torch.is_tensor(value)
+    }
+    assert expected_state.keys() == ranks[0]["state"].keys()
+    for key, value in expected_state.items():
+        assert torch.allclose(ranks[0]["state"][key], value, rtol=1e-5, atol=1e-7)
 
 
 class _CompiledTrunk(TwoTasks):
