@@ -48,7 +48,13 @@ from torchjd.autogram._engine import (
     _recording_paused,
     output_gradients,
 )
-from torchjd.autogram._layer_gramians import Rows, module_gramians, module_update, trainable
+from torchjd.autogram._layer_gramians import (
+    Items,
+    Rows,
+    module_gramians,
+    module_update,
+    trainable,
+)
 from torchjd.grouping import GroupedAggregator
 
 # A tensor for the whole trunk, or one per group of a GroupedAggregator.
@@ -499,37 +505,51 @@ class PendingUpdate:
     ``parameters`` lists the parameters it updates; ``update(factor)`` returns, in that order,
     ``factor * sum_i w_i dL_i/dtheta`` for each (``factor``: a scalar tensor, e.g. the gradient
     that reaches the loss in the framework's backward pass; default 1), with the weights of each
-    parameter's group. The factor is applied to the weights, not to the parameter-sized results.
+    parameter's group. Until then it holds, for each hooked unit, its output-gradients already
+    combined with the weights (the size of one task's, not ``m`` tasks'), and the graph.
     """
 
     def __init__(self, steps: _BlockSteps, groups: list[Group]) -> None:
-        self._steps: _BlockSteps | None = steps
-        self._weights = [g.weights for g in groups]
-        self.parameters = [p for _, _, params in steps.parts for p in params]
+        self._scale = steps.scale
+        self._parts: list[tuple[nn.Module, list[Tensor], Items]] | None = []
+        for unit, k, params in steps.parts:
+            weights = groups[k].weights
+            assert weights is not None
+            combined = [
+                (call, tuple(_combined(weights, delta) for delta in deltas))
+                for call, deltas in steps.by_module[unit]
+            ]
+            self._parts.append((unit, params, combined))
+        self.parameters = [p for _, params, _ in self._parts for p in params]
 
     def __call__(self, factor: Tensor | None = None) -> list[Tensor]:
-        steps = self._steps
-        if steps is None:
+        parts = self._parts
+        if parts is None:
             raise RuntimeError("This update was already made: a PendingUpdate is called once.")
-        self._steps = None  # frees the output-gradients
-        # With a loss scale, the output-gradients are large half-precision numbers: the weights
-        # must not shrink to the scale's inverse before meeting them, so it is undone on the
-        # results instead.
-        unscale = None if steps.scale is None else 1 / steps.scale
-        if factor is not None and unscale is not None:
-            unscale = unscale * factor
+        self._parts = None  # frees the output-gradients
+        ratio = factor
+        if self._scale is not None:
+            ratio = 1 / self._scale if factor is None else factor / self._scale
         result = []
         with torch.no_grad(), _recording_paused():
-            for unit, k, params in steps.parts:
-                weights = self._weights[k]
-                assert weights is not None
-                if factor is not None and unscale is None:
-                    weights = weights * factor.to(weights.dtype)
-                grads = module_update(unit, steps.by_module[unit], params, weights)
-                if unscale is not None:
-                    grads = [g.mul_(unscale.to(g.dtype)) for g in grads]
+            for unit, params, items in parts:
+                # The ratio goes into the one-row weights (free) unless the output-gradients are
+                # in half precision: a loss scale's inverse, or a factor like 1/3, would then
+                # lose digits or underflow there, so it multiplies the results instead.
+                low = items[0][1][0].dtype in (torch.float16, torch.bfloat16)
+                fold = ratio is not None and not low
+                one = torch.ones(1, dtype=torch.float32, device=items[0][1][0].device)
+                weights = ratio.reshape(1).to(one) if fold else one  # type: ignore[union-attr]
+                grads = module_update(unit, items, params, weights)
+                if ratio is not None and not fold:
+                    grads = [g.mul_(ratio.to(g.dtype)) for g in grads]
                 result.extend(grads)
         return result
+
+
+def _combined(weights: Tensor, delta: Tensor) -> Tensor:
+    """``sum_i w_i delta_i`` as the one row of a ``[1, ...]`` stack of output-gradients."""
+    return torch.tensordot(weights.to(delta.dtype), delta, dims=1).unsqueeze(0)
 
 
 def _checked_route(aggregator: object) -> Need:
