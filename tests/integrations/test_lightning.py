@@ -221,6 +221,52 @@ def test_float16_overflow_skips_the_step() -> None:
     assert all(torch.equal(p, b) for p, b in zip(module.parameters(), before))
 
 
+class _SkipsSecondBatch(TwoTasks):
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> list[torch.Tensor] | None:
+        x, y = batch
+        views = self.task_views(self.trunk(x), 2)
+        if batch_idx == 1:
+            return None  # Lightning skips the batch, after the forward pass
+        return [mse_loss(head(v), y[:, [i]]) for i, (head, v) in enumerate(zip(self.heads, views))]
+
+
+def test_a_skipped_batch_does_not_disturb_the_next_step() -> None:
+    dataset = data()
+    module = _SkipsSecondBatch(UPGrad())
+    # The skipped batch counts as a step of Lightning's (its optimizer step has no gradient).
+    _trainer(max_steps=3).fit(module, loader(dataset))
+
+    trunk, heads = networks()
+    params = [*trunk.parameters(), *heads.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    batches = list(loader(dataset))
+    for x, y in [batches[0], batches[2]]:
+        grads, _ = hand_written_step(trunk, heads, x, y)
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+    expected = torch.cat([p.detach().flatten() for p in params])
+    actual = torch.cat(
+        [p.detach().flatten() for p in [*module.trunk.parameters(), *module.heads.parameters()]]
+    )
+    assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+class _ViewsTwice(TwoTasks):
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> list[torch.Tensor]:
+        x, y = batch
+        features = self.trunk(x)
+        self.task_views(features, 2)
+        views = self.task_views(features, 2)
+        return [mse_loss(head(v), y[:, [i]]) for i, (head, v) in enumerate(zip(self.heads, views))]
+
+
+def test_task_views_once_per_step() -> None:
+    x, y = data(8).tensors
+    with pytest.raises(ValueError, match="called 2 times"):
+        _ViewsTwice(UPGrad()).training_step([x, y], 0)
+
+
 def test_refuses_an_aggregator_that_needs_the_matrix() -> None:
     with pytest.raises(ValueError, match="mtl_backward"):
         TwoTasks(ConFIG())

@@ -324,6 +324,13 @@ class MTLEngine:
         gramians = [g.gramian for g in groups]
         return weights, gramians if grouped else gramians[0], PendingUpdate(steps, groups)
 
+    def discard(self) -> None:
+        """Forget the forward calls recorded since the previous step, for a step that stops after
+        its forward pass (a training framework skipping a batch, say): the next step would
+        otherwise see calls that do not reach its losses."""
+        self._engine._recorder.records = []
+        self._views = None
+
     def _grouped_step(
         self,
         losses: list[Tensor],

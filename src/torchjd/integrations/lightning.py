@@ -160,7 +160,8 @@ def _descending(step: Callable[..., Any]) -> Callable[..., Any]:
                 output = step(self, *args, **kwargs)
         finally:
             self._in_step = False
-        if output is None:  # Lightning skips the step
+        if output is None:  # Lightning skips the step: its forward calls are not for the next one
+            self._engine.discard()
             return None
         return self._jacobian_descent(output, recorded)
 

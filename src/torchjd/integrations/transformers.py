@@ -104,6 +104,7 @@ class JacobianDescentTrainer(Trainer):
             self._last_metrics = metrics(names, losses, step.weights, step.gramian)
             loss = step.objective
         else:
+            self._engine.discard()  # calls recorded with gradient enabled, outside training
             loss = losses.sum()
         return (loss, outputs) if return_outputs else loss
 
