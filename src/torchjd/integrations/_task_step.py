@@ -207,8 +207,8 @@ def _descend_without_views(
     m = losses.shape[0]
     eye = torch.eye(m, dtype=losses.dtype, device=losses.device)
     with _without_autocast(losses.device.type):
-        # The engine differentiates the trunk from the losses themselves; its update is not used
-        # (the framework's backward pass of the weighted sum writes it, through the heads).
+        # The engine differentiates the trunk from the losses themselves; its pending update is
+        # never made (the framework's backward pass of the weighted sum writes it).
         weights, gramian, _ = engine.gradients(
             eye, losses, aggregator, compute_gramians=with_gramian
         )
