@@ -282,17 +282,7 @@ class MTLEngine:
             or one per group; ``None`` where not formed), and the pending update of the
             trainable parameters of the hooked units that the tasks reached.
         """
-        if not isinstance(features, Tensor) or features.grad_fn is None:
-            raise ValueError(
-                "`features` must be a tensor computed by the trunk (with a `grad_fn`): the output "
-                "the heads read."
-            )
-        if not isinstance(feature_grads, Tensor) or feature_grads.shape[1:] != features.shape:
-            got = tuple(feature_grads.shape) if isinstance(feature_grads, Tensor) else None
-            raise ValueError(
-                f"`feature_grads` must have shape [m, *features.shape] = [m, "
-                f"{', '.join(map(str, features.shape))}], got {got}."
-            )
+        _check_feature_grads(feature_grads, features)
         grouped = isinstance(aggregator, GroupedAggregator)
         if isinstance(aggregator, GroupedAggregator):
             tensor_groups = aggregator.groups
@@ -617,6 +607,20 @@ def _checked_features(features: object) -> list[Tensor]:
                 "`grad_fn`): the output the heads read."
             )
     return list(result)
+
+
+def _check_feature_grads(feature_grads: object, features: object) -> None:
+    if not isinstance(features, Tensor) or features.grad_fn is None:
+        raise ValueError(
+            "`features` must be a tensor computed by the trunk (with a `grad_fn`): the output the "
+            "heads read."
+        )
+    if not isinstance(feature_grads, Tensor) or feature_grads.shape[1:] != features.shape:
+        got = tuple(feature_grads.shape) if isinstance(feature_grads, Tensor) else None
+        raise ValueError(
+            f"`feature_grads` must have shape [m, *features.shape] = [m, "
+            f"{', '.join(map(str, features.shape))}], got {got}."
+        )
 
 
 def _parts(units: list[nn.Module], reached: Deltas, groups: list[list[Tensor]]) -> list[_Part]:
