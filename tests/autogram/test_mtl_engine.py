@@ -160,7 +160,7 @@ def _feature_grads(losses: list[Tensor], features: Tensor) -> Tensor:
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn", "transformer"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "reused", "transformer"])
 @pytest.mark.parametrize("grouped", [False, True], ids=["together", "per_layer"])
 def test_gradients_are_the_trunk_part_of_the_step(kind: str, grouped: bool) -> None:
     """The weights and the trunk's update that `gradients` returns are those of `mtl_backward`
