@@ -1,13 +1,18 @@
 """Time the Lightning step of Jacobian descent on the 1.08M-parameter trunk.
 
 Model: the trunk of ``bench_training_step.py``, one ``Linear(256, 1)`` head per task, batch 64,
-MSE losses, SGD. For m = 2 and 8 tasks it reports, single-threaded, the median time of one
-training step (forward, backward, optimizer step; the data loading excluded) of:
+MSE losses, SGD. For m = 2 and 8 tasks it reports, single-threaded, the median CPU time of the
+process over one training step (forward, backward, optimizer step; the data loading excluded;
+CPU time rather than wall time, as the machines are shared) of:
 
 - ``JacobianDescentModule`` with UPGrad, in a Lightning ``Trainer`` (the JD step);
 - the same LightningModule trained on the summed loss (the floor of the framework);
-- the JD step written by hand without the framework (Gramian from ``autogram.Engine``, task views
-  scaled by hooks, one backward): the ratio JD-in-Lightning / JD-by-hand is Lightning's overhead;
+- the same Gramian-first step written by hand without the framework (heads on views of detached
+  features, ``MTLEngine.gradients``, one backward pass through the heads, the update written into
+  ``.grad``): the ratio JD-in-Lightning / JD-by-hand is Lightning's overhead;
+- for reference, ``MTLEngine.backward`` by hand (its ungrouped step ends in a full backward pass
+  through the trunk) and the summed-loss step by hand;
+- the JD step in Lightning with per-layer UPGrad (a ``GroupedAggregator``);
 - the JD step in Lightning with a ``torch.compile``d trunk (inductor), against the eager one.
 
 The variants run interleaved: each round fits every variant for a few steps, and the medians are
@@ -17,10 +22,12 @@ Usage: ``python benchmarks/bench_lightning.py [--rounds N] [--steps K] [--no-com
 """
 
 import argparse
+import functools
 import statistics
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from _timing import single_thread
@@ -31,8 +38,8 @@ from torch.nn.functional import mse_loss
 from torch.utils.data import DataLoader, TensorDataset
 
 from torchjd.aggregation import UPGrad
-from torchjd.autogram import Engine
-from torchjd.integrations import task_views
+from torchjd.autogram import MTLEngine
+from torchjd.grouping import GroupedAggregator, per_layer
 from torchjd.integrations.lightning import JacobianDescentModule
 
 BATCH = 64
@@ -58,9 +65,11 @@ class _Summed(LightningModule):
 
 
 class _Descent(JacobianDescentModule):
-    def __init__(self, m: int, compiled: bool = False) -> None:
-        super().__init__(aggregator=UPGrad())
-        self.trunk, self.heads = _networks(m)
+    def __init__(self, m: int, compiled: bool = False, grouped: bool = False) -> None:
+        trunk, heads = _networks(m)
+        aggregator = GroupedAggregator(per_layer(trunk), UPGrad) if grouped else UPGrad()
+        super().__init__(aggregator=aggregator)
+        self.trunk, self.heads = trunk, heads
         self.forward_trunk = torch.compile(self.trunk) if compiled else self.trunk
 
     def shared_modules(self) -> list[nn.Module]:
@@ -81,10 +90,10 @@ class _StepTimes(Callback):
         self._start = 0.0
 
     def on_train_batch_start(self, *args: object) -> None:
-        self._start = time.perf_counter()
+        self._start = time.process_time()
 
     def on_train_batch_end(self, *args: object) -> None:
-        self.times.append(time.perf_counter() - self._start)
+        self.times.append(time.process_time() - self._start)
 
 
 def _data(m: int, steps: int) -> DataLoader:
@@ -110,46 +119,85 @@ def _lightning_run(module: LightningModule, loader: DataLoader, steps: int) -> l
     return timer.times[1:]
 
 
-def _by_hand(m: int) -> Callable[[DataLoader, int], list[float]]:
+@dataclass
+class _Net:
+    trunk: nn.Module
+    heads: nn.ModuleList
+    engine: MTLEngine | None  # hooks the trunk (recording its calls) only where the step uses it
+    aggregator: UPGrad
+
+
+def _by_hand(
+    m: int, step: Callable[[_Net, Tensor, Tensor], None], engine: bool = True
+) -> Callable[[DataLoader, int], list[float]]:
     trunk, heads = _networks(m)
-    engine = Engine(trunk, batch_dim=None)
+    net = _Net(trunk, heads, MTLEngine(trunk) if engine else None, UPGrad())
     optimizer = torch.optim.SGD([*trunk.parameters(), *heads.parameters()], lr=1e-3)
-    weighting = UPGrad().gramian_weighting
 
     def run(loader: DataLoader, steps: int) -> list[float]:
         times = []
         for x, y in list(loader)[:steps]:
-            start = time.perf_counter()
-            views = task_views(trunk(x), m)
-            losses = torch.stack(
-                [mse_loss(h(v), y[:, [i]]) for i, (h, v) in enumerate(zip(heads, views))]
-            )
-            weights = weighting(engine.compute_gramian(losses))
-            for v, w in zip(views, weights):
-                v.register_hook(lambda g, w=w: g * w)
-            losses.sum().backward()
+            start = time.process_time()
+            step(net, x, y)
             optimizer.step()
             optimizer.zero_grad()
-            times.append(time.perf_counter() - start)
+            times.append(time.process_time() - start)
         return times[1:]
 
     return run
 
 
+def _gramian_first_step(net: _Net, x: Tensor, y: Tensor) -> None:
+    """The integrations' step without a framework."""
+    assert net.engine is not None
+    features = net.trunk(x)
+    detached = features.detach().requires_grad_()
+    views = [detached.view_as(detached) for _ in net.heads]
+    total = sum(mse_loss(h(v), y[:, [i]]) for i, (h, v) in enumerate(zip(net.heads, views)))
+    feature_grads = torch.stack(torch.autograd.grad(total, views, retain_graph=True))
+    _, _, update = net.engine.gradients(feature_grads, features, net.aggregator)
+    total.backward()
+    for p, u in zip(update.parameters, update()):
+        p.grad = u
+
+
+def _engine_backward_step(net: _Net, x: Tensor, y: Tensor) -> None:
+    assert net.engine is not None
+    features = net.trunk(x)
+    losses = [mse_loss(h(features), y[:, [i]]) for i, h in enumerate(net.heads)]
+    net.engine.backward(losses, features, net.aggregator)
+
+
+def _summed_step(net: _Net, x: Tensor, y: Tensor) -> None:
+    features = net.trunk(x)
+    sum(mse_loss(h(features), y[:, [i]]) for i, h in enumerate(net.heads)).backward()
+
+
+SUMMED = "Lightning, summed loss"
+JD = "Lightning, JD (UPGrad)"
+HAND = "by hand, same JD step"
+COMPILED = "Lightning, JD, compiled trunk"
+
+
 def bench(m: int, rounds: int, steps: int, compiled: bool) -> dict[str, float]:
     loader = _data(m, steps)
-    variants: dict[str, Callable[[], list[float]]] = {}
-    summed, descent = _Summed(m), _Descent(m)
-    variants["Lightning, summed loss"] = lambda: _lightning_run(summed, loader, steps)
-    variants["Lightning, JD (UPGrad)"] = lambda: _lightning_run(descent, loader, steps)
-    hand = _by_hand(m)
-    variants["by hand, JD (UPGrad)"] = lambda: hand(loader, steps)
+    summed, descent, grouped = _Summed(m), _Descent(m), _Descent(m, grouped=True)
+    variants: dict[str, Callable[[], list[float]]] = {
+        SUMMED: lambda: _lightning_run(summed, loader, steps),
+        JD: lambda: _lightning_run(descent, loader, steps),
+        HAND: functools.partial(_by_hand(m, _gramian_first_step), loader, steps),
+        "by hand, MTLEngine.backward": functools.partial(
+            _by_hand(m, _engine_backward_step), loader, steps
+        ),
+        "by hand, summed loss": functools.partial(
+            _by_hand(m, _summed_step, engine=False), loader, steps
+        ),
+        "Lightning, JD (per-layer UPGrad)": lambda: _lightning_run(grouped, loader, steps),
+    }
     if compiled:
         descent_compiled = _Descent(m, compiled=True)
         _lightning_run(descent_compiled, loader, 2)  # compiles (not timed)
-        variants["Lightning, JD, compiled trunk"] = lambda: _lightning_run(
-            descent_compiled, loader, steps
-        )
+        variants[COMPILED] = lambda: _lightning_run(descent_compiled, loader, steps)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, run in variants.items():
@@ -166,19 +214,17 @@ def main() -> None:
     single_thread()
     warnings.filterwarnings("ignore")
     n = sum(p.numel() for p in make_trunk().parameters())
-    print(f"Trunk: {n:,} parameters, batch {BATCH}, single thread, median step time (ms)")
+    print(f"Trunk: {n:,} parameters, batch {BATCH}, single thread, median CPU time of a step (ms)")
     for m in (2, 8):
         results = bench(m, args.rounds, args.steps, not args.no_compile)
-        summed = results["Lightning, summed loss"]
-        jd = results["Lightning, JD (UPGrad)"]
+        jd = results[JD]
         print(f"\nm = {m}")
         for name, ms in results.items():
-            print(f"  {name:<32} {ms:9.2f}")
-        print(f"  JD / summed in Lightning         {jd / summed:9.2f}x")
-        print(f"  Lightning JD / JD by hand        {jd / results['by hand, JD (UPGrad)']:9.2f}x")
-        if "Lightning, JD, compiled trunk" in results:
-            compiled = results["Lightning, JD, compiled trunk"]
-            print(f"  compiled / eager JD              {compiled / jd:9.2f}x")
+            print(f"  {name:<34} {ms:9.2f}")
+        print(f"  JD / summed in Lightning           {jd / results[SUMMED]:9.2f}x")
+        print(f"  Lightning JD / same step by hand   {jd / results[HAND]:9.2f}x")
+        if COMPILED in results:
+            print(f"  compiled / eager JD in Lightning   {results[COMPILED] / jd:9.2f}x")
 
 
 if __name__ == "__main__":

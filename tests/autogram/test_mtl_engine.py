@@ -152,3 +152,68 @@ def test_data_parallel_needs_a_process_group() -> None:
     losses, features = forward(model, 0)
     with pytest.raises(RuntimeError, match="process group"):
         engine.backward(losses, features, UPGrad())
+
+
+def _feature_grads(losses: list[Tensor], features: Tensor) -> Tensor:
+    """Row i: the gradient of loss i w.r.t. the features (one backward pass per loss)."""
+    rows = [torch.autograd.grad(loss, features, retain_graph=True)[0] for loss in losses]
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "reused", "transformer"])
+@pytest.mark.parametrize("grouped", [False, True], ids=["together", "per_layer"])
+def test_gradients_are_the_trunk_part_of_the_step(kind: str, grouped: bool) -> None:
+    """The weights and the trunk's update that `gradients` returns are those of `mtl_backward`
+    then `jac_to_grad`; no `.grad` is written."""
+    expected_model = make_model(kind, 3)
+    losses, features = forward(expected_model, 0)
+    mtl_backward(losses, features=features)
+    if grouped:
+        expected = GroupedAggregator(per_layer(expected_model.trunk), UPGrad).jac_to_grad()
+    else:
+        expected = jac_to_grad(expected_model.trunk.parameters(), UPGrad())
+
+    model = make_model(kind, 3)
+    engine = MTLEngine(model.trunk)
+    losses, features = forward(model, 0)
+    aggregator = GroupedAggregator(per_layer(model.trunk), UPGrad) if grouped else UPGrad()
+    weights, gramians, update = engine.gradients(
+        _feature_grads(losses, features), features, aggregator
+    )
+    torch.testing.assert_close(weights, expected)
+    assert (len(gramians) == len(expected)) if grouped else gramians.shape == (3, 3)
+    factor = torch.tensor(0.25, dtype=torch.float64)  # e.g. 1 / (micro-batches per step)
+    by_id = {id(p): u for p, u in zip(update.parameters, update(factor))}
+    assert all(p.grad is None for p in model.all_parameters())
+    for p, e in zip(model.trunk.parameters(), expected_model.trunk.parameters()):
+        torch.testing.assert_close(by_id[id(p)], factor * e.grad)
+    with pytest.raises(RuntimeError, match="called once"):
+        update()
+
+
+def test_gradients_checks_the_shape_of_the_feature_gradients() -> None:
+    model = make_model("mlp", 2)
+    engine = MTLEngine(model.trunk)
+    _, features = forward(model, 0)
+    with pytest.raises(ValueError, match=r"\[m, \*features.shape\]"):
+        engine.gradients(torch.zeros(2, 3), features, UPGrad())
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["together", "per_layer"])
+def test_gradients_undo_a_loss_scale(grouped: bool) -> None:
+    """Scaled feature gradients with their `scale`: the Gramians, weights and update of the
+    unscaled ones (exactly, for a power of two)."""
+    results = []
+    for scale in [None, torch.tensor(2.0**10)]:
+        model = make_model("mlp", 3)
+        engine = MTLEngine(model.trunk)
+        losses, features = forward(model, 0)
+        aggregator = GroupedAggregator(per_layer(model.trunk), UPGrad) if grouped else UPGrad()
+        grads = _feature_grads(losses, features) * (1.0 if scale is None else scale)
+        results.append(engine.gradients(grads, features, aggregator, scale=scale))
+    (weights, gramians, update), (s_weights, s_gramians, s_update) = results
+    torch.testing.assert_close(s_weights, weights, rtol=0, atol=0)
+    torch.testing.assert_close(s_gramians, gramians, rtol=0, atol=0)
+    factor = torch.tensor(0.25, dtype=torch.float64)
+    for u, s_u in zip(update(factor), s_update(factor)):
+        torch.testing.assert_close(s_u, u, rtol=0, atol=0)

@@ -93,6 +93,13 @@ def test_the_groups_are_not_part_of_the_module() -> None:
     assert list(grouped.state_dict()) == []  # UPGrad has no state
 
 
+def test_moves_and_casts_like_a_module() -> None:
+    """`.to()` reaches the aggregators' state (as when a LightningModule holding it is moved)."""
+    grouped = GroupedAggregator([_params(1), _params(1)], GradVac)
+    assert grouped.to(torch.float64) is grouped
+    assert grouped.to("cpu") is grouped
+
+
 def test_repr_shows_the_groups_and_the_aggregators() -> None:
     grouped = GroupedAggregator([_params(1), _params(2)], UPGrad)
     text = repr(grouped)

@@ -1,4 +1,5 @@
-"""Two-process (gloo) ``ddp`` training run: ``python _ddp_lightning.py OUT_DIR``.
+"""Two-process (gloo) ``ddp`` training run: ``python _ddp_lightning.py OUT_DIR [STEPS [grouped]]``
+(``grouped``: one PCD per layer of the trunk instead of one for the whole trunk).
 
 Lightning starts the second process itself (by running this script again); each process saves
 its parameters, its aggregator's state and the batches it trained on to ``OUT_DIR/rank<r>.pt``.
@@ -14,10 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from tests.integrations._lightning_models import TwoTasks, data, loader
+from tests.integrations._lightning_models import PerLayerTwoTasks, TwoTasks, data, loader
 from torchjd.aggregation import PCD
 
 STEPS = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+GROUPED = len(sys.argv) > 3 and sys.argv[3] == "grouped"
 BATCH_PER_PROCESS = 4
 
 
@@ -36,7 +38,7 @@ class _Batches(Callback):
 def main(out: Path) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    module = TwoTasks(PCD())
+    module = PerLayerTwoTasks(aggregator=PCD) if GROUPED else TwoTasks(PCD())
     batches = _Batches()
     trainer = Trainer(
         callbacks=[batches],

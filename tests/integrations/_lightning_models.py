@@ -1,15 +1,18 @@
 """The two-task model of ``_two_tasks`` as a JacobianDescentModule."""
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.nn.functional import mse_loss
 
-from torchjd.aggregation import Aggregator
+from torchjd.aggregation import Aggregator, UPGrad
+from torchjd.grouping import GroupedAggregator, per_layer
 from torchjd.integrations.lightning import JacobianDescentModule
 
 from ._two_tasks import data, hand_written_step, loader, networks
 
-__all__ = ["TwoTasks", "data", "hand_written_step", "loader", "networks"]
+__all__ = ["PerLayerTwoTasks", "TwoTasks", "data", "hand_written_step", "loader", "networks"]
 
 
 class TwoTasks(JacobianDescentModule):
@@ -28,3 +31,12 @@ class TwoTasks(JacobianDescentModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+class PerLayerTwoTasks(TwoTasks):
+    """The same model, aggregated layer by layer: one aggregator per layer of the trunk."""
+
+    def __init__(self, lr: float = 0.1, aggregator: Callable[[], Aggregator] = UPGrad) -> None:
+        trunk, heads = networks()
+        super().__init__(GroupedAggregator(per_layer(trunk), aggregator), lr=lr)
+        self.trunk, self.heads = trunk, heads

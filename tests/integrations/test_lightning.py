@@ -12,11 +12,14 @@ import torch
 pytest.importorskip("lightning")
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.plugins import MixedPrecision
 from torch.nn.functional import mse_loss
 
 from torchjd.aggregation import PCD, ConFIG, UPGrad
+from torchjd.autojac import mtl_backward
+from torchjd.grouping import GroupedAggregator, per_layer
 
-from ._lightning_models import TwoTasks, data, hand_written_step, loader, networks
+from ._lightning_models import PerLayerTwoTasks, TwoTasks, data, hand_written_step, loader, networks
 
 
 def _trainer(**kwargs: object) -> Trainer:
@@ -121,6 +124,149 @@ def test_bf16_mixed_precision() -> None:
     assert torch.allclose(actual, expected, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize(
+    ("precision", "tol"), [("32-true", 1e-5), ("bf16-mixed", 2e-2)], ids=["float32", "bf16"]
+)
+def test_grouped_steps_with_accumulation_and_clipping(precision: str, tol: float) -> None:
+    """Per-layer UPGrad under Lightning, two micro-batches per step and gradient clipping: the
+    steps of `mtl_backward` then `GroupedAggregator.jac_to_grad`, averaged, clipped by hand."""
+    dataset = data()
+    module = PerLayerTwoTasks()
+    trainer = _trainer(
+        max_steps=2,
+        accumulate_grad_batches=2,
+        gradient_clip_val=0.5,
+        precision=precision,
+        log_every_n_steps=1,
+    )
+    trainer.fit(module, loader(dataset))
+
+    trunk, heads = networks()
+    grouped = GroupedAggregator(per_layer(trunk), UPGrad)
+    params = [*trunk.parameters(), *heads.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    batches = list(loader(dataset))[:4]
+    for step in range(2):
+        total = [torch.zeros_like(p) for p in params]
+        for x, y in batches[2 * step : 2 * step + 2]:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "32-true"):
+                features = trunk(x)
+                losses = [mse_loss(h(features), y[:, [i]]) for i, h in enumerate(heads)]
+            mtl_backward(losses, features=features)
+            weights = grouped.jac_to_grad()
+            for t, p in zip(total, params):
+                t += p.grad.float() / 2
+                p.grad = None
+        for t, p in zip(total, params):
+            p.grad = t
+        torch.nn.utils.clip_grad_norm_(params, 0.5)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    expected = torch.cat([p.detach().flatten() for p in params])
+    actual = torch.cat(
+        [p.detach().flatten() for p in [*module.trunk.parameters(), *module.heads.parameters()]]
+    )
+    assert torch.allclose(actual, expected, rtol=tol, atol=tol)
+    logged = trainer.logged_metrics  # the last micro-batch's weights, one vector per layer
+    for k, layer_weights in enumerate(weights):
+        assert torch.allclose(logged[f"weight/{k}/a"], layer_weights[0], rtol=tol, atol=tol)
+        assert torch.allclose(logged[f"weight/{k}/b"], layer_weights[1], rtol=tol, atol=tol)
+
+
+def test_grouped_aggregation_needs_task_views() -> None:
+    module = PerLayerTwoTasks()
+    x, y = data(8).tensors
+    # The heads read the features themselves: no weighted sum of the losses is the update.
+    module.task_views = lambda features, m: [features] * m  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match="task_views"):
+        module.training_step([x, y], 0)
+
+
+def _float16_trainer(scaler: torch.amp.GradScaler, steps: int) -> Trainer:
+    """float16 autocast with loss scaling ("16-mixed"), on the CPU: the plugin with a CPU scaler."""
+    return _trainer(max_steps=steps, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+
+
+def test_float16_with_a_grad_scaler_gives_the_unscaled_steps() -> None:
+    """The scale reaches the gradients propagated through the trunk and is undone on the
+    Gramian and the update: the steps are those of float32, up to float16 rounding."""
+    dataset = data()
+    module = TwoTasks(UPGrad())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    _float16_trainer(scaler, 3).fit(module, loader(dataset))
+    assert scaler.get_scale() == 2.0**12  # no step was skipped
+
+    trunk, heads = networks()
+    params = [*trunk.parameters(), *heads.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    for x, y in list(loader(dataset))[:3]:
+        grads, _ = hand_written_step(trunk, heads, x, y)
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+    expected = torch.cat([p.detach().flatten() for p in params])
+    actual = torch.cat(
+        [p.detach().flatten() for p in [*module.trunk.parameters(), *module.heads.parameters()]]
+    )
+    assert torch.allclose(actual, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_float16_overflow_skips_the_step() -> None:
+    module = TwoTasks(UPGrad())
+    before = [p.detach().clone() for p in module.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # overflows float16
+    _float16_trainer(scaler, 1).fit(module, loader(data()))
+    assert scaler.get_scale() == 2.0**39
+    assert all(torch.equal(p, b) for p, b in zip(module.parameters(), before))
+
+
+class _SkipsSecondBatch(TwoTasks):
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> list[torch.Tensor] | None:
+        x, y = batch
+        views = self.task_views(self.trunk(x), 2)
+        if batch_idx == 1:
+            return None  # Lightning skips the batch, after the forward pass
+        return [mse_loss(head(v), y[:, [i]]) for i, (head, v) in enumerate(zip(self.heads, views))]
+
+
+def test_a_skipped_batch_does_not_disturb_the_next_step() -> None:
+    dataset = data()
+    module = _SkipsSecondBatch(UPGrad())
+    # The skipped batch counts as a step of Lightning's (its optimizer step has no gradient).
+    _trainer(max_steps=3).fit(module, loader(dataset))
+
+    trunk, heads = networks()
+    params = [*trunk.parameters(), *heads.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    batches = list(loader(dataset))
+    for x, y in [batches[0], batches[2]]:
+        grads, _ = hand_written_step(trunk, heads, x, y)
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer.step()
+    expected = torch.cat([p.detach().flatten() for p in params])
+    actual = torch.cat(
+        [p.detach().flatten() for p in [*module.trunk.parameters(), *module.heads.parameters()]]
+    )
+    assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+class _ViewsTwice(TwoTasks):
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> list[torch.Tensor]:
+        x, y = batch
+        features = self.trunk(x)
+        self.task_views(features, 2)
+        views = self.task_views(features, 2)
+        return [mse_loss(head(v), y[:, [i]]) for i, (head, v) in enumerate(zip(self.heads, views))]
+
+
+def test_task_views_once_per_step() -> None:
+    x, y = data(8).tensors
+    with pytest.raises(ValueError, match="called 2 times"):
+        _ViewsTwice(UPGrad()).training_step([x, y], 0)
+
+
 def test_refuses_an_aggregator_that_needs_the_matrix() -> None:
     with pytest.raises(ValueError, match="mtl_backward"):
         TwoTasks(ConFIG())
@@ -134,13 +280,15 @@ def test_refuses_manual_optimisation() -> None:
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_agree_with_the_documented_rule(tmp_path: Path) -> None:
+@pytest.mark.parametrize("grouped", [False, True], ids=["whole_trunk", "per_layer"])
+def test_ddp_two_processes_agree_with_the_documented_rule(tmp_path: Path, grouped: bool) -> None:
     """Both ranks end with the same parameters and aggregator state, those of a single-process
-    simulation of the rule: weights from the mean of the ranks' Gramians, gradients averaged."""
+    simulation of the rule: for each group (the whole trunk, or each layer), weights from the
+    mean of the ranks' Gramians, gradients averaged."""
     script = Path(__file__).with_name("_ddp_lightning.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     run = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
+        [sys.executable, str(script), str(tmp_path), "3", "grouped" if grouped else "whole"],
         env=env,
         capture_output=True,
         text=True,
@@ -158,16 +306,19 @@ def test_ddp_two_processes_agree_with_the_documented_rule(tmp_path: Path) -> Non
     # The simulation, on the batches that each rank recorded (its sampler shuffles).
     trunk, heads = networks()
     shared, params = list(trunk.parameters()), [*trunk.parameters(), *heads.parameters()]
+    groups = per_layer(trunk) if grouped else [shared]
+    aggregators = [PCD() for _ in groups]
     optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
-    weighting = PCD().gramian_weighting
     for step in range(3):
-        rows, head_grads = [], []
+        head_grads = []
+        rows: list[list[torch.Tensor]] = [[] for _ in groups]  # per group, per rank
         for rank in ranks:
             xb, yb = rank["batches"][step]
             features = trunk(xb)
             losses = [mse_loss(h(features), yb[:, [i]]) for i, h in enumerate(heads)]
-            grads = [torch.autograd.grad(loss, shared, retain_graph=True) for loss in losses]
-            rows.append(torch.stack([torch.cat([g.flatten() for g in row]) for row in grads]))
+            for group, group_rows in zip(groups, rows):
+                grads = [torch.autograd.grad(loss, group, retain_graph=True) for loss in losses]
+                group_rows.append(torch.stack([torch.cat([g.flatten() for g in r]) for r in grads]))
             head_grads.append(
                 [
                     g
@@ -175,13 +326,13 @@ def test_ddp_two_processes_agree_with_the_documented_rule(tmp_path: Path) -> Non
                     for g in torch.autograd.grad(losses[i], list(h.parameters()), retain_graph=True)
                 ]
             )
-        gramian = sum(j @ j.T for j in rows) / 2
-        weights = weighting(gramian)
-        update = sum(weights @ j for j in rows) / 2
-        offset = 0
-        for p in shared:
-            p.grad = update[offset : offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
+        for group, group_rows, aggregator in zip(groups, rows, aggregators):
+            weights = aggregator.gramian_weighting(sum(j @ j.T for j in group_rows) / 2)
+            update = sum(weights @ j for j in group_rows) / 2
+            offset = 0
+            for p in group:
+                p.grad = update[offset : offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
         head_params = list(heads.parameters())
         for k, p in enumerate(head_params):
             p.grad = (head_grads[0][k] + head_grads[1][k]) / 2
@@ -189,9 +340,15 @@ def test_ddp_two_processes_agree_with_the_documented_rule(tmp_path: Path) -> Non
 
     for actual, expected in zip(ranks[0]["params"], params):
         assert torch.allclose(actual, expected.detach(), rtol=1e-5, atol=1e-6)
-    for key, value in weighting.state_dict().items():
-        if torch.is_tensor(value) and key in ranks[0]["state"]:
-            assert torch.allclose(ranks[0]["state"][key], value, rtol=1e-5, atol=1e-7)
+    expected_state = {
+        (f"aggregators.{k}." if grouped else "") + key: value
+        for k, aggregator in enumerate(aggregators)
+        for key, value in aggregator.state_dict().items()
+        if torch.is_tensor(value)
+    }
+    assert expected_state.keys() == ranks[0]["state"].keys()
+    for key, value in expected_state.items():
+        assert torch.allclose(ranks[0]["state"][key], value, rtol=1e-5, atol=1e-7)
 
 
 class _CompiledTrunk(TwoTasks):

@@ -14,6 +14,8 @@ from torch.utils.data import Dataset
 from transformers import TrainingArguments
 
 from torchjd.aggregation import PCD, GradDrop, UPGrad
+from torchjd.autojac import mtl_backward
+from torchjd.grouping import GroupedAggregator, per_layer
 from torchjd.integrations import task_views
 from torchjd.integrations.transformers import JacobianDescentTrainer
 
@@ -101,6 +103,41 @@ def test_steps_match_the_hand_written_step(tmp_path: Path) -> None:
     assert len(logged) == 3
     assert logged[-1]["weight/a"] == pytest.approx(float(weights[-1][0]), rel=1e-5)
     assert "cosine/a-b" in logged[-1]
+
+
+def test_grouped_steps_match_mtl_backward_and_jac_to_grad(tmp_path: Path) -> None:
+    model = _TwoTaskModel()
+    trainer = JacobianDescentTrainer(
+        model=model,
+        args=_arguments(tmp_path),
+        train_dataset=_Dicts(8),
+        aggregator=GroupedAggregator(per_layer(model.trunk), UPGrad),
+        shared_modules=[model.trunk],
+        task_names=["a", "b"],
+    )
+    trainer.train()
+
+    trunk, heads = networks()
+    grouped = GroupedAggregator(per_layer(trunk), UPGrad)
+    params = [*trunk.parameters(), *heads.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    x, y = data(8).tensors
+    for _ in range(3):
+        features = trunk(x)
+        losses = [mse_loss(h(features), y[:, [i]]) for i, h in enumerate(heads)]
+        mtl_backward(losses, features=features)
+        weights = grouped.jac_to_grad()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    expected = torch.cat([p.detach().flatten() for p in params])
+    actual = torch.cat(
+        [p.detach().flatten() for p in [*model.trunk.parameters(), *model.heads.parameters()]]
+    )
+    assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-5)
+    logged = [entry for entry in trainer.state.log_history if "weight/0/a" in entry][-1]
+    for k, layer_weights in enumerate(weights):
+        assert logged[f"weight/{k}/b"] == pytest.approx(float(layer_weights[1]), rel=1e-5)
 
 
 def test_bf16_accumulation_and_aggregator_state_in_checkpoints(tmp_path: Path) -> None:

@@ -48,8 +48,17 @@ from torchjd.autogram._engine import (
     _recording_paused,
     output_gradients,
 )
-from torchjd.autogram._layer_gramians import Rows, module_gramians, module_update, trainable
+from torchjd.autogram._layer_gramians import (
+    Items,
+    Rows,
+    module_gramians,
+    module_update,
+    trainable,
+)
 from torchjd.grouping import GroupedAggregator
+
+# A tensor for the whole trunk, or one per group of a GroupedAggregator.
+_PerGroup = Tensor | list[Tensor | None]
 
 # One part of a unit's trainable parameters that falls in one group: (unit, group, parameters).
 _Part = tuple[nn.Module, int, list[Tensor]]
@@ -100,7 +109,10 @@ class MTLEngine:
     that runs its own ``loss.backward()`` (with gradient scaling, DDP's reducer...): the heads
     read one view of the features each, :meth:`weigh` returns the weights and registers on each
     view a hook that scales its gradient by the task's weight, and the framework's backward pass
-    of ``sum(losses)`` (times any scale) then writes the update.
+    of ``sum(losses)`` (times any scale) then writes the update. :meth:`gradients` serves such a
+    framework better, grouped or not: the heads read a detached copy of the features, the engine
+    returns the weights and an update made per layer (no second backward pass through the trunk),
+    and the framework's backward pass, which then stops at the features, hands it over.
 
     Data-parallel training (``data_parallel=True``, every process of the default process group
     calling the engine on its shard of the batch): the Jacobian of the whole batch is never
@@ -227,6 +239,88 @@ class MTLEngine:
             view.register_hook(lambda g, w=w: g * w.to(g.dtype))
         return weights
 
+    def gradients(
+        self,
+        feature_grads: Tensor,
+        /,
+        features: Tensor,
+        aggregator: Aggregator | GroupedAggregator,
+        *,
+        compute_gramians: bool = False,
+        scale: Tensor | None = None,
+    ) -> tuple[_PerGroup, _PerGroup | None, PendingUpdate]:
+        """The weights and the trunk's update, without writing ``.grad``: for a training framework
+        that applies the update in its own backward pass (with its gradient scaling,
+        accumulation, data-parallel reducer...), while the heads' backward pass stops at the
+        features (they read a detached copy of them).
+
+        The trunk is differentiated from ``features`` seeded with ``feature_grads``, the gradient
+        of each task's loss w.r.t. the features; the update of each hooked unit is one
+        vector-Jacobian product with its combined output-gradients (the trunk's full backward
+        pass, which would also compute the gradients of its activations, is never run), made when
+        the returned ``PendingUpdate`` is called (typically inside the framework's backward
+        pass, with the gradient that reaches the loss as ``factor``). With ``data_parallel``, the
+        Gramians are averaged over the processes as in :meth:`backward`, but the update is this
+        process's own: the framework's data-parallel wrapper averages it, as it does the heads'
+        gradients.
+
+        :param feature_grads: ``[m, *features.shape]``: row ``i`` is the gradient of task ``i``'s
+            loss w.r.t. ``features``.
+        :param features: The output of the trunk (with its graph), computed by the forward pass
+            recorded since the previous step.
+        :param aggregator: As in :meth:`backward`: an aggregator whose weights come from the
+            Gramian or the row count, or a :class:`~torchjd.grouping.GroupedAggregator`.
+        :param compute_gramians: Keyword-only. Also form the Gramian of the groups whose
+            aggregator reads only the row count (e.g. to log the tasks' cosine similarities).
+            Default ``False``.
+        :param scale: Keyword-only. A positive scalar tensor by which ``feature_grads`` are
+            multiplied (a gradient scaler's scale, so that small gradients survive float16): the
+            Gramians are divided by its square before the weighting and the update by it, so both
+            are those of the unscaled losses (exactly, for a power of two). An overflow gives a
+            non-finite update, which the scaler then skips. Default ``None``: unscaled.
+        :return: The weights (``[m]``, or one per group), the Gramians they come from (``[m, m]``,
+            or one per group; ``None`` where not formed), and the pending update of the
+            trainable parameters of the hooked units that the tasks reached.
+        """
+        _check_feature_grads(feature_grads, features)
+        grouped = isinstance(aggregator, GroupedAggregator)
+        if isinstance(aggregator, GroupedAggregator):
+            tensor_groups = aggregator.groups
+            aggregators = list(aggregator.aggregators)
+            compute_gramians = compute_gramians or aggregator.compute_gramians
+        else:
+            tensor_groups = [[p for unit in self._engine._units for p in trainable(unit)]]
+            aggregators = [aggregator]
+        for each in aggregators:
+            _checked_route(each)
+        m = feature_grads.shape[0]
+        records = self._engine._recorder.records
+        self._engine._recorder.records = []
+        seed = feature_grads.to(features.dtype)
+        by_module, _ = output_gradients(features, seed, _task_rows(m), records, [])
+        parts = _parts(self._engine._units, by_module, tensor_groups)
+        steps = _BlockSteps(by_module, parts, m, self._world(), collect=True, scale=scale)
+        groups = steps.groups(
+            [[] for _ in tensor_groups], aggregators, compute_gramians=compute_gramians
+        )
+        if isinstance(aggregator, GroupedAggregator):
+            weights: _PerGroup = aggregator._aggregate_groups(
+                lambda _groups: steps, retain_jac=True, stacklevel=3, prepared=groups
+            )
+        else:
+            run(groups, steps, retain_jac=True, stacklevel=3)
+            assert groups[0].weights is not None
+            weights = groups[0].weights
+        gramians = [g.gramian for g in groups]
+        return weights, gramians if grouped else gramians[0], PendingUpdate(steps, groups)
+
+    def discard(self) -> None:
+        """Forget the forward calls recorded since the previous step, for a step that stops after
+        its forward pass (a training framework skipping a batch, say): the next step would
+        otherwise see calls that do not reach its losses."""
+        self._engine._recorder.records = []
+        self._views = None
+
     def _grouped_step(
         self,
         losses: list[Tensor],
@@ -242,7 +336,7 @@ class MTLEngine:
         prepared = steps.groups(
             tensor_groups, list(grouped.aggregators), compute_gramians=grouped.compute_gramians
         )
-        result = grouped._apply(
+        result = grouped._aggregate_groups(
             lambda _groups: steps, retain_jac=True, stacklevel=3, prepared=prepared
         )
         trunk = {id(t) for group in tensor_groups for t in group}
@@ -307,8 +401,13 @@ class _BlockSteps(Steps):
         world: int,
         update: bool = True,
         tasks: _Tasks | None = None,
+        collect: bool = False,
+        scale: Tensor | None = None,
     ) -> None:
         self.tasks = tasks if tasks is not None else _Tasks(None, m)
+        # `collect`: no update here, the caller makes it later (`PendingUpdate`), unaveraged.
+        self.collect = collect
+        self.scale = scale  # of the output-gradients, undone on the Gramians and the updates
         self.by_module = by_module
         self.parts = parts
         self.m = m
@@ -368,6 +467,8 @@ class _BlockSteps(Steps):
             # A group whose units the losses did not reach has a zero Jacobian.
             zeros = torch.zeros((self.m, self.m), dtype=group.gramian_dtype, device=group.device)
             group.gramian = zeros if gramian is None else gramian
+            if self.scale is not None:
+                group.gramian = group.gramian / self.scale.to(group.gramian_dtype).square()
         if self.world > 1 and wanting:
             # The mean of the local Gramians, all the groups in one collective.
             stacked = torch.stack([group.gramian for group, _ in wanting])  # type: ignore[misc]
@@ -375,7 +476,7 @@ class _BlockSteps(Steps):
                 group.gramian = mean
 
     def combine(self, groups: list[Group]) -> None:
-        if not self.update:
+        if not self.update or self.collect:
             return
         updates: dict[int, Tensor] = {}
         with torch.no_grad(), _recording_paused():
@@ -393,6 +494,59 @@ class _BlockSteps(Steps):
             means = iter(_all_mean([g for group in groups for g in group.gradients], self.world))
             for group in groups:
                 group.gradients = [next(means) for _ in group.gradients]
+
+
+class PendingUpdate:
+    """The trunk's update of an :meth:`MTLEngine.gradients` call, made when called (once).
+
+    ``parameters`` lists the parameters it updates; ``update(factor)`` returns, in that order,
+    ``factor * sum_i w_i dL_i/dtheta`` for each (``factor``: a scalar tensor, e.g. the gradient
+    that reaches the loss in the framework's backward pass; default 1), with the weights of each
+    parameter's group. Until then it holds, for each hooked unit, its output-gradients already
+    combined with the weights (the size of one task's, not ``m`` tasks'), and the graph.
+    """
+
+    def __init__(self, steps: _BlockSteps, groups: list[Group]) -> None:
+        self._scale = steps.scale
+        self._parts: list[tuple[nn.Module, list[Tensor], Items]] | None = []
+        for unit, k, params in steps.parts:
+            weights = groups[k].weights
+            assert weights is not None
+            combined = [
+                (call, tuple(_combined(weights, delta) for delta in deltas))
+                for call, deltas in steps.by_module[unit]
+            ]
+            self._parts.append((unit, params, combined))
+        self.parameters = [p for _, params, _ in self._parts for p in params]
+
+    def __call__(self, factor: Tensor | None = None) -> list[Tensor]:
+        parts = self._parts
+        if parts is None:
+            raise RuntimeError("This update was already made: a PendingUpdate is called once.")
+        self._parts = None  # frees the output-gradients
+        ratio = factor
+        if self._scale is not None:
+            ratio = 1 / self._scale if factor is None else factor / self._scale
+        result = []
+        with torch.no_grad(), _recording_paused():
+            for unit, params, items in parts:
+                # The ratio goes into the one-row weights (free) unless the output-gradients are
+                # in half precision: a loss scale's inverse, or a factor like 1/3, would then
+                # lose digits or underflow there, so it multiplies the results instead.
+                low = items[0][1][0].dtype in (torch.float16, torch.bfloat16)
+                fold = ratio is not None and not low
+                one = torch.ones(1, dtype=torch.float32, device=items[0][1][0].device)
+                weights = ratio.reshape(1).to(one) if fold else one  # type: ignore[union-attr]
+                grads = module_update(unit, items, params, weights)
+                if ratio is not None and not fold:
+                    grads = [g.mul_(ratio.to(g.dtype)) for g in grads]
+                result.extend(grads)
+        return result
+
+
+def _combined(weights: Tensor, delta: Tensor) -> Tensor:
+    """``sum_i w_i delta_i`` as the one row of a ``[1, ...]`` stack of output-gradients."""
+    return torch.tensordot(weights.to(delta.dtype), delta, dims=1).unsqueeze(0)
 
 
 def _checked_route(aggregator: object) -> Need:
@@ -453,6 +607,20 @@ def _checked_features(features: object) -> list[Tensor]:
                 "`grad_fn`): the output the heads read."
             )
     return list(result)
+
+
+def _check_feature_grads(feature_grads: object, features: object) -> None:
+    if not isinstance(features, Tensor) or features.grad_fn is None:
+        raise ValueError(
+            "`features` must be a tensor computed by the trunk (with a `grad_fn`): the output the "
+            "heads read."
+        )
+    if not isinstance(feature_grads, Tensor) or feature_grads.shape[1:] != features.shape:
+        got = tuple(feature_grads.shape) if isinstance(feature_grads, Tensor) else None
+        raise ValueError(
+            f"`feature_grads` must have shape [m, *features.shape] = [m, "
+            f"{', '.join(map(str, features.shape))}], got {got}."
+        )
 
 
 def _parts(units: list[nn.Module], reached: Deltas, groups: list[list[Tensor]]) -> list[_Part]:

@@ -119,7 +119,7 @@ def jac_to_grad(
                 "With a GroupedAggregator (which holds one aggregator per group), give no "
                 "`aggregator` and no `optimize_gramian_computation`."
             )
-        result: Tensor | list[Tensor | None] | None = tensors._apply(
+        result: Tensor | list[Tensor | None] | None = tensors._aggregate_groups(
             steps_for, retain_jac=retain_jac, stacklevel=2
         )
     else:

@@ -146,11 +146,11 @@ class GroupedAggregator(nn.Module, Stateful):
         Non-finite values are not checked (that would synchronise with the device): NaN in, NaN
         out.
         """
-        return self._apply(
+        return self._aggregate_groups(
             lambda _groups: Steps(), retain_jac=retain_jac, stacklevel=2, present=present
         )
 
-    def _apply(
+    def _aggregate_groups(
         self,
         steps_for: Callable[[list[Group]], Steps],
         *,

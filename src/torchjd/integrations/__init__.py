@@ -11,9 +11,10 @@ when it is missing:
   :class:`~torchjd.integrations.transformers.JacobianDescentTrainer`, a Hugging Face ``Trainer``
   for models with several task losses.
 
-Both weigh the task losses from their Gramian over the shared modules, then let the framework run
-its own backward pass, in which only the gradient entering the shared features is weighted: each
-task reads its own view of the features (:func:`task_views`).
+Both weigh the task losses from their Gramian over the shared modules and compute the shared
+parameters' update with :class:`~torchjd.autogram.MTLEngine`, then let the framework run its own
+backward pass, which gives the heads their gradients and hands the shared parameters their
+update: each task reads its own view of the features (:func:`task_views`).
 """
 
 from torchjd.integrations._task_step import task_views

@@ -14,17 +14,19 @@ from lightning.pytorch import LightningModule  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from torchjd.aggregation import Aggregator  # noqa: E402
-from torchjd.autogram import Engine  # noqa: E402
+from torchjd.autogram import MTLEngine  # noqa: E402
+from torchjd.grouping import GroupedAggregator  # noqa: E402
 from torchjd.integrations._task_step import (  # noqa: E402
+    Recorded,
     check_aggregator,
+    descend,
     metrics,
-    objective,
     recording_views,
+    scale_of,
     shared_engine,
     stack_losses,
     task_names,
     task_views,
-    weigh_and_hook,
 )
 
 __all__ = ["JacobianDescentModule"]
@@ -43,25 +45,34 @@ class JacobianDescentModule(LightningModule):
     - in ``training_step``, read the trunk's output through ``self.task_views(features, m)`` (task
       ``i`` from view ``i`` only) and return the ``m`` task losses (a list of scalars or a vector).
 
-    Each step then computes the Gramian :math:`G` of the losses over the shared modules
-    (:class:`~torchjd.autogram.Engine`, ``batch_dim=None``), the weights :math:`w` from it, and
-    returns :math:`\sum_i L_i` to Lightning, whose own backward gives the shared parameters
-    :math:`\sum_i w_i \nabla L_i` (a hook on view :math:`i` scales the gradient entering the trunk
-    through it by :math:`w_i`) and each head its unweighted gradient. Everything that Lightning
-    does around its backward works unchanged: precision plugins, gradient clipping and
-    accumulation, schedulers, checkpointing, data parallelism. Without task views, the step
-    returns :math:`\sum_i w_i L_i`: the heads then get weighted gradients.
+    Each step then computes, with :class:`~torchjd.autogram.MTLEngine` (no Jacobian is formed),
+    the Gramian :math:`G` of the losses over the shared modules, the weights :math:`w` from it and
+    the shared parameters' update :math:`\sum_i w_i \nabla L_i` (one product per layer, from the
+    gradients that the Gramian needed anyway), and returns :math:`\sum_i L_i` to Lightning. The
+    tasks read views of a detached copy of the features, so Lightning's own backward pass runs
+    through the heads only, giving each its unweighted gradient, and hands every shared parameter
+    its update times the gradient it receives (the loss scale and the accumulation factor).
+    Everything that Lightning does around its backward therefore works unchanged: precision
+    plugins, gradient clipping and accumulation, schedulers, checkpointing, data parallelism.
+    Without task views, the step returns :math:`\sum_i w_i L_i` (one more backward pass through
+    the trunk; the heads then get weighted gradients).
+
+    With a :class:`~torchjd.grouping.GroupedAggregator` whose groups partition the trainable
+    parameters of the shared modules (e.g. ``per_layer(trunk)``), each group gets its own weights
+    from its own Gramian, and its parameters the update of these weights (task views required).
 
     Under data parallelism (``ddp``), every process uses the mean of the processes' Gramians, so
     all use the same weights and keep the same aggregator state; the gradients are then averaged
     by DDP as usual.
 
     Logged at the steps that the trainer's loggers write (every ``log_every_n_steps``):
-    ``loss/<task>``, ``weight/<task>`` and ``cosine/<task>-<task>`` (the cosine similarity of two
-    tasks' gradients over the shared modules), unless ``log_metrics`` is False.
+    ``loss/<task>``, ``weight/<task>`` (``weight/<group>/<task>`` when grouped) and
+    ``cosine/<task>-<task>`` (the cosine similarity of two tasks' gradients over the shared
+    modules), unless ``log_metrics`` is False.
 
     :param aggregator: Keyword-only. An aggregator that reads the Gramian or only the number of
-        rows (its ``need``); others raise a ``ValueError`` naming the autojac route.
+        rows (its ``need``), or a ``GroupedAggregator`` of such aggregators over the shared
+        parameters; others raise a ``ValueError`` naming the autojac route.
     :param task_names: Keyword-only. Names used in the logged metrics (default: ``0``, ``1``...).
     :param log_metrics: Keyword-only. Whether to log the metrics above (default: True).
     """
@@ -69,7 +80,7 @@ class JacobianDescentModule(LightningModule):
     def __init__(
         self,
         *,
-        aggregator: Aggregator,
+        aggregator: Aggregator | GroupedAggregator,
         task_names: Sequence[str] | None = None,
         log_metrics: bool = True,
     ) -> None:
@@ -78,7 +89,7 @@ class JacobianDescentModule(LightningModule):
         self.aggregator = aggregator
         self._task_names = None if task_names is None else list(task_names)
         self._log_metrics = log_metrics
-        self._engine: Engine | None = None
+        self._engine: MTLEngine | None = None
         self._in_step = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -98,16 +109,20 @@ class JacobianDescentModule(LightningModule):
         """One view of ``features`` per task: see :func:`torchjd.integrations.task_views`."""
         return task_views(features, num_tasks)
 
-    def _jacobian_descent(self, output: Any, views: list[Tensor]) -> Tensor:
+    def _jacobian_descent(self, output: Any, recorded: list[Recorded]) -> Tensor:
         losses = stack_losses(output)
         assert self._engine is not None
-        weights, gramian = weigh_and_hook(
-            self._engine, self.aggregator, losses, views, self._mean_over_processes
+        logging = self._log_metrics and self._logging_step()
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer else None
+        scale = scale_of(scaler, losses)
+        step = descend(
+            self._engine, self.aggregator, losses, recorded, with_gramian=logging, loss_scale=scale
         )
-        if self._log_metrics and self._logging_step():
+        if logging:
             names = task_names(self._task_names, losses.shape[0])
-            self.log_dict(metrics(names, losses, weights, gramian), on_step=True, on_epoch=False)
-        return objective(losses, weights, views)
+            logged = metrics(names, losses, step.weights, step.gramian)
+            self.log_dict(logged, on_step=True, on_epoch=False)
+        return step.objective
 
     def _logging_step(self) -> bool:
         """Whether the trainer's loggers write this step: each ``self.log`` call costs about as
@@ -117,10 +132,8 @@ class JacobianDescentModule(LightningModule):
         every = self.trainer.log_every_n_steps
         return every > 0 and (self.global_step + 1) % every == 0
 
-    def _mean_over_processes(self, gramian: Tensor) -> Tensor:
-        if self._trainer is None or self.trainer.world_size == 1:
-            return gramian
-        return self.trainer.strategy.reduce(gramian, reduce_op="mean")
+    def _data_parallel(self) -> bool:
+        return self._trainer is not None and self.trainer.world_size > 1
 
 
 def _descending(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -139,15 +152,17 @@ def _descending(step: Callable[..., Any]) -> Callable[..., Any]:
             )
         if self._engine is None:
             # Created before the first forward pass, which the engine must see.
-            self._engine = shared_engine(list(self.shared_modules()))
+            modules = list(self.shared_modules())
+            self._engine = shared_engine(modules, data_parallel=self._data_parallel())
         self._in_step = True
         try:
-            with recording_views() as views:
+            with recording_views() as recorded:
                 output = step(self, *args, **kwargs)
         finally:
             self._in_step = False
-        if output is None:  # Lightning skips the step
+        if output is None:  # Lightning skips the step: its forward calls are not for the next one
+            self._engine.discard()
             return None
-        return self._jacobian_descent(output, views)
+        return self._jacobian_descent(output, recorded)
 
     return training_step

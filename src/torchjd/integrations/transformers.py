@@ -15,15 +15,16 @@ from torch import Tensor, nn  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
 from torchjd.aggregation import Aggregator  # noqa: E402
+from torchjd.grouping import GroupedAggregator  # noqa: E402
 from torchjd.integrations._task_step import (  # noqa: E402
     check_aggregator,
+    descend,
     metrics,
-    objective,
     recording_views,
+    scale_of,
     shared_engine,
     stack_losses,
     task_names,
-    weigh_and_hook,
 )
 
 __all__ = ["JacobianDescentTrainer"]
@@ -37,14 +38,16 @@ class JacobianDescentTrainer(Trainer):
 
     The model's output must hold the task losses under the key ``"losses"`` (a dict or a
     ``ModelOutput``: a list of scalars or a vector), and each task must read its own view of the
-    shared features, made by :func:`torchjd.integrations.task_views`. Each training step computes
-    the Gramian of the losses over ``shared_modules`` (:class:`~torchjd.autogram.Engine`,
-    ``batch_dim=None``), the aggregator's weights from it, and gives the Trainer the plain sum of
-    the losses: in its own backward pass, the gradient entering the shared modules through the
-    view of task :math:`i` is multiplied by :math:`w_i`, so the shared parameters get
-    :math:`\sum_i w_i \nabla L_i` and each task's own modules their unweighted gradient. Mixed
-    precision, gradient clipping and accumulation, schedulers and data parallelism are the
-    Trainer's own; under data parallelism every process uses the mean of the processes' Gramians.
+    shared features, made by :func:`torchjd.integrations.task_views`. Each training step computes,
+    with :class:`~torchjd.autogram.MTLEngine` (no Jacobian is formed), the Gramian of the losses
+    over ``shared_modules``, the aggregator's weights :math:`w` from it and the shared parameters'
+    update :math:`\sum_i w_i \nabla L_i`, and gives the Trainer the plain sum of the losses: its
+    own backward pass gives each task's own modules their unweighted gradient and the shared
+    parameters their update (times the Trainer's loss scale and accumulation factor). With a
+    :class:`~torchjd.grouping.GroupedAggregator` over the shared parameters, each group gets the
+    update of its own weights. Mixed precision, gradient clipping and accumulation, schedulers and
+    data parallelism are the Trainer's own; under data parallelism every process uses the mean of
+    the processes' Gramians.
     Evaluation reports the sum of the losses.
 
     The aggregator's state is saved with each checkpoint (``aggregator.pt``) and restored by
@@ -54,7 +57,9 @@ class JacobianDescentTrainer(Trainer):
 
     :param args: Positional arguments of ``transformers.Trainer``.
     :param aggregator: Keyword-only. An aggregator that reads the Gramian or only the number of
-        rows (its ``need``); others raise a ``ValueError`` naming the autojac route.
+        rows (its ``need``), or a ``GroupedAggregator`` of such aggregators whose groups hold the
+        trainable parameters of ``shared_modules``; others raise a ``ValueError`` naming the
+        autojac route.
     :param shared_modules: Keyword-only. The modules that every task reads (the trunk).
     :param task_names: Keyword-only. Names used in the logs (default: ``0``, ``1``...).
     :param kwargs: Keyword arguments of ``transformers.Trainer``.
@@ -63,7 +68,7 @@ class JacobianDescentTrainer(Trainer):
     def __init__(
         self,
         *args: Any,
-        aggregator: Aggregator,
+        aggregator: Aggregator | GroupedAggregator,
         shared_modules: Sequence[nn.Module],
         task_names: Sequence[str] | None = None,
         **kwargs: Any,
@@ -71,7 +76,8 @@ class JacobianDescentTrainer(Trainer):
         check_aggregator(aggregator)
         super().__init__(*args, **kwargs)
         self.aggregator = aggregator.to(self.args.device)
-        self._engine = shared_engine(list(shared_modules))
+        parallel = self.accelerator.num_processes > 1
+        self._engine = shared_engine(list(shared_modules), data_parallel=parallel)
         self._task_names = None if task_names is None else list(task_names)
         self._last_metrics: dict[str, Tensor] = {}
         # The returned loss is a per-batch value: the Trainer divides it for accumulation.
@@ -86,17 +92,19 @@ class JacobianDescentTrainer(Trainer):
     ) -> Tensor | tuple[Tensor, Any]:
         """The step's scalar: the sum of the task losses, the views carrying the weights (in
         training); the sum of the task losses (in evaluation)."""
-        with recording_views() as views:
+        with recording_views() as recorded:
             outputs = model(**inputs)
         losses = stack_losses(_task_losses(outputs))
         if model.training and torch.is_grad_enabled():
-            weights, gramian = weigh_and_hook(
-                self._engine, self.aggregator, losses, views, self._mean_over_processes
+            scale = scale_of(getattr(self.accelerator, "scaler", None), losses)
+            step = descend(
+                self._engine, self.aggregator, losses, recorded, with_gramian=True, loss_scale=scale
             )
             names = task_names(self._task_names, losses.shape[0])
-            self._last_metrics = metrics(names, losses, weights, gramian)
-            loss = objective(losses, weights, views)
+            self._last_metrics = metrics(names, losses, step.weights, step.gramian)
+            loss = step.objective
         else:
+            self._engine.discard()  # calls recorded with gradient enabled, outside training
             loss = losses.sum()
         return (loss, outputs) if return_outputs else loss
 
@@ -105,11 +113,6 @@ class JacobianDescentTrainer(Trainer):
             # Converted here, once per logging step, not at every training step.
             logs = {**logs, **{k: float(v) for k, v in self._last_metrics.items()}}
         super().log(logs, *args, **kwargs)
-
-    def _mean_over_processes(self, gramian: Tensor) -> Tensor:
-        if self.accelerator.num_processes == 1:
-            return gramian
-        return self.accelerator.reduce(gramian, reduction="mean")
 
     # The Trainer saves the model, the optimizer and the scheduler; the aggregator's state travels
     # with the latter two (these are the Trainer's own hooks for them).
