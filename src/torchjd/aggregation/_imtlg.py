@@ -15,6 +15,9 @@ from torchjd.linalg._nonfinite import finite_part, poison
 
 # Below this absolute value, the sum of the unnormalised weights is treated as zero.
 _SUM_EPS = 1e-12
+# How far below pinv's threshold 1 / (m eps) a bound on the condition number must be for G^{-1}
+# to replace the pseudo-inverse.
+_CONDITION_MARGIN = 100.0
 
 
 def _imtlg_weights(gramians: Tensor) -> Tensor:
@@ -46,14 +49,39 @@ def _pinv_times_norms(G: Tensor) -> Tensor:
 
     The same as ``torch.linalg.pinv(G) @ d`` (for a symmetric ``G`` the singular values are the
     ``|l_i|``, and the default tolerance drops those below ``m eps max |l|``), without forming
-    ``G^+``: one symmetric eigendecomposition instead of an SVD."""
+    ``G^+``: one symmetric eigendecomposition instead of an SVD, or, for one well-conditioned
+    Gramian on the CPU, ``G^{-1} d`` (:func:`_inverse_if_well_conditioned`)."""
     m = G.shape[-1]
     norms = G.diagonal(dim1=-2, dim2=-1).clamp(min=0.0).sqrt_().unsqueeze_(-1)  # d_i = ||g_i||
+    if G.ndim == 2 and G.device.type == "cpu":
+        inverse = _inverse_if_well_conditioned(G)
+        if inverse is not None:
+            return (inverse @ norms).squeeze_(-1)
     eigenvalues, Q = torch.linalg.eigh(G)
     magnitudes = eigenvalues.abs()
     tolerance = magnitudes.amax(dim=-1, keepdim=True).mul_(m * torch.finfo(G.dtype).eps)
     inverse = torch.where(magnitudes > tolerance, eigenvalues.reciprocal(), 0.0).unsqueeze_(-1)
     return (Q @ (Q.mT @ norms).mul_(inverse)).squeeze_(-1)
+
+
+def _inverse_if_well_conditioned(G: Tensor) -> Tensor | None:
+    """``G^{-1}`` when ``G`` is positive definite with a condition number far below the
+    ``1 / (m eps)`` of ``pinv``'s tolerance (which then keeps every eigenvalue), else None.
+
+    ``cond(G) <= tr(G) tr(G^{-1})`` (``l_max <= tr(G)``, ``1 / l_min <= tr(G^{-1})``); the bound
+    must be ``_CONDITION_MARGIN`` times below ``1 / (m eps)``, so that the rounding of the
+    eigenvalues that ``pinv`` computes cannot make it drop one. A Cholesky factorisation and its
+    inverse cost a fraction of an eigendecomposition. Reads two numbers on the host (on the CPU,
+    where that synchronises with nothing)."""
+    L, info = torch.linalg.cholesky_ex(G)
+    if int(info) != 0:
+        return None
+    inverse = torch.cholesky_inverse(L)
+    bound = float(G.trace() * inverse.trace())
+    m = G.shape[-1]
+    if not bound * _CONDITION_MARGIN * m * torch.finfo(G.dtype).eps < 1.0:
+        return None
+    return inverse
 
 
 def _two_rows_on_host(G: Tensor) -> Tensor:
@@ -111,9 +139,11 @@ class IMTLGWeighting(NoGrad, Weighting[PSDMatrix]):
     (:math:`m = 1`: :math:`v = 1 / \sqrt{G_{11}}`, or 0); half-precision Gramians are solved in
     float32. When :math:`|\mathbf 1^\top v| < 10^{-12}` (e.g. for a zero
     Gramian) the weights are all zero. Computed in the Gramian's dtype and on its device, without
-    host synchronisation, except for one ``2 x 2`` Gramian on the CPU (where reading values
-    synchronises with nothing): its weights have a closed form, evaluated with Python numbers in
-    double precision (for independent rows, the row norms swapped and normalised). Not
+    host synchronisation, except for one Gramian on the CPU (where reading values synchronises
+    with nothing): a ``2 x 2`` one has a closed form, evaluated with Python numbers in double
+    precision (for independent rows, the row norms swapped and normalised), and a larger one
+    whose condition number is provably far below ``1 / (m eps)`` is inverted through its Cholesky
+    factor (``pinv`` would keep all its eigenvalues). Not
     differentiable: runs under :func:`torch.no_grad`.
     """
 
