@@ -202,6 +202,37 @@ def _two_tasks(
     return omega.flip(-1).add_(1.0), new_phi_hat
 
 
+def _two_tasks_on_host(
+    gramian: Tensor, phi_hat: Tensor, beta: float, eps: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`_gradvac_weights` of one ``2 x 2`` Gramian on the CPU, with Python numbers (in double
+    precision): reading a CPU tensor synchronises with nothing, and the two steps of
+    :func:`_two_tasks` are a handful of scalar operations, cheaper than as many tensor ones.
+    Returns the weights and the new targets, in ``gramian``'s dtype."""
+    g = gramian.tolist()
+    (d_0, t_0), (t_1, d_1) = phi_hat.tolist()
+    if not all(math.isfinite(x) for row in g for x in row):
+        return torch.full((2,), math.nan, dtype=gramian.dtype), phi_hat
+    norms = (math.sqrt(max(g[0][0], 0.0)), math.sqrt(max(g[1][1], 0.0)))
+    omegas, new_targets = [], []
+    for i, j, target in ((0, 1, t_0), (1, 0, t_1)):
+        a, b = norms[i], norms[j]
+        phi_denominator = a * b + eps
+        phi = g[i][j] / phi_denominator if phi_denominator > 0.0 else 0.0
+        omega = 0.0
+        if phi < target:
+            target_sine = math.sqrt(max(1.0 - target * target, 0.0))
+            omega_denominator = b * target_sine + eps
+            if omega_denominator > 0.0:
+                sine = math.sqrt(max(1.0 - phi * phi, 0.0))
+                omega = a * (target * sine - phi * target_sine) / omega_denominator
+        omegas.append(omega)
+        new_targets.append(target * (1.0 - beta) + beta * phi)
+    weights = torch.tensor((1.0 + omegas[1], 1.0 + omegas[0]), dtype=gramian.dtype)
+    targets = ((d_0, new_targets[0]), (new_targets[1], d_1))
+    return weights, torch.tensor(targets, dtype=phi_hat.dtype)
+
+
 def _check_beta(beta: float) -> float:
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"`beta` must be in [0, 1], got {beta!r}.")
@@ -244,7 +275,10 @@ class GradVacWeighting(NoGrad, LazyStateMixin, Weighting[PSDMatrix], Stateful):
     Randomness: for ``i = 0, ..., m - 1``, one ``torch.randperm(m - 1)`` on the global CPU
     generator, whatever the input's device (the order of TorchJD, so a seed gives the same numbers);
     the drawn indices are moved to the input's device once per call and the computation stays
-    there, without host synchronisation. Not differentiable: runs under :func:`torch.no_grad`.
+    there, without host synchronisation. With two tasks (``torch.randperm(1)`` leaves the generator
+    as it is) on the CPU (where reading values synchronises with nothing), a call is computed with
+    Python numbers in double precision instead: the two steps are a few scalar operations. Not
+    differentiable: runs under :func:`torch.no_grad`.
 
     Half precision: float16 and bfloat16 Gramians are computed in float32 (``eps`` would underflow
     and the norms overflow), and so are the stored targets; the weights are in the input's dtype.
@@ -289,6 +323,10 @@ class GradVacWeighting(NoGrad, LazyStateMixin, Weighting[PSDMatrix], Stateful):
     def forward(self, stat: Tensor, /) -> Tensor:
         m, dtype = stat.shape[0], stat.dtype
         phi_hat = self._targets_for(m, dtype, stat.device)
+        if m == 2 and stat.device.type == "cpu":
+            # The orders need no draw (torch.randperm(1) leaves the generator as it is).
+            weights, self.phi_hat = _two_tasks_on_host(stat, phi_hat, self.beta, self.eps)
+            return weights
         compute = working_dtype(dtype)
         weights, new_phi_hat = _gradvac_weights(
             stat[None].to(compute),
