@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from torchjd._precision import working_dtype
+from torchjd.linalg import _small_dual_cone as small_dual_cone
 from torchjd.linalg._matrix import PSDMatrix
 from torchjd.linalg._projector import NormalizingProjector, check_projection_shapes
 
@@ -165,6 +166,10 @@ class BlockPivotingProjector(NormalizingProjector):
         with torch.no_grad():
             if U.numel() == 0:
                 return torch.zeros(U.shape, dtype=G.dtype, device=G.device)
+            if _reads_on_host(G.device) and small_dual_cone.fits(U):
+                V = small_dual_cone.solve_on_host(G, U, self.norm_eps, self.reg_eps)
+                if V is not None:
+                    return V
             A = self._regularised_gramian(G)
             V = _solve(A, U.to(dtype=A.dtype, device=A.device))
             return V.to(dtype=G.dtype)

@@ -7,23 +7,24 @@ step). Decompositions such as ``eigh`` and ``pinv`` raise on non-finite matrices
 their result is passed through :func:`poison`.
 """
 
-import torch
 from torch import Tensor
 
 
 def finite_part(stat: Tensor, dims: int = 2) -> tuple[Tensor, Tensor]:
     """``(safe, nan_where_non_finite)`` for a batch of inputs, each made of the last ``dims`` dims.
 
-    ``safe`` is ``stat`` with every infinity and NaN replaced by zero (so that a decomposition of
-    it cannot fail); ``nan_where_non_finite`` has shape ``stat.shape[:-dims]`` and holds NaN for
-    the inputs that hold an infinity or a NaN, 0 for the others.
+    ``safe`` is ``stat`` with every input that holds an infinity or a NaN replaced by zeros (so
+    that a decomposition of it cannot fail, and an algorithm that needs a positive semi-definite
+    input still gets one); ``nan_where_non_finite`` has shape ``stat.shape[:-dims]`` and holds NaN
+    for those inputs, 0 for the others.
     """
-    # 0 * x is NaN exactly where x is not finite, and a sum holding a NaN is NaN: three
-    # operations, which matters for the small inputs of an aggregation.
+    # 0 * x is NaN exactly where x is not finite, and a sum holding a NaN is NaN: few operations,
+    # which matters for the small inputs of an aggregation.
     marker = stat.mul(0.0)
     if dims:
         marker = marker.sum(dim=tuple(range(stat.ndim - dims, stat.ndim)))
-    return stat.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0), marker
+    bad = marker.isnan().view(*marker.shape, *(1,) * dims)
+    return stat.masked_fill(bad, 0.0), marker
 
 
 def poison(result: Tensor, nan_where_non_finite: Tensor) -> Tensor:
