@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from torchjd.aggregation import CAGrad, CAGradWeighting
+from torchjd.aggregation import CAGrad, CAGradWeighting, _cagrad
 from torchjd.aggregation._cagrad import (
     _cagrad_weights,
     _minimise_by_active_set,
@@ -286,3 +286,28 @@ def test_large_m_hard_matrices_converge(m: int) -> None:
             for dtype in (torch.float32, torch.float64):
                 for c in (0.5, 3.0):
                     assert torch.isfinite(CAGrad(c)(J.to(dtype))).all()
+
+
+@pytest.mark.parametrize("m", [3, 12, 32])
+def test_interior_minimiser_of_correlated_rows(m: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Many more columns than rows, and a shared component: nearly orthogonal rows of similar
+    # norms, whose minimiser has every weight positive. It is then the stationary point of the
+    # whole simplex's affine hull, found by one linear system; the active-set walk (without that
+    # shortcut) and scipy find the same point.
+    pytest.importorskip("scipy")
+    generator = torch.Generator().manual_seed(20 + m)
+    J = torch.randn(m, 1000 * m, generator=generator, dtype=torch.float64)
+    J = J + 0.3 * torch.randn(1, 1000 * m, generator=generator, dtype=torch.float64)
+    G = J @ J.T
+    A = G / G.trace()
+    a = A.mean(dim=1)
+    for c in (0.3, 1.0):
+        s = c * a.mean().sqrt()
+        interior = _cagrad._interior_minimiser(A, a, s)
+        assert interior is not None and (interior > 0).all()
+        with monkeypatch.context() as patch:
+            patch.setattr(_cagrad, "_interior_minimiser", lambda *args: None)
+            walked = _minimise_by_active_set(A, s)
+        assert_close(interior, walked, rtol=1e-9, atol=1e-12)
+        expected = torch.from_numpy(_scipy_minimiser(A.numpy(), float(s)))
+        assert_close(interior, expected, rtol=1e-4, atol=1e-6)
