@@ -72,7 +72,8 @@ def test_hands_over_what_it_does_not_solve() -> None:
     assert small_dual_cone.solve_on_host(G, U, 1e-4, 0.0) is None  # below the diagonal's floor
     assert small_dual_cone.solve_on_host(G * torch.nan, U, 1e-4, 1e-4) is None
     assert small_dual_cone.solve_on_host(G, U * torch.inf, 1e-4, 1e-4) is None
-    assert not small_dual_cone.fits(torch.zeros(1, 1, 9))
-    assert not small_dual_cone.fits(torch.zeros(4, 5, 3))
+    assert small_dual_cone.fits(16, 8)
+    assert not small_dual_cone.fits(1, 9)
+    assert not small_dual_cone.fits(20, 3)
     # A non-finite input reaches the tensor path, whose result is NaN.
     assert BlockPivotingProjector()(U[0] * torch.nan, G[0]).isnan().all()

@@ -17,7 +17,7 @@ warnings).
 
 import math
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -34,10 +34,9 @@ _REL_TOL = 1e-12
 _PATIENCE = 3
 
 
-def fits(U: Tensor) -> bool:
-    """Whether the problems ``U`` (``[b, k, m]``) are small and few enough to be solved here."""
-    b, k, m = U.shape
-    return m <= MAX_M and b * k <= MAX_PROBLEMS
+def fits(n_problems: int, m: int) -> bool:
+    """Whether ``n_problems`` problems of size ``m`` are small and few enough to be solved here."""
+    return m <= MAX_M and n_problems <= MAX_PROBLEMS
 
 
 def solve_on_host(G: Tensor, U: Tensor, norm_eps: float, reg_eps: float) -> Tensor | None:
@@ -89,7 +88,7 @@ def _regularised(
     operation rounded by ``rounded`` when given, or None when a value is not finite. The trace is
     summed here when not given."""
     m = len(g)
-    if not all(math.isfinite(x) for row in g for x in row):
+    if not _all_finite(sum(row) for row in g):
         return None
     if trace is None:
         trace = sum(g[i][i] for i in range(m))
@@ -104,19 +103,34 @@ def _regularised(
     diagonal = rounded([flat[i * (m + 1)] + reg_eps for i in range(m)])
     for i, value in enumerate(diagonal):
         flat[i * (m + 1)] = value
-    if not all(math.isfinite(x) for x in flat):
+    if not _all_finite(flat):
         return None
     return [flat[i * m : (i + 1) * m] for i in range(m)]
+
+
+def _all_finite(values: Iterable[float]) -> bool:
+    """Whether the sum of ``values`` is finite: True when they all are, unless the sum overflows
+    (a false negative only sends the problem to the tensor path)."""
+    return math.isfinite(sum(values))
+
+
+def _rows_combination(coefficients: list[tuple[int, float]], A: list[list[float]]) -> list[float]:
+    """``sum_i c_i A[i]`` over the pairs ``(i, c_i)`` (``A`` is symmetric: this is ``A c``), with
+    the terms added in the order of the pairs."""
+    result = [0.0] * len(A)
+    for i, c in coefficients:
+        result = [r + c * a for r, a in zip(result, A[i])]
+    return result
 
 
 def _solve(A: list[list[float]], u: list[float]) -> list[float] | None:
     r"""The solution of :math:`\min_{v \succeq u} v^\top A v` by block principal pivoting, or
     None (non-finite ``u``, failed factorisation, no convergence)."""
     m = len(u)
-    if not all(math.isfinite(x) for x in u):
+    if not _all_finite(u):
         return None
     rows = range(m)
-    q = [sum(u[i] * A[i][j] for i in rows) for j in rows]  # A u (A symmetric)
+    q = _rows_combination([(i, x) for i, x in enumerate(u) if x != 0.0], A)  # A u
     tol_z = -_REL_TOL * max(abs(x) for x in u)
     tol_y = tol_z * max(A[i][i] for i in rows)
     free = [False] * m
@@ -142,7 +156,7 @@ def _solve(A: list[list[float]], u: list[float]) -> list[float] | None:
         z = [0.0] * m
         for i, value in zip(F, z_F):
             z[i] = value
-        y = [q[j] + sum(z[i] * A[i][j] for i in F) for j in rows]
+        y = [a + b for a, b in zip(q, _rows_combination(list(zip(F, z_F)), A))]  # A (u + z)
     return None
 
 
