@@ -44,44 +44,56 @@ def _imtlg_weights(gramians: Tensor) -> Tensor:
 
 
 def _pinv_times_norms(G: Tensor) -> Tensor:
-    """``G^+ d`` with ``d_i = sqrt(G_ii)``, from the eigendecomposition ``G = Q diag(l) Q^T``
-    (``G`` finite).
+    """``G^+ d`` with ``d_i = sqrt(G_ii)`` for a batch of finite Gramians ``[..., m, m]``.
 
     The same as ``torch.linalg.pinv(G) @ d`` (for a symmetric ``G`` the singular values are the
-    ``|l_i|``, and the default tolerance drops those below ``m eps max |l|``), without forming
-    ``G^+``: one symmetric eigendecomposition instead of an SVD, or, for one well-conditioned
-    Gramian on the CPU, ``G^{-1} d`` (:func:`_inverse_if_well_conditioned`)."""
+    ``|l_i|`` of its eigenvalues, and the default tolerance drops those below ``m eps max |l|``),
+    from the eigendecomposition ``G = Q diag(l) Q^T`` (one ``eigh`` instead of an SVD), or, on the
+    CPU, from ``G^{-1}`` for the Gramians whose inverse replaces the pseudo-inverse
+    (:func:`_well_conditioned_inverse`); when all of them do, no eigendecomposition is made."""
     m = G.shape[-1]
     norms = G.diagonal(dim1=-2, dim2=-1).clamp(min=0.0).sqrt_().unsqueeze_(-1)  # d_i = ||g_i||
-    if G.ndim == 2 and G.device.type == "cpu":
-        inverse = _inverse_if_well_conditioned(G)
-        if inverse is not None:
+    inverse, invertible = None, None
+    if G.device.type == "cpu":  # host reads synchronise with nothing there
+        inverse, invertible = _well_conditioned_inverse(G)
+        if invertible is True or (isinstance(invertible, Tensor) and bool(invertible.all())):
             return (inverse @ norms).squeeze_(-1)
     eigenvalues, Q = torch.linalg.eigh(G)
     magnitudes = eigenvalues.abs()
     tolerance = magnitudes.amax(dim=-1, keepdim=True).mul_(m * torch.finfo(G.dtype).eps)
-    inverse = torch.where(magnitudes > tolerance, eigenvalues.reciprocal(), 0.0).unsqueeze_(-1)
-    return (Q @ (Q.mT @ norms).mul_(inverse)).squeeze_(-1)
+    scales = torch.where(magnitudes > tolerance, eigenvalues.reciprocal(), 0.0).unsqueeze_(-1)
+    by_eigenvalues = (Q @ (Q.mT @ norms).mul_(scales)).squeeze_(-1)
+    if not isinstance(invertible, Tensor):
+        return by_eigenvalues
+    # The same choice as for each Gramian alone.
+    return torch.where(invertible.unsqueeze(-1), (inverse @ norms).squeeze_(-1), by_eigenvalues)
 
 
-def _inverse_if_well_conditioned(G: Tensor) -> Tensor | None:
-    """``G^{-1}`` when ``G`` is positive definite with a condition number far below the
-    ``1 / (m eps)`` of ``pinv``'s tolerance (which then keeps every eigenvalue), else None.
-
-    ``cond(G) <= tr(G) tr(G^{-1})`` (``l_max <= tr(G)``, ``1 / l_min <= tr(G^{-1})``); the bound
-    must be ``_CONDITION_MARGIN`` times below ``1 / (m eps)``, so that the rounding of the
-    eigenvalues that ``pinv`` computes cannot make it drop one. A Cholesky factorisation and its
-    inverse cost a fraction of an eigendecomposition. Reads two numbers on the host (on the CPU,
-    where that synchronises with nothing)."""
+def _well_conditioned_inverse(G: Tensor) -> tuple[Tensor | None, Tensor | bool]:
+    """``G^{-1}`` through a Cholesky factorisation (a fraction of the cost of an
+    eigendecomposition), and whether it replaces the pseudo-inverse, for each Gramian: ``G`` is
+    positive definite with a condition number provably ``_CONDITION_MARGIN`` times below the
+    ``1 / (m eps)`` of ``pinv``'s tolerance, so that ``pinv`` keeps every eigenvalue whatever its
+    rounding (``cond(G) <= tr(G) tr(G^{-1})``, since ``l_max <= tr(G)`` and
+    ``1 / l_min <= tr(G^{-1})``). For one Gramian (``[m, m]``), the answer is a bool (and the
+    inverse None when ``G`` is not positive definite)."""
     L, info = torch.linalg.cholesky_ex(G)
-    if int(info) != 0:
-        return None
+    limit = 1.0 / (_CONDITION_MARGIN * G.shape[-1] * torch.finfo(G.dtype).eps)
+    if G.ndim == 2:  # fewer tensor operations
+        if int(info) != 0:
+            return None, False
+        inverse = torch.cholesky_inverse(L)
+        return inverse, float(G.trace() * inverse.trace()) < limit
+    failed = info != 0
+    if bool(failed.any()):
+        # Invert the identity instead (cholesky_inverse raises on a singular factor).
+        eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+        L = torch.where(failed[..., None, None], eye, L)
     inverse = torch.cholesky_inverse(L)
-    bound = float(G.trace() * inverse.trace())
-    m = G.shape[-1]
-    if not bound * _CONDITION_MARGIN * m * torch.finfo(G.dtype).eps < 1.0:
-        return None
-    return inverse
+    bound = G.diagonal(dim1=-2, dim2=-1).sum(dim=-1) * inverse.diagonal(dim1=-2, dim2=-1).sum(
+        dim=-1
+    )
+    return inverse, (bound < limit) & ~failed
 
 
 def _two_rows_on_host(G: Tensor) -> Tensor:
