@@ -151,12 +151,12 @@ class IMTLGWeighting(NoGrad, Weighting[PSDMatrix]):
     (:math:`m = 1`: :math:`v = 1 / \sqrt{G_{11}}`, or 0); half-precision Gramians are solved in
     float32. When :math:`|\mathbf 1^\top v| < 10^{-12}` (e.g. for a zero
     Gramian) the weights are all zero. Computed in the Gramian's dtype and on its device, without
-    host synchronisation, except for one Gramian on the CPU (where reading values synchronises
-    with nothing): a ``2 x 2`` one has a closed form, evaluated with Python numbers in double
-    precision (for independent rows, the row norms swapped and normalised), and a larger one
-    whose condition number is provably far below ``1 / (m eps)`` is inverted through its Cholesky
-    factor (``pinv`` would keep all its eigenvalues). Not
-    differentiable: runs under :func:`torch.no_grad`.
+    host synchronisation, except on the CPU (where reading values synchronises with nothing): one
+    ``2 x 2`` Gramian has a closed form, evaluated with Python numbers in double precision (for
+    independent rows, the row norms swapped and normalised), and a Gramian whose condition number
+    is provably far below ``1 / (m eps)`` is inverted through its Cholesky factor (``pinv`` would
+    keep all its eigenvalues); the eigendecomposition is made only when some Gramian needs it.
+    Not differentiable: runs under :func:`torch.no_grad`.
     """
 
     def forward(self, stat: Tensor, /) -> Tensor:
