@@ -141,6 +141,26 @@ def _two_rows_on_host(G: Tensor) -> Tensor:
     return torch.tensor((v[0] / total, v[1] / total), dtype=G.dtype)
 
 
+def _well_conditioned_on_host(gramian: Tensor) -> Tensor | None:
+    """:func:`_imtlg_weights` of one finite, well-conditioned Gramian on the CPU (see
+    :func:`_well_conditioned_inverse`), with the few tensor operations of ``G^{-1} d`` and the
+    normalisation of the weights in Python numbers; None for any other Gramian."""
+    G = promoted(gramian)
+    if not math.isfinite(float(G.sum())):  # an overflowing sum only sends G to the general path
+        return None
+    inverse, invertible = _well_conditioned_inverse(G)
+    if invertible is not True:
+        return None
+    v = inverse @ G.diagonal().clamp(min=0.0).sqrt_()
+    # The sums in G's dtype, as in _imtlg_weights: near Pareto-stationary rows, the weights
+    # v / total magnify their rounding.
+    total, magnitude = float(v.sum()), float(v.abs().sum())
+    threshold = max(magnitude * (4 * v.shape[0] * torch.finfo(G.dtype).eps), _SUM_EPS)
+    if not abs(total) >= threshold:
+        return torch.zeros(v.shape[0], dtype=gramian.dtype)
+    return torch.tensor([x / total for x in v.tolist()], dtype=gramian.dtype)
+
+
 class IMTLGWeighting(NoGrad, Weighting[PSDMatrix]):
     r"""Weighting of :class:`IMTLG`: :math:`w = v / \mathbf 1^\top v` with
     :math:`v = G^+ d`, where :math:`d_i = \sqrt{G_{ii}} = \|g_i\|`.
@@ -160,8 +180,13 @@ class IMTLGWeighting(NoGrad, Weighting[PSDMatrix]):
     """
 
     def forward(self, stat: Tensor, /) -> Tensor:
-        if stat.shape[0] == 2 and stat.device.type == "cpu":
-            return _two_rows_on_host(stat)
+        if stat.device.type == "cpu":
+            if stat.shape[0] == 2:
+                return _two_rows_on_host(stat)
+            if stat.shape[0] > 2:
+                weights = _well_conditioned_on_host(stat)
+                if weights is not None:
+                    return weights
         return _imtlg_weights(stat)
 
     @classmethod
