@@ -154,7 +154,7 @@ def _well_conditioned_on_host(gramian: Tensor) -> Tensor | None:
     v = inverse @ G.diagonal().clamp(min=0.0).sqrt_()
     # The sums in G's dtype, as in _imtlg_weights: near Pareto-stationary rows, the weights
     # v / total magnify their rounding.
-    total, magnitude = float(v.sum()), float(v.abs().sum())
+    total, magnitude = float(v.sum()), float(torch.linalg.vector_norm(v, ord=1))
     threshold = max(magnitude * (4 * v.shape[0] * torch.finfo(G.dtype).eps), _SUM_EPS)
     if not abs(total) >= threshold:
         return torch.zeros(v.shape[0], dtype=gramian.dtype)
