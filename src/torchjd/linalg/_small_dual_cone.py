@@ -64,8 +64,9 @@ def solve_on_host(G: Tensor, U: Tensor, norm_eps: float, reg_eps: float) -> Tens
         A = _regularised(g, trace, threshold, reg_eps, rounded)
         if A is None:
             return None
+        diagonal_max = max(A[i][i] for i in range(len(A)))
         for u in problems:
-            v = _solve(A, u)
+            v = _solve(A, diagonal_max, u)
             if v is None:
                 return None
             solutions.append(v)
@@ -123,16 +124,17 @@ def _rows_combination(coefficients: list[tuple[int, float]], A: list[list[float]
     return result
 
 
-def _solve(A: list[list[float]], u: list[float]) -> list[float] | None:
+def _solve(A: list[list[float]], diagonal_max: float, u: list[float]) -> list[float] | None:
     r"""The solution of :math:`\min_{v \succeq u} v^\top A v` by block principal pivoting, or
-    None (non-finite ``u``, failed factorisation, no convergence)."""
+    None (non-finite ``u``, failed factorisation, no convergence); ``diagonal_max`` is the
+    largest diagonal entry of ``A``, the scale of its tolerance."""
     m = len(u)
     if not _all_finite(u):
         return None
     rows = range(m)
     q = _rows_combination([(i, x) for i, x in enumerate(u) if x != 0.0], A)  # A u
-    tol_z = -_REL_TOL * max(abs(x) for x in u)
-    tol_y = tol_z * max(A[i][i] for i in rows)
+    tol_z = -_REL_TOL * max(map(abs, u))
+    tol_y = tol_z * diagonal_max
     free = [False] * m
     z = [0.0] * m
     y = q
