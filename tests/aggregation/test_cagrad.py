@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from torchjd.aggregation import CAGrad, CAGradWeighting
+from torchjd.aggregation import CAGrad, CAGradWeighting, _cagrad
 from torchjd.aggregation._cagrad import (
     _cagrad_weights,
     _minimise_by_active_set,
@@ -286,3 +286,55 @@ def test_large_m_hard_matrices_converge(m: int) -> None:
             for dtype in (torch.float32, torch.float64):
                 for c in (0.5, 3.0):
                     assert torch.isfinite(CAGrad(c)(J.to(dtype))).all()
+
+
+@pytest.mark.parametrize("m", [3, 12, 32])
+def test_interior_minimiser_of_correlated_rows(m: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Many more columns than rows, and a shared component: nearly orthogonal rows of similar
+    # norms, whose minimiser has every weight positive. It is then the stationary point of the
+    # whole simplex's affine hull, found by one linear system; the active-set walk (without that
+    # shortcut) and scipy find the same point.
+    pytest.importorskip("scipy")
+    generator = torch.Generator().manual_seed(20 + m)
+    J = torch.randn(m, 1000 * m, generator=generator, dtype=torch.float64)
+    J = J + 0.3 * torch.randn(1, 1000 * m, generator=generator, dtype=torch.float64)
+    G = J @ J.T
+    A = G / G.trace()
+    a = A.mean(dim=1)
+    for c in (0.3, 1.0):
+        s = c * a.mean().sqrt()
+        interior = _cagrad._interior_minimiser(A, a, s)
+        assert interior is not None and (interior > 0).all()
+        with monkeypatch.context() as patch:
+            patch.setattr(_cagrad, "_interior_minimiser", lambda *args: None)
+            walked = _minimise_by_active_set(A, s)
+        assert_close(interior, walked, rtol=1e-9, atol=1e-12)
+        expected = torch.from_numpy(_scipy_minimiser(A.numpy(), float(s)))
+        assert_close(interior, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_two_tasks_closed_form_matches_the_enumeration() -> None:
+    # One 2 x 2 Gramian on the CPU is solved in closed form with Python numbers; the enumeration
+    # of the faces (the general path, in tensors) solves the same problem.
+    generator = torch.Generator().manual_seed(7)
+    cases = []
+    for _ in range(30):
+        J = torch.randn(2, 4, generator=generator, dtype=torch.float64)
+        J[1] += 3 * torch.rand((), generator=generator, dtype=torch.float64) * J[0]
+        cases.append(J)
+    g = torch.randn(1, 4, generator=generator, dtype=torch.float64)
+    cases += [torch.cat([g, 2 * g]), torch.cat([g, -g]), torch.cat([g, -3 * g]), torch.cat([g, g])]
+    cases += [torch.cat([g, 0 * g]), torch.cat([0 * g, g]), 1e-3 * cases[0], 1e5 * cases[1]]
+    for k, J in enumerate(cases):
+        G = J @ J.T
+        for c in (0.0, 0.3, 1.0, 3.0):
+            # With norm_eps = 0, gamma may be round-off (a zero combination of dependent rows)
+            # and the weights any size: only for independent rows.
+            for norm_eps in (1e-4, 0.0) if k < 30 else (1e-4,):
+                expected = _cagrad_weights(G, c, norm_eps)
+                actual = CAGradWeighting(c, norm_eps)(G)
+                assert_close(actual @ J, expected @ J, rtol=1e-7, atol=1e-9 * J.norm())
+                actual32 = CAGradWeighting(c, norm_eps)(G.float())
+                assert actual32.dtype == torch.float32
+                assert_close(actual32.double() @ J, expected @ J, rtol=1e-4, atol=1e-5 * J.norm())
+    assert CAGradWeighting(0.5)(torch.tensor([[1.0, torch.nan], [torch.nan, 1.0]])).isnan().all()

@@ -478,3 +478,28 @@ def test_two_tasks_grouped_with_mixed_parameters_match_the_definition() -> None:
         assert_close(actual, torch.stack(expected), rtol=1e-12, atol=1e-12)
         for weighting, phi_hat in zip(weightings, targets):
             assert_close(weighting.phi_hat, phi_hat, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("m", [2, 3, 5, 8])
+@pytest.mark.parametrize("eps", [1e-8, 0.0])
+def test_single_calls_on_the_cpu_equal_the_grouped_path(m: int, eps: float) -> None:
+    # One small Gramian on the CPU is weighed with Python numbers, a stack of them with tensors
+    # (with the same random orders, drawn Gramian by Gramian).
+    betas = [0.5, 0.2, 1.0]
+    looped = [GradVacWeighting(beta=beta, eps=eps) for beta in betas]
+    grouped = [GradVacWeighting(beta=beta, eps=eps) for beta in betas]
+    for call in range(4):
+        gramians = torch.stack(
+            [_random_gramian(m, 10 * call + k, torch.float64) for k in range(len(betas))]
+        )
+        gramians[0, 1], gramians[0, :, 1] = 0.0, 0.0  # a zero row
+        if call == 2:
+            gramians[1, 0, 1] = torch.nan  # NaN weights, targets left as they were
+        torch.manual_seed(call)
+        expected = torch.stack([w(g) for w, g in zip(looped, gramians)])
+        torch.manual_seed(call)
+        actual = GradVacWeighting._forward_grouped(grouped, gramians)
+        assert_close(actual, expected, rtol=1e-12, atol=1e-12, equal_nan=True)
+        assert torch.isnan(actual[1]).all() == (call == 2)
+        for w_grouped, w_looped in zip(grouped, looped):
+            assert_close(w_grouped.phi_hat, w_looped.phi_hat, rtol=1e-12, atol=1e-12)

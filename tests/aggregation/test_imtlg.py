@@ -1,5 +1,7 @@
 """IMTLG and IMTLGWeighting: worked examples, the impartiality property, edge cases."""
 
+import math
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -126,3 +128,52 @@ def test_half_precision_is_solved_in_float32() -> None:
     weights = IMTLGWeighting()(G.half())
     assert weights.dtype == torch.float16
     assert_close(weights.float(), IMTLGWeighting()(G.half().float()), rtol=1e-3, atol=1e-3)
+
+
+def test_two_rows_by_hand() -> None:
+    # Independent rows: G^{-1} d = (||g_2||, ||g_1||) / (||g_1|| ||g_2|| + g_1.g_2), so the weights
+    # are the swapped norms, normalised: rows of norms 3 and 4 (any angle) get (4/7, 3/7).
+    for angle in (0.3, 1.5, 2.9):
+        J = torch.tensor(
+            [[3.0, 0.0], [4 * math.cos(angle), 4 * math.sin(angle)]], dtype=torch.float64
+        )
+        assert_close(IMTLGWeighting()(J @ J.T), torch.tensor([4 / 7, 3 / 7], dtype=torch.float64))
+    # Rank one, G = l q q^T: G^+ d is parallel to q, so w = q / (q_1 + q_2). Rows g and 2g:
+    # q ∝ (1, 2), w = (1/3, 2/3); rows g and -2g: q ∝ (1, -2), w = (-1, 2).
+    g = torch.tensor([[1.0, -2.0, 2.0]], dtype=torch.float64)
+    for factor, expected in ((2.0, [1 / 3, 2 / 3]), (-2.0, [-1.0, 2.0])):
+        J = torch.cat([g, factor * g])
+        assert_close(IMTLGWeighting()(J @ J.T), torch.tensor(expected, dtype=torch.float64))
+    # One zero row: G^+ d = (1 / ||g||, 0), w = (1, 0) (and (0, 1) swapped).
+    J = torch.cat([g, torch.zeros_like(g)])
+    assert_close(IMTLGWeighting()(J @ J.T), torch.tensor([1.0, 0.0], dtype=torch.float64))
+    assert_close(
+        IMTLGWeighting()(J.flip(0) @ J.flip(0).T), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_two_rows_match_the_pseudo_inverse_and_the_batched_path(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(5)
+    tol = {"rtol": 1e-7, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 1e-3, "atol": 1e-4}
+    for _ in range(50):
+        J = torch.randn(2, 3, generator=generator, dtype=torch.float64)
+        kind = int(torch.randint(4, (), generator=generator))
+        if kind == 1:  # parallel or anti-parallel rows
+            J[1] = torch.randn((), generator=generator, dtype=torch.float64) * J[0]
+        elif kind == 2:  # very different norms
+            J[0] *= 1e-3
+        G = (J @ J.T).to(dtype)
+        weights = IMTLGWeighting()(G)
+        # pinv's tolerance in G's dtype, applied to the exact pseudo-inverse of the rounded G.
+        G64 = G.double()
+        v = torch.linalg.pinv(G64, rtol=2 * torch.finfo(dtype).eps) @ G64.diagonal().sqrt()
+        assert_close(weights, (v / v.sum()).to(dtype), **tol)
+        assert_close(
+            IMTLGWeighting._forward_grouped([IMTLGWeighting()], G[None])[0], weights, **tol
+        )
+    # Not positive semi-definite (the formula only needs an invertible G).
+    G = torch.tensor([[1.0, 2.0], [2.0, -3.0]], dtype=dtype)
+    assert_close(IMTLGWeighting()(G), _reference_weights(G.double()).to(dtype))
+    G = torch.tensor([[-1.0, 0.0], [0.0, -4.0]], dtype=dtype)
+    assert_close(IMTLGWeighting()(G), _reference_weights(G.double()).to(dtype))

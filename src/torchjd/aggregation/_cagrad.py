@@ -169,6 +169,18 @@ def _solve_face(A: Tensor, a: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
     return u_a, u_1
 
 
+def _interior_minimiser(A: Tensor, a: Tensor, s: Tensor) -> Tensor | None:
+    """The stationary point of the objective on the affine hull of the whole simplex, when it
+    lies inside the simplex (then it is the minimiser: no constraint is active and the problem is
+    convex), else None. Tasks that all pull their weight (correlated gradients) often give such a
+    minimiser; one linear system then replaces the active-set walk."""
+    u_a, u_1 = _solve_face(A, a, torch.arange(A.shape[0]))
+    stationary, bounded, _ = _stationary_points(u_a, u_1, A, s)
+    if bool(bounded) and bool((stationary > 0.0).all()):
+        return stationary
+    return None
+
+
 def _minimise_by_active_set(A: Tensor, s: Tensor) -> Tensor:
     """Minimiser over the simplex, by a primal active-set method (like Wolfe's for the
     minimum-norm point), on the CPU. It reads numbers on the host at every step (the method is
@@ -196,6 +208,9 @@ def _minimise_by_active_set(A: Tensor, s: Tensor) -> Tensor:
         w = torch.zeros(m, dtype=A.dtype)
         w[int(a.argmin())] = 1.0
         return w.to(device)
+    interior = _interior_minimiser(A, a, s)
+    if interior is not None:
+        return interior.to(device)
     w = _start_point(A, a, s)
     active = w > 0.0
     previous = math.inf
@@ -272,6 +287,42 @@ def _cagrad_weights(gramian: Tensor, c: float, norm_eps: float) -> Tensor:
     return weights.to(dtype=gramian.dtype, device=gramian.device)
 
 
+def _two_tasks_on_host(gramian: Tensor, c: float, norm_eps: float) -> Tensor | None:
+    r""":func:`_cagrad_weights` of one ``2 x 2`` Gramian on the CPU, in closed form with Python
+    numbers (in double precision; reading a CPU tensor synchronises with nothing), or None for
+    the degenerate case left to the general path (``gamma = 0`` with ``norm_eps = 0``).
+
+    On the segment ``w = (1 - t, t)``, with ``A`` the normalised Gramian,
+    ``w^T A w = (x^2 + det A) / alpha`` where ``x = alpha t + beta``, ``alpha = A_00 - 2 A_01 +
+    A_11``, ``beta = A_01 - A_00``, and ``w^T A p_bar = a_0 + delta t`` with
+    ``delta = (A_11 - A_00) / 2``. The objective is convex in ``t``; its derivative vanishes at
+    ``x = -delta sqrt(det A / (s^2 alpha - delta^2))`` when ``s^2 alpha > delta^2`` (``s`` is
+    :math:`\sqrt\phi`), and otherwise has the sign of ``delta`` on the whole segment. The minimiser
+    is that stationary point clamped to the segment, or its end of lower value."""
+    (g_00, g_01), (g_10, g_11) = gramian.tolist()
+    if not all(math.isfinite(x) for x in (g_00, g_01, g_10, g_11)):
+        return torch.full((2,), math.nan, dtype=gramian.dtype)
+    trace = g_00 + g_11
+    scale = 1.0 / trace if trace >= max(norm_eps, torch.finfo(gramian.dtype).tiny) else 0.0
+    A_00, A_01, A_11 = g_00 * scale, 0.5 * (g_01 + g_10) * scale, g_11 * scale
+    s = c * math.sqrt(max(0.25 * (A_00 + 2.0 * A_01 + A_11), 0.0))  # c sqrt(p_bar^T A p_bar)
+    alpha, beta, delta = A_00 - 2.0 * A_01 + A_11, A_01 - A_00, 0.5 * (A_11 - A_00)
+    determinant = max(A_00 * A_11 - A_01 * A_01, 0.0)
+    if alpha > 0.0 and s * s * alpha > delta * delta:
+        x = -delta * math.sqrt(determinant / (s * s * alpha - delta * delta))
+        t = min(max((x - beta) / alpha, 0.0), 1.0)
+    else:
+        t = 1.0 if delta < 0.0 else 0.0
+    w = (1.0 - t, t)
+    gamma = math.sqrt(max(A_00 * w[0] ** 2 + 2.0 * A_01 * w[0] * w[1] + A_11 * w[1] ** 2, 0.0))
+    if not gamma >= norm_eps:
+        return torch.zeros(2, dtype=gramian.dtype)
+    if gamma == 0.0:
+        return None
+    ratio = s / gamma
+    return torch.tensor((0.5 + ratio * w[0], 0.5 + ratio * w[1]), dtype=gramian.dtype)
+
+
 class CAGradWeighting(NoGrad, Weighting[PSDMatrix]):
     r"""Weighting of :class:`CAGrad`: :math:`\lambda = \bar p + \frac{\sqrt\phi}{\gamma} w^*`.
 
@@ -291,7 +342,10 @@ class CAGradWeighting(NoGrad, Weighting[PSDMatrix]):
     ``2^m - 1`` bordered linear systems), on the Gramian's device and without host
     synchronisation; for larger ``m``, by a primal active-set method on the CPU, which reads
     numbers on the host at each step (it first sets the round-off negative eigenvalues of the
-    normalised Gramian to 0). Both agree with an
+    normalised Gramian to 0, and tries the stationary point of the whole simplex, which is the
+    minimiser when all its weights are positive, as for many similar tasks). One ``2 x 2`` Gramian
+    on the CPU has a closed form (a convex problem in one variable on the segment of the
+    simplex), evaluated with Python numbers in double precision. All agree with an
     accurate convex solver to its tolerance (the tests check them against scipy, and against cvxpy
     when it is installed). When the minimiser is not unique (degenerate inputs such as duplicated
     rows), the weights may differ from TorchJD's but the aggregation :math:`J^\top \lambda` does
@@ -329,6 +383,10 @@ class CAGradWeighting(NoGrad, Weighting[PSDMatrix]):
             raise ValueError(
                 f"CAGrad needs at least one objective: got a Gramian of shape {tuple(stat.shape)}."
             )
+        if stat.shape[0] == 2 and stat.device.type == "cpu":
+            weights = _two_tasks_on_host(stat, float(self.c), float(self.norm_eps))
+            if weights is not None:
+                return weights
         # The thresholds on the trace and on gamma would turn a NaN into zeros: NaN weights instead.
         gramian, nan_where_non_finite = finite_part(stat)
         weights = _cagrad_weights(gramian, float(self.c), float(self.norm_eps))

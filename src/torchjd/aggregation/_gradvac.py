@@ -16,6 +16,9 @@ from torchjd.aggregation._pcgrad import _step_indices
 from torchjd.linalg._matrix import PSDMatrix
 from torchjd.linalg._nonfinite import finite_part, poison
 
+# Up to this many tasks, one Gramian on the CPU is weighed with Python numbers (see _on_host).
+_HOST_MAX_M = 8
+
 
 def _draw_orders(n_problems: int, m: int) -> Tensor:
     """Draw GradVac's visiting orders, shape ``[n_problems, m, m - 1]``, on the CPU.
@@ -202,6 +205,47 @@ def _two_tasks(
     return omega.flip(-1).add_(1.0), new_phi_hat
 
 
+def _on_host(gramian: Tensor, phi_hat: Tensor, beta: float, eps: float) -> tuple[Tensor, Tensor]:
+    """:func:`_gradvac_weights` of one small Gramian on the CPU, with Python numbers (in double
+    precision), drawing the visiting orders as :func:`_draw_orders` does: reading a CPU tensor
+    synchronises with nothing, and the ``m (m - 1)`` steps, of ``O(m)`` scalar operations each,
+    cost less than the tensor operations of the vectorised kernel for ``m <= _HOST_MAX_M``.
+    Returns the weights and the new targets, in ``gramian``'s dtype."""
+    m = gramian.shape[0]
+    # The draws of _draw_orders; torch.randperm(1) leaves the generator as it is: two tasks need
+    # none.
+    orders = [[1], [0]]
+    if m > 2:
+        orders = [[k + (k >= i) for k in torch.randperm(m - 1).tolist()] for i in range(m)]
+    g = gramian.tolist()
+    targets = phi_hat.tolist()
+    if not math.isfinite(sum(sum(row) for row in g)):  # NaN weights, targets left as they were
+        return torch.full((m,), math.nan, dtype=gramian.dtype), phi_hat
+    norms = [math.sqrt(max(g[j][j], 0.0)) for j in range(m)]  # b for each partner
+    weights = [1.0] * m
+    new_targets = [row[:] for row in targets]
+    for i in range(m):
+        products = g[i]  # g_i^PC . g_k for every k
+        squared_norm = g[i][i]  # ||g_i^PC||^2
+        for j in orders[i]:
+            a, b, target = math.sqrt(max(squared_norm, 0.0)), norms[j], targets[i][j]
+            phi_denominator = a * b + eps
+            phi = products[j] / phi_denominator if phi_denominator > 0.0 else 0.0
+            if phi < target:
+                target_sine = math.sqrt(max(1.0 - target * target, 0.0))
+                omega_denominator = b * target_sine + eps
+                if omega_denominator > 0.0:
+                    sine = math.sqrt(max(1.0 - phi * phi, 0.0))
+                    omega = a * (target * sine - phi * target_sine) / omega_denominator
+                    weights[j] += omega
+                    # ||g + omega g_j||^2 = ||g||^2 + 2 omega (g . g_j + omega ||g_j||^2 / 2)
+                    squared_norm += 2.0 * omega * (products[j] + 0.5 * omega * g[j][j])
+                    products = [p + omega * x for p, x in zip(products, g[j])]
+            new_targets[i][j] = target * (1.0 - beta) + beta * phi
+    weights_tensor = torch.tensor(weights, dtype=gramian.dtype)
+    return weights_tensor, torch.tensor(new_targets, dtype=phi_hat.dtype)
+
+
 def _check_beta(beta: float) -> float:
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"`beta` must be in [0, 1], got {beta!r}.")
@@ -244,7 +288,10 @@ class GradVacWeighting(NoGrad, LazyStateMixin, Weighting[PSDMatrix], Stateful):
     Randomness: for ``i = 0, ..., m - 1``, one ``torch.randperm(m - 1)`` on the global CPU
     generator, whatever the input's device (the order of TorchJD, so a seed gives the same numbers);
     the drawn indices are moved to the input's device once per call and the computation stays
-    there, without host synchronisation. Not differentiable: runs under :func:`torch.no_grad`.
+    there, without host synchronisation. With at most 8 tasks on the CPU (where reading values
+    synchronises with nothing), a call is computed with Python numbers in double precision
+    instead, with the same draws: its ``m (m - 1)`` steps are cheaper as scalar operations than as
+    tensor ones. Not differentiable: runs under :func:`torch.no_grad`.
 
     Half precision: float16 and bfloat16 Gramians are computed in float32 (``eps`` would underflow
     and the norms overflow), and so are the stored targets; the weights are in the input's dtype.
@@ -289,6 +336,9 @@ class GradVacWeighting(NoGrad, LazyStateMixin, Weighting[PSDMatrix], Stateful):
     def forward(self, stat: Tensor, /) -> Tensor:
         m, dtype = stat.shape[0], stat.dtype
         phi_hat = self._targets_for(m, dtype, stat.device)
+        if 2 <= m <= _HOST_MAX_M and stat.device.type == "cpu":
+            weights, self.phi_hat = _on_host(stat, phi_hat, self.beta, self.eps)
+            return weights
         compute = working_dtype(dtype)
         weights, new_phi_hat = _gradvac_weights(
             stat[None].to(compute),

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from torchjd._precision import working_dtype
+from torchjd.linalg import _small_dual_cone as small_dual_cone
 from torchjd.linalg._matrix import PSDMatrix
 from torchjd.linalg._projector import NormalizingProjector, check_projection_shapes
 
@@ -105,6 +106,10 @@ class BlockPivotingProjector(NormalizingProjector):
     :math:`\hat G` is positive definite (otherwise block pivoting and its rescue below run). On a
     device, an indefinite :math:`\hat G` of size ``m <= 8`` is not detected: the least violating
     candidate is returned without a warning.
+    On the CPU, a few problems (at most 16) with ``m <= 8`` are normalised and solved by the same
+    method with Python numbers in double precision (``torchjd.linalg._small_dual_cone``): a few
+    hundred multiplications, cheaper than the fixed cost of the tensor operations; inputs it does
+    not handle (non-finite values, ``reg_eps`` below the floor below) take the paths above.
 
     **Numerical safeguards** (none of them changes the result of a well-posed problem):
 
@@ -170,6 +175,11 @@ class BlockPivotingProjector(NormalizingProjector):
         with torch.no_grad():
             if U.numel() == 0:
                 return torch.zeros(U.shape, dtype=G.dtype, device=G.device)
+            b, k, m = U.shape
+            if _reads_on_host(G.device) and small_dual_cone.fits(b * k, m):
+                V = small_dual_cone.solve_on_host(G, U, self.norm_eps, self.reg_eps)
+                if V is not None:
+                    return V
             A = self._regularised_gramian(G)
             V = _solve(A, U.to(dtype=A.dtype, device=A.device))
             return V.to(dtype=G.dtype)
@@ -214,9 +224,10 @@ def summed_diagonal_projections(
     ``u = p_2 e_2``. The ratios are those of ``s A = G + s r I`` (``s`` the trace, or infinity
     below ``norm_eps``, ``r`` the ridge), so ``A`` is never built. A matrix that is not
     numerically positive definite takes the general path where that can be checked without
-    synchronisation (on the CPU)."""
+    synchronisation (on the CPU). On the CPU, a few problems go to
+    :meth:`BlockPivotingProjector.solve_batched` (solved with Python numbers) instead."""
     m = G.shape[-1]
-    if m > 2:
+    if m > 2 or (_reads_on_host(G.device) and small_dual_cone.fits(prefs.numel(), m)):
         return projector.solve_batched(torch.diag_embed(prefs), G).sum(dim=-2)
     Gw = G.to(dtype=working_dtype(G.dtype))
     p = prefs.to(dtype=Gw.dtype, device=Gw.device).clamp(min=0.0)

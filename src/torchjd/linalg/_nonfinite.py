@@ -7,7 +7,6 @@ step). Decompositions such as ``eigh`` and ``pinv`` raise on non-finite matrices
 their result is passed through :func:`poison`.
 """
 
-import torch
 from torch import Tensor
 
 
@@ -15,14 +14,17 @@ def finite_part(stat: Tensor, dims: int = 2) -> tuple[Tensor, Tensor]:
     """``(safe, nan_where_non_finite)`` for a batch of inputs, each made of the last ``dims`` dims.
 
     ``safe`` is ``stat`` with every input that holds an infinity or a NaN replaced by zeros (so
-    that a decomposition of it cannot fail); ``nan_where_non_finite`` has shape
-    ``stat.shape[:-dims]`` and holds NaN for those inputs, 0 for the others.
+    that a decomposition of it cannot fail, and an algorithm that needs a positive semi-definite
+    input still gets one); ``nan_where_non_finite`` has shape ``stat.shape[:-dims]`` and holds NaN
+    for those inputs, 0 for the others.
     """
-    reduced = tuple(range(stat.ndim - dims, stat.ndim))
-    finite = torch.isfinite(stat).all(dim=reduced, keepdim=True) if dims else torch.isfinite(stat)
-    safe = torch.where(finite, stat, torch.zeros((), dtype=stat.dtype, device=stat.device))
-    marker = torch.where(finite, 0.0, torch.nan).to(dtype=stat.dtype)
-    return safe, marker.reshape(stat.shape[: stat.ndim - dims])
+    # 0 * x is NaN exactly where x is not finite, and a sum holding a NaN is NaN: few operations,
+    # which matters for the small inputs of an aggregation.
+    marker = stat.mul(0.0)
+    if dims:
+        marker = marker.sum(dim=tuple(range(stat.ndim - dims, stat.ndim)))
+    bad = marker.isnan().view(*marker.shape, *(1,) * dims)
+    return stat.masked_fill(bad, 0.0), marker
 
 
 def poison(result: Tensor, nan_where_non_finite: Tensor) -> Tensor:

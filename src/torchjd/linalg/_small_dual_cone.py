@@ -1,0 +1,186 @@
+r"""Small dual-cone problems on the CPU, solved with Python numbers.
+
+For a few problems with ``m <= 8`` on the CPU, a call of
+:class:`~torchjd.linalg.BlockPivotingProjector` is dominated by the fixed cost of its tensor
+operations (a few microseconds each, a few dozen of them), not by arithmetic: the whole problem
+is a few hundred multiplications. Here the values are read once (on the CPU that synchronises
+with nothing), normalised, regularised and solved exactly with Python floats (IEEE double
+precision, the precision of the projector's float64 solve), and the result is written back once.
+
+The method is the projector's: block principal pivoting (Júdice and Pires) on the linear
+complementarity problem of :math:`\min_{v \succeq u} v^\top A v`, with Murty's single-pivot
+rule once the number of infeasible indices stalls, and the same tolerances. Anything unusual
+(a non-finite value, a regularisation below the projector's floor, a failed factorisation, no
+convergence) is left to the tensor path, which handles it (NaN propagation, rescue ridges,
+warnings).
+"""
+
+import math
+from array import array
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from torchjd._precision import working_dtype
+
+# Problems up to this size, and batches of up to this many problems, are solved here.
+MAX_M = 8
+MAX_PROBLEMS = 16
+# As in the tensor path: an index is infeasible below -_REL_TOL times the scale of its problem,
+# and full exchanges continue while the number of infeasible indices reaches a new minimum within
+# _PATIENCE + 1 exchanges.
+_REL_TOL = 1e-12
+_PATIENCE = 3
+
+
+def fits(n_problems: int, m: int) -> bool:
+    """Whether ``n_problems`` problems of size ``m`` are small and few enough to be solved here."""
+    return m <= MAX_M and n_problems <= MAX_PROBLEMS
+
+
+def solve_on_host(G: Tensor, U: Tensor, norm_eps: float, reg_eps: float) -> Tensor | None:
+    r"""``V`` (``[b, k, m]``, in ``G``'s dtype) with ``V[i, j]`` the solution of
+    :math:`\min_{v \succeq u} v^\top \hat G v` for ``u = U[i, j]`` and
+    :math:`\hat G = G[i] / \operatorname{tr}(G[i]) + \text{reg\_eps}\, I` (the zero matrix plus
+    ``reg_eps I`` when the trace is below ``norm_eps``), or None when the tensor path must solve
+    them (see the module's docstring). ``G`` and ``U`` are on the CPU."""
+    dtype = working_dtype(G.dtype)
+    info = torch.finfo(dtype)
+    if reg_eps < min(16.0 * info.eps, 1e-6):
+        return None  # the tensor path raises the diagonal to its floor
+    threshold = max(norm_eps, info.tiny)
+    # In float32, the normalisation is rounded as the tensor path rounds it, with its traces (the
+    # order of a float32 sum changes its rounding): the solution of a badly conditioned problem is
+    # sensitive to one unit in the last place of an entry.
+    values = G.to(dtype)
+    if dtype == torch.float32:
+        traces = values.diagonal(dim1=-2, dim2=-1).sum(dim=-1).tolist()
+        rounded = _to_float32
+    else:
+        traces, rounded = [None] * G.shape[0], None
+    solutions = []
+    for g, trace, problems in zip(values.tolist(), traces, U.tolist()):
+        A = _regularised(g, trace, threshold, reg_eps, rounded)
+        if A is None:
+            return None
+        diagonal_max = max(A[i][i] for i in range(len(A)))
+        for u in problems:
+            v = _solve(A, diagonal_max, u)
+            if v is None:
+                return None
+            solutions.append(v)
+    return torch.tensor(solutions, dtype=G.dtype).view(U.shape)
+
+
+def _to_float32(values: list[float]) -> list[float]:
+    """The float32 values nearest to ``values`` (inf beyond its range)."""
+    return array("f", values).tolist()
+
+
+def _regularised(
+    g: list[list[float]],
+    trace: float | None,
+    threshold: float,
+    reg_eps: float,
+    rounded: Callable[[list[float]], list[float]] | None,
+) -> list[list[float]] | None:
+    """``g / trace + reg_eps I`` (``reg_eps I`` when the trace is below ``threshold``), each
+    operation rounded by ``rounded`` when given, or None when a value is not finite. The trace is
+    summed here when not given."""
+    m = len(g)
+    if not _all_finite(sum(row) for row in g):
+        return None
+    if trace is None:
+        trace = sum(g[i][i] for i in range(m))
+    if rounded is None:
+        A = [[x / trace for x in row] if trace >= threshold else [0.0] * m for row in g]
+        for i in range(m):
+            A[i][i] += reg_eps
+        return A
+    (reg_eps,) = rounded([reg_eps])
+    flat = [x / trace for row in g for x in row] if trace >= threshold else [0.0] * (m * m)
+    flat = rounded(flat)
+    diagonal = rounded([flat[i * (m + 1)] + reg_eps for i in range(m)])
+    for i, value in enumerate(diagonal):
+        flat[i * (m + 1)] = value
+    if not _all_finite(flat):
+        return None
+    return [flat[i * m : (i + 1) * m] for i in range(m)]
+
+
+def _all_finite(values: Iterable[float]) -> bool:
+    """Whether the sum of ``values`` is finite: True when they all are, unless the sum overflows
+    (a false negative only sends the problem to the tensor path)."""
+    return math.isfinite(sum(values))
+
+
+def _rows_combination(coefficients: list[tuple[int, float]], A: list[list[float]]) -> list[float]:
+    """``sum_i c_i A[i]`` over the pairs ``(i, c_i)`` (``A`` is symmetric: this is ``A c``), with
+    the terms added in the order of the pairs."""
+    result = [0.0] * len(A)
+    for i, c in coefficients:
+        result = [r + c * a for r, a in zip(result, A[i])]
+    return result
+
+
+def _solve(A: list[list[float]], diagonal_max: float, u: list[float]) -> list[float] | None:
+    r"""The solution of :math:`\min_{v \succeq u} v^\top A v` by block principal pivoting, or
+    None (non-finite ``u``, failed factorisation, no convergence); ``diagonal_max`` is the
+    largest diagonal entry of ``A``, the scale of its tolerance."""
+    m = len(u)
+    if not _all_finite(u):
+        return None
+    rows = range(m)
+    q = _rows_combination([(i, x) for i, x in enumerate(u) if x != 0.0], A)  # A u
+    tol_z = -_REL_TOL * max(map(abs, u))
+    tol_y = tol_z * diagonal_max
+    free = [False] * m
+    z = [0.0] * m
+    y = q
+    best, stalled = m + 1, 0
+    for _ in range(50 + 10 * m):
+        infeasible = [i for i in rows if (z[i] < tol_z if free[i] else y[i] < tol_y)]
+        if not infeasible:
+            return [u[i] + z[i] for i in rows]
+        if len(infeasible) < best:
+            best, stalled = len(infeasible), 0
+        else:
+            stalled += 1
+            if stalled > _PATIENCE:
+                infeasible = infeasible[-1:]  # Murty's rule: the largest infeasible index
+        for i in infeasible:
+            free[i] = not free[i]
+        F = [i for i in rows if free[i]]
+        z_F = _cholesky_solve([[A[i][j] for j in F] for i in F], [-q[i] for i in F])
+        if z_F is None:
+            return None
+        z = [0.0] * m
+        for i, value in zip(F, z_F):
+            z[i] = value
+        y = [a + b for a, b in zip(q, _rows_combination(list(zip(F, z_F)), A))]  # A (u + z)
+    return None
+
+
+def _cholesky_solve(M: list[list[float]], b: list[float]) -> list[float] | None:
+    """``M^{-1} b`` by the Cholesky factorisation of ``M`` (its lower triangle), or None when
+    ``M`` is not numerically positive definite."""
+    n = len(b)
+    L = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        L_i = L[i]
+        for j in range(i + 1):
+            L_j = L[j]
+            s = M[i][j] - sum(L_i[k] * L_j[k] for k in range(j))
+            if i == j:
+                if not s > 0.0:
+                    return None
+                L_i[i] = math.sqrt(s)
+            else:
+                L_i[j] = s / L_j[j]
+    x = [0.0] * n
+    for i in range(n):  # L w = b
+        x[i] = (b[i] - sum(L[i][k] * x[k] for k in range(i))) / L[i][i]
+    for i in reversed(range(n)):  # L^T x = w
+        x[i] = (x[i] - sum(L[k][i] * x[k] for k in range(i + 1, n))) / L[i][i]
+    return x

@@ -1,0 +1,79 @@
+"""The host solver of small dual-cone problems against quadprog, and its hand-offs to the tensor
+path of BlockPivotingProjector."""
+
+import pytest
+import torch
+
+import torchjd.linalg._block_pivoting as block_pivoting
+import torchjd.linalg._small_dual_cone as small_dual_cone
+from torchjd.linalg import BlockPivotingProjector, QuadprogProjector
+
+from .test_block_pivoting import _KINDS, _jacobian, _vectors
+
+
+def _problems(m: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [((J := _jacobian(kind, m, generator)) @ J.T, _vectors(m, generator)) for kind in _KINDS]
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("patience", [3, 0])
+def test_matches_quadprog(m: int, patience: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # patience 0: Murty's single-pivot rule as soon as the number of infeasible indices stalls.
+    monkeypatch.setattr(small_dual_cone, "_PATIENCE", patience)
+    for kind, (G, U) in zip(_KINDS, _problems(m, 400 + m)):
+        V = small_dual_cone.solve_on_host(G[None], U[None], 1e-4, 1e-4)
+        assert V is not None
+        torch.testing.assert_close(V[0], QuadprogProjector()(U, G), rtol=1e-6, atol=1e-6, msg=kind)
+
+
+@pytest.mark.parametrize("m", [2, 3, 8])
+def test_the_projector_uses_it_and_agrees_with_the_tensor_path(
+    m: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    problems = _problems(m, 500 + m)
+    projector = BlockPivotingProjector()
+    on_host = [projector(U, G) for G, U in problems]
+    monkeypatch.setattr(small_dual_cone, "MAX_M", 0)  # every problem to the tensor path
+    for (G, U), V in zip(problems, on_host):
+        torch.testing.assert_close(V, projector(U, G), rtol=1e-9, atol=1e-12)
+    monkeypatch.undo()
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("the tensor path was taken")
+
+    monkeypatch.setattr(block_pivoting, "_solve", refuse)
+    for (G, U), V in zip(problems, on_host):
+        assert torch.equal(projector(U, G), V)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_gramians(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Normalised as the tensor path normalises (in float32), solved in double precision,
+    # returned in G's dtype.
+    problems = [(G.to(dtype), U.to(dtype)) for G, U in _problems(5, 600)]
+    problems = [(G, U) for G, U in problems if G.isfinite().all()]  # float16 overflows on "huge"
+    on_host = [BlockPivotingProjector()(U, G) for G, U in problems]
+    monkeypatch.setattr(small_dual_cone, "MAX_M", 0)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for (G, U), V in zip(problems, on_host):
+        assert V.dtype == dtype
+        expected = BlockPivotingProjector()(U, G)
+        torch.testing.assert_close(V.double(), expected.double(), rtol=tol, atol=tol)
+        if dtype == torch.float32:
+            # quadprog also normalises in float32 (the spec's tolerance in float32).
+            reference = QuadprogProjector()(U, G)
+            torch.testing.assert_close(V, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_hands_over_what_it_does_not_solve() -> None:
+    G = torch.eye(3, dtype=torch.float64)[None]
+    U = torch.ones(1, 1, 3, dtype=torch.float64)
+    assert small_dual_cone.solve_on_host(G, U, 1e-4, 0.0) is None  # below the diagonal's floor
+    assert small_dual_cone.solve_on_host(G * torch.nan, U, 1e-4, 1e-4) is None
+    assert small_dual_cone.solve_on_host(G, U * torch.inf, 1e-4, 1e-4) is None
+    assert small_dual_cone.fits(16, 8)
+    assert not small_dual_cone.fits(1, 9)
+    assert not small_dual_cone.fits(20, 3)
+    # A non-finite input reaches the tensor path, whose result is NaN.
+    assert BlockPivotingProjector()(U[0] * torch.nan, G[0]).isnan().all()
