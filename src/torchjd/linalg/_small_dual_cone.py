@@ -184,3 +184,72 @@ def _cholesky_solve(M: list[list[float]], b: list[float]) -> list[float] | None:
     for i in reversed(range(n)):  # L^T x = w
         x[i] = (x[i] - sum(L[k][i] * x[k] for k in range(i + 1, n))) / L[i][i]
     return x
+
+
+def summed_diagonal_solutions(
+    G: Tensor, prefs: list[float], norm_eps: float, reg_eps: float
+) -> Tensor | None:
+    r"""UPGrad's weights for one Gramian ``G`` (``[m, m]``, float32 or float64, on the CPU):
+    :math:`\sum_i v^{(i)}` with :math:`v^{(i)}` the solution for ``u = prefs[i] e_i`` (what
+    :func:`solve_on_host` gives for the ``m`` rows of ``diag(prefs)``, summed), in ``G``'s dtype,
+    or None when the tensor path must solve them.
+
+    One Gramian read once and one tensor written: in a loop of one small aggregation per
+    parameter, the tensors that :func:`solve_on_host` builds around the problems cost more than
+    the problems. For ``m = 2`` with ``A = [[a, b], [c, d]]`` (positive definite) and
+    ``prefs >= 0``, block pivoting stops after at most one exchange:
+    ``v^{(1)} = p_1 (1, max(0, -b / d))`` and ``v^{(2)} = p_2 (max(0, -c / a), 1)``."""
+    m = G.shape[0]
+    dtype = G.dtype
+    info = torch.finfo(dtype)
+    if reg_eps < min(16.0 * info.eps, 1e-6) or len(prefs) != m:
+        return None
+    g = G.tolist()
+    if dtype == torch.float32:
+        rounded: Callable[[list[float]], list[float]] | None = _to_float32
+        prefs = _to_float32(prefs)
+        # The float32 trace as the tensor path sums it: with two terms, any order rounds alike.
+        trace = _to_float32([g[0][0] + g[1][1]])[0] if m == 2 else None
+        if trace is None:
+            trace = G.diagonal().sum().item()
+    else:
+        rounded, trace = None, None
+    A = _regularised(g, trace, max(norm_eps, info.tiny), reg_eps, rounded)
+    if A is None or not _all_finite(prefs):
+        return None
+    weights = _two_summed(A, prefs) if m == 2 else _summed(A, prefs)
+    if weights is None:
+        return None
+    return torch.tensor(weights, dtype=dtype)
+
+
+def _two_summed(A: list[list[float]], prefs: list[float]) -> list[float] | None:
+    """:func:`summed_diagonal_solutions` of a 2 x 2 matrix in closed form, or None outside the
+    closed form's conditions (a negative preference, a matrix that is not numerically positive
+    definite)."""
+    (a, b), (c, d) = A
+    p_1, p_2 = prefs
+    if not (p_1 >= 0.0 and p_2 >= 0.0 and a > 0.0 and d > 0.0 and a * d - b * c > 0.0):
+        return None
+    diagonal_max = max(a, d)
+    # As block pivoting: index 2 is freed when y_2 = p_1 b is below its tolerance.
+    z_2 = -p_1 * b / d if p_1 * b < -_REL_TOL * p_1 * diagonal_max else 0.0
+    z_1 = -p_2 * c / a if p_2 * c < -_REL_TOL * p_2 * diagonal_max else 0.0
+    return [p_1 + z_1, p_2 + z_2]
+
+
+def _summed(A: list[list[float]], prefs: list[float]) -> list[float] | None:
+    """:func:`summed_diagonal_solutions` by block pivoting, one problem per preference."""
+    m = len(A)
+    diagonal_max = max(A[i][i] for i in range(m))
+    weights = [0.0] * m
+    for i, p in enumerate(prefs):
+        if p == 0.0:
+            continue  # u = 0: the solution is 0
+        u = [0.0] * m
+        u[i] = p
+        v = _solve(A, diagonal_max, u)
+        if v is None:
+            return None
+        weights = [w + x for w, x in zip(weights, v)]
+    return weights
