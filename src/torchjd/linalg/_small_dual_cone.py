@@ -18,6 +18,7 @@ warnings).
 import math
 from array import array
 from collections.abc import Callable, Iterable
+from operator import itemgetter
 
 import torch
 from torch import Tensor
@@ -163,7 +164,12 @@ def _solve(
         for i in infeasible:
             free[i] = not free[i]
         F = [i for i in rows if free[i]]
-        z_F = _positive_definite_solve([[symmetric[i][j] for j in F] + [-q[i]] for i in F])
+        if len(F) == 1:
+            (f,) = F
+            z_F = _one_solve([symmetric[f][f], -q[f]])
+        else:
+            pick = itemgetter(*F)  # the columns of F, picked in C
+            z_F = _positive_definite_solve([[*pick(symmetric[i]), -q[i]] for i in F])
         if z_F is None:
             return None
         z = [0.0] * m
