@@ -77,3 +77,42 @@ def test_hands_over_what_it_does_not_solve() -> None:
     assert not small_dual_cone.fits(20, 3)
     # A non-finite input reaches the tensor path, whose result is NaN.
     assert BlockPivotingProjector()(U[0] * torch.nan, G[0]).isnan().all()
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_summed_diagonal_solutions_match_quadprog_and_the_batched_path(
+    m: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # UPGrad's weights of one Gramian: the sum of the projections of p_i e_i, here with Python
+    # numbers (a closed form at m = 2), against quadprog and the batched tensor path.
+    generator = torch.Generator().manual_seed(700 + m)
+    projector = BlockPivotingProjector()
+    cases = []
+    for kind in _KINDS:
+        J = _jacobian(kind, m, generator)
+        for prefs in (torch.full((m,), 1.0 / m), torch.rand(m, generator=generator)):
+            prefs = prefs.clone()
+            if m > 1:
+                prefs[0] = 0.0 if kind == _KINDS[0] else prefs[0]
+            cases.append((kind, (J @ J.T).to(dtype), prefs.to(dtype)))
+    fast = [block_pivoting.summed_diagonal_projection(projector, p, G) for _, G, p in cases]
+    monkeypatch.setattr(small_dual_cone, "MAX_M", 0)  # the tensor path
+    for (kind, G, prefs), weights in zip(cases, fast):
+        assert weights.dtype == dtype and weights.shape == (m,)
+        expected = QuadprogProjector()(torch.diag(prefs), G).sum(dim=0)
+        torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-6, msg=kind)
+        batched = block_pivoting.summed_diagonal_projections(projector, prefs[None], G[None])[0]
+        tol = 1e-12 if dtype == torch.float64 else 2e-6
+        torch.testing.assert_close(weights, batched, rtol=tol, atol=tol, msg=kind)
+
+
+def test_summed_diagonal_solutions_hand_offs() -> None:
+    G = torch.tensor([[1.0, -0.5], [-0.5, 2.0]])
+    assert small_dual_cone.summed_diagonal_solutions(G, [0.5, 0.5], 1e-4, 0.0) is None
+    assert small_dual_cone.summed_diagonal_solutions(G, [0.5, -0.5], 1e-4, 1e-4) is None
+    assert small_dual_cone.summed_diagonal_solutions(G * torch.nan, [0.5, 0.5], 1e-4, 1e-4) is None
+    # By hand: A = G / 3 + 1e-4 I; v1 = 0.5 (1, 0.5 / 2.0003), v2 = 0.5 (0.5 / 1.0003, 1).
+    weights = small_dual_cone.summed_diagonal_solutions(G.double(), [0.5, 0.5], 1e-4, 1e-4)
+    expected = torch.tensor([0.5 + 0.25 / 1.0003, 0.5 + 0.25 / 2.0003], dtype=torch.float64)
+    torch.testing.assert_close(weights, expected, rtol=1e-12, atol=1e-12)

@@ -16,7 +16,11 @@ from torchjd.aggregation._utils import (
     pref_vector_to_weighting,
     stacked_preferences,
 )
-from torchjd.linalg._block_pivoting import BlockPivotingProjector, summed_diagonal_projections
+from torchjd.linalg._block_pivoting import (
+    BlockPivotingProjector,
+    summed_diagonal_projection,
+    summed_diagonal_projections,
+)
 from torchjd.linalg._matrix import PSDMatrix
 from torchjd.linalg._projector import DualConeProjector, check_projection_shapes
 
@@ -78,10 +82,11 @@ class UPGradWeighting(NoGrad, Weighting[PSDMatrix]):
         self._projector = BlockPivotingProjector() if value is None else value
 
     def forward(self, stat: Tensor, /) -> Tensor:
-        prefs = self.weighting(stat).to(dtype=stat.dtype, device=stat.device)
+        prefs = self.weighting(stat)
         if isinstance(self.projector, BlockPivotingProjector):
             check_projection_shapes(prefs, stat)
-            return summed_diagonal_projections(self.projector, prefs[None], stat[None])[0]
+            return summed_diagonal_projection(self.projector, prefs, stat)
+        prefs = prefs.to(dtype=stat.dtype, device=stat.device)
         return self.projector(torch.diag(prefs), stat).sum(dim=0)
 
     @classmethod

@@ -18,6 +18,7 @@ warnings).
 import math
 from array import array
 from collections.abc import Callable, Iterable
+from operator import itemgetter
 
 import torch
 from torch import Tensor
@@ -65,8 +66,9 @@ def solve_on_host(G: Tensor, U: Tensor, norm_eps: float, reg_eps: float) -> Tens
         if A is None:
             return None
         diagonal_max = max(A[i][i] for i in range(len(A)))
+        symmetric = _lower_symmetric(A)
         for u in problems:
-            v = _solve(A, diagonal_max, u)
+            v = _solve(A, diagonal_max, u, symmetric)
             if v is None:
                 return None
             solutions.append(v)
@@ -124,15 +126,25 @@ def _rows_combination(coefficients: list[tuple[int, float]], A: list[list[float]
     return result
 
 
-def _solve(A: list[list[float]], diagonal_max: float, u: list[float]) -> list[float] | None:
+def _solve(
+    A: list[list[float]],
+    diagonal_max: float,
+    u: list[float],
+    symmetric: list[list[float]] | None = None,
+    q: list[float] | None = None,
+) -> list[float] | None:
     r"""The solution of :math:`\min_{v \succeq u} v^\top A v` by block principal pivoting, or
     None (non-finite ``u``, failed factorisation, no convergence); ``diagonal_max`` is the
-    largest diagonal entry of ``A``, the scale of its tolerance."""
+    largest diagonal entry of ``A``, the scale of its tolerance; ``symmetric`` (
+    :func:`_lower_symmetric` of ``A``) and ``q`` (``A u``) when the caller has them."""
     m = len(u)
     if not _all_finite(u):
         return None
+    if symmetric is None:
+        symmetric = _lower_symmetric(A)
     rows = range(m)
-    q = _rows_combination([(i, x) for i, x in enumerate(u) if x != 0.0], A)  # A u
+    if q is None:
+        q = _rows_combination([(i, x) for i, x in enumerate(u) if x != 0.0], A)  # A u
     tol_z = -_REL_TOL * max(map(abs, u))
     tol_y = tol_z * diagonal_max
     free = [False] * m
@@ -152,35 +164,146 @@ def _solve(A: list[list[float]], diagonal_max: float, u: list[float]) -> list[fl
         for i in infeasible:
             free[i] = not free[i]
         F = [i for i in rows if free[i]]
-        z_F = _cholesky_solve([[A[i][j] for j in F] for i in F], [-q[i] for i in F])
+        if len(F) == 1:
+            (f,) = F
+            z_F = _one_solve([symmetric[f][f], -q[f]])
+        else:
+            pick = itemgetter(*F)  # the columns of F, picked in C
+            z_F = _positive_definite_solve([[*pick(symmetric[i]), -q[i]] for i in F])
         if z_F is None:
             return None
         z = [0.0] * m
-        for i, value in zip(F, z_F):
+        y = q
+        for i, value in zip(F, z_F):  # y = A (u + z)
             z[i] = value
-        y = [a + b for a, b in zip(q, _rows_combination(list(zip(F, z_F)), A))]  # A (u + z)
+            y = [a + value * b for a, b in zip(y, A[i])]
     return None
 
 
-def _cholesky_solve(M: list[list[float]], b: list[float]) -> list[float] | None:
-    """``M^{-1} b`` by the Cholesky factorisation of ``M`` (its lower triangle), or None when
-    ``M`` is not numerically positive definite."""
-    n = len(b)
-    L = [[0.0] * n for _ in range(n)]
-    for i in range(n):
-        L_i = L[i]
-        for j in range(i + 1):
-            L_j = L[j]
-            s = M[i][j] - sum(L_i[k] * L_j[k] for k in range(j))
-            if i == j:
-                if not s > 0.0:
-                    return None
-                L_i[i] = math.sqrt(s)
-            else:
-                L_i[j] = s / L_j[j]
+def _lower_symmetric(A: list[list[float]]) -> list[list[float]]:
+    """The symmetric matrix of the lower triangle of ``A`` (a float32 product ``J Jᵀ`` may differ
+    from its transpose in the last place): the systems of :func:`_solve` read it, as a Cholesky
+    factorisation reads one triangle."""
+    symmetric = [list(row) for row in A]
+    for i in range(1, len(A)):
+        A_i = A[i]
+        for j in range(i):
+            symmetric[j][i] = A_i[j]
+    return symmetric
+
+
+def _positive_definite_solve(rows: list[list[float]]) -> list[float] | None:
+    """``M^{-1} b`` for the augmented rows ``[M | b]`` of a symmetric ``M`` (the list is
+    modified), by Gaussian elimination without pivoting (on a positive definite ``M`` it is the
+    factorisation ``L D Lᵀ``, as stable as Cholesky's), or None when a pivot is not positive:
+    ``M`` is not numerically positive definite. Whole-row list operations: on at most 8 rows, the
+    interpreter's cost per operation outweighs the arithmetic."""
+    n = len(rows)
+    if n <= 2:  # written out: most systems of a nearly diagonal matrix are this small
+        return _two_solve(rows) if n == 2 else _one_solve(rows[0])
+    for k in range(n):
+        pivot = rows[k]
+        d = pivot[k]
+        if not d > 0.0:
+            return None
+        for i in range(k + 1, n):
+            row = rows[i]
+            f = row[k] / d
+            if f != 0.0:
+                rows[i] = [a - f * b for a, b in zip(row, pivot)]
     x = [0.0] * n
-    for i in range(n):  # L w = b
-        x[i] = (b[i] - sum(L[i][k] * x[k] for k in range(i))) / L[i][i]
-    for i in reversed(range(n)):  # L^T x = w
-        x[i] = (x[i] - sum(L[k][i] * x[k] for k in range(i + 1, n))) / L[i][i]
+    for k in range(n - 1, -1, -1):
+        row = rows[k]
+        s = row[n]
+        for j in range(k + 1, n):
+            s -= row[j] * x[j]
+        x[k] = s / row[k]
     return x
+
+
+def _one_solve(row: list[float]) -> list[float] | None:
+    d, b = row
+    return [b / d] if d > 0.0 else None
+
+
+def _two_solve(rows: list[list[float]]) -> list[float] | None:
+    """The elimination of :func:`_positive_definite_solve` for two rows, written out."""
+    (a, c, e), (b, d, f) = rows
+    if not a > 0.0:
+        return None
+    factor = b / a
+    d -= factor * c
+    if not d > 0.0:
+        return None
+    x_2 = (f - factor * e) / d
+    return [(e - c * x_2) / a, x_2]
+
+
+def summed_diagonal_solutions(
+    G: Tensor, prefs: list[float], norm_eps: float, reg_eps: float
+) -> Tensor | None:
+    r"""UPGrad's weights for one Gramian ``G`` (``[m, m]``, float32 or float64, on the CPU):
+    :math:`\sum_i v^{(i)}` with :math:`v^{(i)}` the solution for ``u = prefs[i] e_i`` (what
+    :func:`solve_on_host` gives for the ``m`` rows of ``diag(prefs)``, summed), in ``G``'s dtype,
+    or None when the tensor path must solve them.
+
+    One Gramian read once and one tensor written: in a loop of one small aggregation per
+    parameter, the tensors that :func:`solve_on_host` builds around the problems cost more than
+    the problems. For ``m = 2`` with ``A = [[a, b], [c, d]]`` (positive definite) and
+    ``prefs >= 0``, block pivoting stops after at most one exchange:
+    ``v^{(1)} = p_1 (1, max(0, -b / d))`` and ``v^{(2)} = p_2 (max(0, -c / a), 1)``."""
+    m = G.shape[0]
+    dtype = G.dtype
+    info = torch.finfo(dtype)
+    if reg_eps < min(16.0 * info.eps, 1e-6) or len(prefs) != m:
+        return None
+    g = G.tolist()
+    if dtype == torch.float32:
+        rounded: Callable[[list[float]], list[float]] | None = _to_float32
+        prefs = _to_float32(prefs)
+        # The float32 trace as the tensor path sums it: with two terms, any order rounds alike.
+        trace = _to_float32([g[0][0] + g[1][1]])[0] if m == 2 else None
+        if trace is None:
+            trace = G.diagonal().sum().item()
+    else:
+        rounded, trace = None, None
+    A = _regularised(g, trace, max(norm_eps, info.tiny), reg_eps, rounded)
+    if A is None or not _all_finite(prefs):
+        return None
+    weights = _two_summed(A, prefs) if m == 2 else _summed(A, prefs)
+    if weights is None:
+        return None
+    return torch.tensor(weights, dtype=dtype)
+
+
+def _two_summed(A: list[list[float]], prefs: list[float]) -> list[float] | None:
+    """:func:`summed_diagonal_solutions` of a 2 x 2 matrix in closed form, or None outside the
+    closed form's conditions (a negative preference, a matrix that is not numerically positive
+    definite)."""
+    (a, b), (c, d) = A
+    p_1, p_2 = prefs
+    if not (p_1 >= 0.0 and p_2 >= 0.0 and a > 0.0 and d > 0.0 and a * d - b * c > 0.0):
+        return None
+    diagonal_max = max(a, d)
+    # As block pivoting: index 2 is freed when y_2 = p_1 b is below its tolerance.
+    z_2 = -p_1 * b / d if p_1 * b < -_REL_TOL * p_1 * diagonal_max else 0.0
+    z_1 = -p_2 * c / a if p_2 * c < -_REL_TOL * p_2 * diagonal_max else 0.0
+    return [p_1 + z_1, p_2 + z_2]
+
+
+def _summed(A: list[list[float]], prefs: list[float]) -> list[float] | None:
+    """:func:`summed_diagonal_solutions` by block pivoting, one problem per preference."""
+    m = len(A)
+    diagonal_max = max(A[i][i] for i in range(m))
+    symmetric = _lower_symmetric(A)
+    weights = [0.0] * m
+    for i, p in enumerate(prefs):
+        if p == 0.0:
+            continue  # u = 0: the solution is 0
+        u = [0.0] * m
+        u[i] = p
+        v = _solve(A, diagonal_max, u, symmetric, [p * a for a in A[i]])
+        if v is None:
+            return None
+        weights = [w + x for w, x in zip(weights, v)]
+    return weights
