@@ -218,3 +218,26 @@ def test_kernel_accepts_any_leading_dimensions() -> None:
 def test_grouped_rejects_a_wrong_number_of_weightings() -> None:
     with pytest.raises(ValueError, match="one weighting per Gramian"):
         PCGradWeighting._forward_grouped([PCGradWeighting()], torch.zeros(2, 3, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_two_tasks_on_the_cpu_equal_the_tensor_kernel(dtype: torch.dtype) -> None:
+    # One two-task Gramian on the CPU is weighed with Python numbers: same weights as the kernel
+    # (conflicting, aligned, zero rows, non-finite), and the same draws.
+    generator = torch.Generator().manual_seed(3)
+    J = torch.randn(20, 2, 4, generator=generator, dtype=dtype)
+    gramians = list(J @ J.transpose(1, 2))
+    gramians += [torch.tensor(g, dtype=dtype) for g in ([[0.0, 0.0], [0.0, 1.0]], [[0.0] * 2] * 2)]
+    gramians += [torch.tensor([[1.0, -2.0], [-2.0, float("nan")]], dtype=dtype)]
+    for gramian in gramians:
+        kernel = _pcgrad_weights(gramian, _draw_orders(1, 2)[0])
+        torch.manual_seed(5)
+        weights = PCGradWeighting()(gramian)
+        after_call = torch.rand(2)
+        torch.manual_seed(5)
+        torch.randperm(2), torch.randperm(2)
+        assert torch.equal(after_call, torch.rand(2))
+        assert weights.dtype == dtype
+        assert_close(
+            weights, kernel, rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0, equal_nan=True
+        )

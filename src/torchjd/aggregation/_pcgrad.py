@@ -115,6 +115,20 @@ def _pcgrad_weights(gramian: Tensor, orders: Tensor) -> Tensor:
     return weights.view(*batch, m)
 
 
+def _two_tasks_on_host(gramian: Tensor) -> Tensor | None:
+    """The two-task weights of :func:`_pcgrad_weights` for one Gramian on the CPU, with Python
+    numbers (reading a CPU tensor synchronises with nothing, and the four tensor operations of the
+    closed form cost more than its arithmetic), after the draws of :func:`_draw_orders`. None for a
+    non-finite Gramian, which the tensor path handles."""
+    (g_00, g_01), (_, g_11) = gramian.tolist()
+    if not math.isfinite(g_00 + g_01 + g_11):
+        return None
+    _draw_orders(1, 2)
+    conflict = min(g_01, 0.0)
+    weights = [1.0 - conflict / g_jj if g_jj > 0.0 else 1.0 for g_jj in (g_00, g_11)]
+    return torch.tensor(weights, dtype=gramian.dtype)
+
+
 class PCGradWeighting(NoGrad, Weighting[PSDMatrix]):
     r"""Weighting of :class:`PCGrad`: the weights ``w`` such that ``w @ J`` is the sum of the
     projected gradients.
@@ -135,6 +149,10 @@ class PCGradWeighting(NoGrad, Weighting[PSDMatrix]):
     randomized = True
 
     def forward(self, stat: Tensor, /) -> Tensor:
+        if stat.shape[-1] == 2 and stat.device.type == "cpu":
+            weights = _two_tasks_on_host(stat)
+            if weights is not None:
+                return weights
         return self._forward_batched(stat[None])[0]
 
     @torch.no_grad()
