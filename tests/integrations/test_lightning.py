@@ -40,25 +40,33 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", module="lightning")
 
 
+def _assert_trained_by_hand(
+    module: TwoTasks, batches: list[list[torch.Tensor]], tol: float, bf16: bool = False
+) -> None:
+    """The module's parameters equal those of the same SGD steps written by hand (under the same
+    bfloat16 autocast if ``bf16``) on the same networks and batches."""
+    trunk, heads = networks()
+    params = [*trunk.parameters(), *heads.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    for x, y in batches:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            grads, _ = hand_written_step(trunk, heads, x, y)
+        for p, g in zip(params, grads):
+            p.grad = g.float()
+        optimizer.step()
+    expected = torch.cat([p.detach().flatten() for p in params])
+    actual = torch.cat(
+        [p.detach().flatten() for p in [*module.trunk.parameters(), *module.heads.parameters()]]
+    )
+    assert torch.allclose(actual, expected, rtol=tol, atol=tol)
+
+
 def test_steps_match_the_hand_written_step() -> None:
     dataset = data()
     module = TwoTasks(UPGrad())
     _trainer(max_steps=3).fit(module, loader(dataset))
 
-    trunk, heads = networks()
-    params = [*trunk.parameters(), *heads.parameters()]
-    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
-    for x, y in list(loader(dataset))[:3]:
-        grads, _ = hand_written_step(trunk, heads, x, y)
-        for p, g in zip(params, grads):
-            p.grad = g
-        optimizer.step()
-
-    expected = torch.cat([p.detach().flatten() for p in params])
-    actual = torch.cat(
-        [p.detach().flatten() for p in [*module.trunk.parameters(), *module.heads.parameters()]]
-    )
-    assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-5)
+    _assert_trained_by_hand(module, list(loader(dataset))[:3], tol=1e-5)
 
 
 def test_logged_metrics_and_weights() -> None:
@@ -108,20 +116,7 @@ def test_bf16_mixed_precision() -> None:
     assert trainer.logged_metrics["weight/a"].dtype == torch.float32
 
     # The same steps by hand under the same autocast: equal up to bfloat16 rounding.
-    trunk, heads = networks()
-    params = [*trunk.parameters(), *heads.parameters()]
-    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
-    for x, y in list(loader(dataset))[:2]:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            grads, _ = hand_written_step(trunk, heads, x, y)
-        for p, g in zip(params, grads):
-            p.grad = g.float()
-        optimizer.step()
-    expected = torch.cat([p.detach().flatten() for p in params])
-    actual = torch.cat(
-        [p.detach().flatten() for p in [*module.trunk.parameters(), *module.heads.parameters()]]
-    )
-    assert torch.allclose(actual, expected, rtol=2e-2, atol=2e-2)
+    _assert_trained_by_hand(module, list(loader(dataset))[:2], tol=2e-2, bf16=True)
 
 
 @pytest.mark.parametrize(
@@ -197,19 +192,7 @@ def test_float16_with_a_grad_scaler_gives_the_unscaled_steps() -> None:
     _float16_trainer(scaler, 3).fit(module, loader(dataset))
     assert scaler.get_scale() == 2.0**12  # no step was skipped
 
-    trunk, heads = networks()
-    params = [*trunk.parameters(), *heads.parameters()]
-    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
-    for x, y in list(loader(dataset))[:3]:
-        grads, _ = hand_written_step(trunk, heads, x, y)
-        for p, g in zip(params, grads):
-            p.grad = g
-        optimizer.step()
-    expected = torch.cat([p.detach().flatten() for p in params])
-    actual = torch.cat(
-        [p.detach().flatten() for p in [*module.trunk.parameters(), *module.heads.parameters()]]
-    )
-    assert torch.allclose(actual, expected, rtol=1e-3, atol=1e-3)
+    _assert_trained_by_hand(module, list(loader(dataset))[:3], tol=1e-3)
 
 
 def test_float16_overflow_skips_the_step() -> None:
@@ -236,20 +219,8 @@ def test_a_skipped_batch_does_not_disturb_the_next_step() -> None:
     # The skipped batch counts as a step of Lightning's (its optimizer step has no gradient).
     _trainer(max_steps=3).fit(module, loader(dataset))
 
-    trunk, heads = networks()
-    params = [*trunk.parameters(), *heads.parameters()]
-    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
     batches = list(loader(dataset))
-    for x, y in [batches[0], batches[2]]:
-        grads, _ = hand_written_step(trunk, heads, x, y)
-        for p, g in zip(params, grads):
-            p.grad = g
-        optimizer.step()
-    expected = torch.cat([p.detach().flatten() for p in params])
-    actual = torch.cat(
-        [p.detach().flatten() for p in [*module.trunk.parameters(), *module.heads.parameters()]]
-    )
-    assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-5)
+    _assert_trained_by_hand(module, [batches[0], batches[2]], tol=1e-5)
 
 
 class _ViewsTwice(TwoTasks):
@@ -371,19 +342,7 @@ def test_inductor_compiled_trunk_with_torch_defaults() -> None:
     _trainer(max_steps=2).fit(module, loader(dataset))
     torch._dynamo.reset()
 
-    trunk, heads = networks()
-    params = [*trunk.parameters(), *heads.parameters()]
-    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
-    for x, y in list(loader(dataset))[:2]:
-        grads, _ = hand_written_step(trunk, heads, x, y)
-        for p, g in zip(params, grads):
-            p.grad = g
-        optimizer.step()
-    expected = torch.cat([p.detach().flatten() for p in params])
-    actual = torch.cat(
-        [p.detach().flatten() for p in [*module.trunk.parameters(), *module.heads.parameters()]]
-    )
-    assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-5)
+    _assert_trained_by_hand(module, list(loader(dataset))[:2], tol=1e-5)
 
 
 def test_a_step_called_outside_a_trainer_returns_the_summed_losses() -> None:
