@@ -221,25 +221,30 @@ def _on_host(gramian: Tensor, phi_hat: Tensor, beta: float, eps: float) -> tuple
     targets = phi_hat.tolist()
     if not math.isfinite(sum(sum(row) for row in g)):  # NaN weights, targets left as they were
         return torch.full((m,), math.nan, dtype=gramian.dtype), phi_hat
-    norms = [math.sqrt(max(g[j][j], 0.0)) for j in range(m)]  # b for each partner
+    # sqrt of the positive part, written out: this loop is the whole cost of a call.
+    norms = [math.sqrt(x) if x > 0.0 else 0.0 for x in (g[j][j] for j in range(m))]
     weights = [1.0] * m
     new_targets = [row[:] for row in targets]
     for i in range(m):
         products = g[i]  # g_i^PC . g_k for every k
         squared_norm = g[i][i]  # ||g_i^PC||^2
+        a = math.sqrt(squared_norm) if squared_norm > 0.0 else 0.0
         for j in orders[i]:
-            a, b, target = math.sqrt(max(squared_norm, 0.0)), norms[j], targets[i][j]
+            b, target = norms[j], targets[i][j]
             phi_denominator = a * b + eps
             phi = products[j] / phi_denominator if phi_denominator > 0.0 else 0.0
             if phi < target:
-                target_sine = math.sqrt(max(1.0 - target * target, 0.0))
+                target_cosine_gap = 1.0 - target * target
+                target_sine = math.sqrt(target_cosine_gap) if target_cosine_gap > 0.0 else 0.0
                 omega_denominator = b * target_sine + eps
                 if omega_denominator > 0.0:
-                    sine = math.sqrt(max(1.0 - phi * phi, 0.0))
+                    cosine_gap = 1.0 - phi * phi
+                    sine = math.sqrt(cosine_gap) if cosine_gap > 0.0 else 0.0
                     omega = a * (target * sine - phi * target_sine) / omega_denominator
                     weights[j] += omega
                     # ||g + omega g_j||^2 = ||g||^2 + 2 omega (g . g_j + omega ||g_j||^2 / 2)
                     squared_norm += 2.0 * omega * (products[j] + 0.5 * omega * g[j][j])
+                    a = math.sqrt(squared_norm) if squared_norm > 0.0 else 0.0
                     products = [p + omega * x for p, x in zip(products, g[j])]
             new_targets[i][j] = target * (1.0 - beta) + beta * phi
     weights_tensor = torch.tensor(weights, dtype=gramian.dtype)
