@@ -115,17 +115,30 @@ def _pcgrad_weights(gramian: Tensor, orders: Tensor) -> Tensor:
     return weights.view(*batch, m)
 
 
-def _two_tasks_on_host(gramian: Tensor) -> Tensor | None:
-    """The two-task weights of :func:`_pcgrad_weights` for one Gramian on the CPU, with Python
-    numbers (reading a CPU tensor synchronises with nothing, and the four tensor operations of the
-    closed form cost more than its arithmetic), after the draws of :func:`_draw_orders`. None for a
-    non-finite Gramian, which the tensor path handles."""
-    (g_00, g_01), (_, g_11) = gramian.tolist()
-    if not math.isfinite(g_00 + g_01 + g_11):
+# Up to this many tasks, one Gramian on the CPU is weighed with Python numbers (see _on_host).
+_HOST_MAX_M = 8
+
+
+def _on_host(gramian: Tensor) -> Tensor | None:
+    """:func:`_pcgrad_weights` of one Gramian of ``2 <= m <= _HOST_MAX_M`` tasks on the CPU, with
+    Python numbers in double precision, after the draws of :func:`_draw_orders`: reading a CPU
+    tensor synchronises with nothing, and the ``m (m - 1)`` steps of ``O(m)`` scalar operations
+    cost less than the kernel's tensor operations. None for a non-finite Gramian (no draw made),
+    which the kernel handles."""
+    m = gramian.shape[0]
+    g = gramian.tolist()
+    if not math.isfinite(sum(sum(row) for row in g)):
         return None
-    _draw_orders(1, 2)
-    conflict = min(g_01, 0.0)
-    weights = [1.0 - conflict / g_jj if g_jj > 0.0 else 1.0 for g_jj in (g_00, g_11)]
+    # Task i visits the others in the order of the i-th draw, skipping itself.
+    orders = [[j for j in torch.randperm(m).tolist() if j != i] for i in range(m)]
+    weights = [1.0] * m
+    for i in range(m):
+        products = g[i]  # g_i^PC . g_k for every k
+        for j in orders[i]:
+            if products[j] < 0.0 and g[j][j] > 0.0:
+                correction = -products[j] / g[j][j]
+                weights[j] += correction
+                products = [p + correction * x for p, x in zip(products, g[j])]
     return torch.tensor(weights, dtype=gramian.dtype)
 
 
@@ -149,8 +162,8 @@ class PCGradWeighting(NoGrad, Weighting[PSDMatrix]):
     randomized = True
 
     def forward(self, stat: Tensor, /) -> Tensor:
-        if stat.shape[-1] == 2 and stat.device.type == "cpu":
-            weights = _two_tasks_on_host(stat)
+        if 2 <= stat.shape[-1] <= _HOST_MAX_M and stat.device.type == "cpu":
+            weights = _on_host(stat)
             if weights is not None:
                 return weights
         return self._forward_batched(stat[None])[0]
