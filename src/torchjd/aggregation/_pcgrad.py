@@ -129,8 +129,7 @@ def _on_host(gramian: Tensor) -> Tensor | None:
     g = gramian.tolist()
     if not math.isfinite(sum(sum(row) for row in g)):
         return None
-    # Task i visits the others in the order of the i-th draw, skipping itself.
-    orders = [[j for j in torch.randperm(m).tolist() if j != i] for i in range(m)]
+    orders = _draw_orders(1, m)[0].tolist()
     weights = [1.0] * m
     for i in range(m):
         products = g[i]  # g_i^PC . g_k for every k
