@@ -381,8 +381,7 @@ def summed_diagonal_solutions(
     weights = _two_summed(A, prefs) if m == 2 else _summed(A, prefs)
     if weights is None:
         return None
-    # A tensor over a buffer: fewer microseconds than building it from the list.
-    return torch.frombuffer(array("f" if dtype == torch.float32 else "d", weights), dtype=dtype)
+    return torch.tensor(weights, dtype=dtype)
 
 
 def _float32_regularised(G: Tensor, threshold: float, reg_eps: float) -> list[list[float]] | None:
