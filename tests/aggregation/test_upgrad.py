@@ -343,3 +343,17 @@ def test_closed_form_refers_indefinite_gramians_to_the_solver() -> None:
     G = torch.diag(torch.tensor([1.0, -0.9]))
     with pytest.warns(UserWarning, match="positive semi-definite"):
         UPGradWeighting(projector=BlockPivotingProjector(norm_eps=0.0, reg_eps=0.0))(G)
+
+
+def test_a_hook_on_the_mean_preferences_runs() -> None:
+    # With the default (mean) preferences the weights are computed without calling the mean's
+    # weighting, unless a hook watches it.
+    aggregator = UPGrad()
+    calls: list[torch.Tensor] = []
+    aggregator.gramian_weighting.weighting.register_forward_hook(
+        lambda _module, inputs, output: calls.append(output)
+    )
+    J = torch.tensor([[1.0, 0.0], [-1.0, 2.0], [0.5, 0.5]])
+    aggregator(J)
+    assert len(calls) == 1
+    torch.testing.assert_close(calls[0], torch.full((3,), 1.0 / 3.0))

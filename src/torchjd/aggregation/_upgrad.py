@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from torchjd.aggregation._bases import Forwarded, GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.aggregation._mean import MeanWeighting
@@ -37,6 +38,16 @@ def _upgrad_weights(projector: DualConeProjector, prefs: Tensor, gramians: Tenso
     U = torch.diag_embed(prefs)  # row i of U[k] is p_i e_i
     V = torch.stack([projector(U_k, G_k) for U_k, G_k in zip(U, gramians)])
     return V.sum(dim=-2)
+
+
+def _observed(module: nn.Module) -> bool:
+    """Whether a call of ``module`` runs a forward hook or pre-hook (its own or a global one)."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+    )
 
 
 class UPGradWeighting(NoGrad, Weighting[PSDMatrix]):
@@ -83,9 +94,15 @@ class UPGradWeighting(NoGrad, Weighting[PSDMatrix]):
 
     def forward(self, stat: Tensor, /) -> Tensor:
         if isinstance(self.projector, BlockPivotingProjector):
-            if self._pref_vector is None and stat.ndim == 2 and stat.shape[0] > 0:
+            if (
+                self._pref_vector is None
+                and stat.ndim == 2
+                and stat.shape[0] > 0
+                and not _observed(self._modules["weighting"])
+            ):
                 # The mean's preferences without building them: in a loop of one small
-                # aggregation per parameter, the tensor costs as much as a small problem.
+                # aggregation per parameter, the tensor costs as much as a small problem. Not
+                # when a hook watches the mean's weighting: it must then be called.
                 check_projection_shapes(stat, stat)
                 return summed_diagonal_projection(self.projector, None, stat)
             prefs = self.weighting(stat)
