@@ -647,9 +647,9 @@ def _pivot_through_inverse(
         # The iteration's one host synchronisation: are we done, and how large are the next
         # systems?
         unsolved = infeasible.any(dim=-1)
-        n_fixed = B_next.sum(dim=-1)
-        n_unsolved, largest_fixed, smallest_fixed = torch.stack(
-            [unsolved.sum(), n_fixed.amax(), n_fixed.amin()]
+        smallest_fixed, largest_fixed = B_next.sum(dim=-1).aminmax()
+        n_unsolved, smallest_fixed, largest_fixed = torch.stack(
+            [unsolved.sum(), smallest_fixed, largest_fixed]
         ).tolist()
         if n_unsolved == 0:
             converged = True
