@@ -81,11 +81,14 @@ def test_hands_over_what_it_does_not_solve() -> None:
 
 @pytest.mark.parametrize("m", [1, 2, 3, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("patience", [3, 0])
 def test_summed_diagonal_solutions_match_quadprog_and_the_batched_path(
-    m: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    m: int, dtype: torch.dtype, patience: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # UPGrad's weights of one Gramian: the sum of the projections of p_i e_i, here with Python
-    # numbers (a closed form at m = 2), against quadprog and the batched tensor path.
+    # numbers (a closed form at m = 2), against quadprog and the batched tensor path; patience 0:
+    # Murty's rule as soon as the number of infeasible indices stalls.
+    monkeypatch.setattr(small_dual_cone, "_PATIENCE", patience)
     generator = torch.Generator().manual_seed(700 + m)
     projector = BlockPivotingProjector()
     cases = []
@@ -116,3 +119,43 @@ def test_summed_diagonal_solutions_hand_offs() -> None:
     weights = small_dual_cone.summed_diagonal_solutions(G.double(), [0.5, 0.5], 1e-4, 1e-4)
     expected = torch.tensor([0.5 + 0.25 / 1.0003, 0.5 + 0.25 / 2.0003], dtype=torch.float64)
     torch.testing.assert_close(weights, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_subsystem_solve_reads_the_lower_triangle(n: int) -> None:
+    # The written-out systems (up to 4 rows) and the loop (more) against a dense solve of the
+    # symmetric matrix of the lower triangle; the upper triangle holds values that must be ignored.
+    generator = torch.Generator().manual_seed(800 + n)
+    B = torch.randn(8, 8, generator=generator, dtype=torch.float64)
+    S = B @ B.T + 0.1 * torch.eye(8, dtype=torch.float64)
+    A = torch.tril(S) + torch.triu(torch.full((8, 8), 7.0, dtype=torch.float64), diagonal=1)
+    F = sorted(torch.randperm(8, generator=generator)[:n].tolist())
+    b = torch.randn(n, generator=generator, dtype=torch.float64)
+    x = small_dual_cone._subsystem_solve(A.tolist(), F, b.tolist())
+    assert x is not None
+    expected = torch.linalg.solve(S[F][:, F], b)
+    torch.testing.assert_close(
+        torch.tensor(x, dtype=torch.float64), expected, rtol=1e-10, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_subsystem_solve_refuses_an_indefinite_matrix(n: int) -> None:
+    # The last pivot of diag(1, ..., 1, -1) is negative, as is every pivot of -I.
+    F = list(range(n))
+    for diagonal in ([1.0] * (n - 1) + [-1.0], [-1.0] * n):
+        A = torch.diag(torch.tensor(diagonal, dtype=torch.float64)).tolist()
+        assert small_dual_cone._subsystem_solve(A, F, [1.0] * n) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_summed_diagonal_solutions_with_negative_preferences(dtype: torch.dtype) -> None:
+    # u = p e_i with p < 0: v = 0 is feasible, so the projection is 0 (quadprog agrees).
+    generator = torch.Generator().manual_seed(900)
+    J = torch.randn(6, 10, generator=generator, dtype=torch.float64)
+    G = (J @ J.T).to(dtype)
+    prefs = torch.tensor([0.3, -0.2, 0.5, -1.0, 0.0, 0.25], dtype=dtype)
+    weights = small_dual_cone.summed_diagonal_solutions(G, prefs.tolist(), 1e-4, 1e-4)
+    assert weights is not None and weights.dtype == dtype
+    expected = QuadprogProjector()(torch.diag(prefs), G).sum(dim=0)
+    torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-6)

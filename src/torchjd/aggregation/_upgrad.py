@@ -82,10 +82,16 @@ class UPGradWeighting(NoGrad, Weighting[PSDMatrix]):
         self._projector = BlockPivotingProjector() if value is None else value
 
     def forward(self, stat: Tensor, /) -> Tensor:
-        prefs = self.weighting(stat)
         if isinstance(self.projector, BlockPivotingProjector):
+            if self._pref_vector is None and stat.ndim == 2 and stat.shape[0] > 0:
+                # The mean's preferences without building them: in a loop of one small
+                # aggregation per parameter, the tensor costs as much as a small problem.
+                check_projection_shapes(stat, stat)
+                return summed_diagonal_projection(self.projector, None, stat)
+            prefs = self.weighting(stat)
             check_projection_shapes(prefs, stat)
             return summed_diagonal_projection(self.projector, prefs, stat)
+        prefs = self.weighting(stat)
         prefs = prefs.to(dtype=stat.dtype, device=stat.device)
         return self.projector(torch.diag(prefs), stat).sum(dim=0)
 

@@ -220,25 +220,30 @@ class BlockPivotingProjector(NormalizingProjector):
 
 
 def summed_diagonal_projection(
-    projector: BlockPivotingProjector, prefs: Tensor, G: Tensor
+    projector: BlockPivotingProjector, prefs: Tensor | None, G: Tensor
 ) -> Tensor:
     """:func:`summed_diagonal_projections` of one Gramian ``G`` (``[m, m]``) and its preference
-    weights ``prefs`` (``[m]``): shape ``[m]``, in ``G``'s dtype. A float32 or float64 Gramian of
-    at most ``small_dual_cone.MAX_M`` rows on the CPU is solved with Python numbers, without the
-    tensors of the batched path around it (see
-    :func:`~torchjd.linalg._small_dual_cone.summed_diagonal_solutions`)."""
+    weights ``prefs`` (``[m]``; None for the mean, ``1 / m`` each, in ``G``'s dtype): shape
+    ``[m]``, in ``G``'s dtype. A float32 or float64 Gramian of at most ``small_dual_cone.MAX_M``
+    rows on the CPU is solved with Python numbers, without the tensors of the batched path around
+    it (see :func:`~torchjd.linalg._small_dual_cone.summed_diagonal_solutions`)."""
     m = G.shape[-1]
     if (
         _reads_on_host(G.device)
         and G.dtype in (torch.float32, torch.float64)
-        and prefs.device == G.device
+        and (prefs is None or prefs.device == G.device)
         and small_dual_cone.fits(m, m)
     ):
         weights = small_dual_cone.summed_diagonal_solutions(
-            G, prefs.tolist(), projector.norm_eps, projector.reg_eps
+            G,
+            [1.0 / m] * m if prefs is None else prefs.tolist(),
+            projector.norm_eps,
+            projector.reg_eps,
         )
         if weights is not None:
             return weights
+    if prefs is None:
+        prefs = torch.full((m,), 1.0 / m, dtype=G.dtype, device=G.device)
     prefs = prefs.to(dtype=G.dtype, device=G.device)
     return summed_diagonal_projections(projector, prefs[None], G[None])[0]
 

@@ -18,7 +18,7 @@ warnings).
 import math
 from array import array
 from collections.abc import Callable, Iterable
-from operator import itemgetter
+from operator import itemgetter, mul
 
 import torch
 from torch import Tensor
@@ -66,9 +66,8 @@ def solve_on_host(G: Tensor, U: Tensor, norm_eps: float, reg_eps: float) -> Tens
         if A is None:
             return None
         diagonal_max = max(A[i][i] for i in range(len(A)))
-        symmetric = _lower_symmetric(A)
         for u in problems:
-            v = _solve(A, diagonal_max, u, symmetric)
+            v = _solve(A, diagonal_max, u)
             if v is None:
                 return None
             solutions.append(v)
@@ -127,21 +126,15 @@ def _rows_combination(coefficients: list[tuple[int, float]], A: list[list[float]
 
 
 def _solve(
-    A: list[list[float]],
-    diagonal_max: float,
-    u: list[float],
-    symmetric: list[list[float]] | None = None,
-    q: list[float] | None = None,
+    A: list[list[float]], diagonal_max: float, u: list[float], q: list[float] | None = None
 ) -> list[float] | None:
     r"""The solution of :math:`\min_{v \succeq u} v^\top A v` by block principal pivoting, or
     None (non-finite ``u``, failed factorisation, no convergence); ``diagonal_max`` is the
-    largest diagonal entry of ``A``, the scale of its tolerance; ``symmetric`` (
-    :func:`_lower_symmetric` of ``A``) and ``q`` (``A u``) when the caller has them."""
+    largest diagonal entry of ``A``, the scale of its tolerance; ``q`` (``A u``) when the caller
+    has it."""
     m = len(u)
     if not _all_finite(u):
         return None
-    if symmetric is None:
-        symmetric = _lower_symmetric(A)
     rows = range(m)
     if q is None:
         q = _rows_combination([(i, x) for i, x in enumerate(u) if x != 0.0], A)  # A u
@@ -164,12 +157,7 @@ def _solve(
         for i in infeasible:
             free[i] = not free[i]
         F = [i for i in rows if free[i]]
-        if len(F) == 1:
-            (f,) = F
-            z_F = _one_solve([symmetric[f][f], -q[f]])
-        else:
-            pick = itemgetter(*F)  # the columns of F, picked in C
-            z_F = _positive_definite_solve([[*pick(symmetric[i]), -q[i]] for i in F])
+        z_F = _subsystem_solve(A, F, [-q[i] for i in F])
         if z_F is None:
             return None
         z = [0.0] * m
@@ -180,63 +168,188 @@ def _solve(
     return None
 
 
-def _lower_symmetric(A: list[list[float]]) -> list[list[float]]:
-    """The symmetric matrix of the lower triangle of ``A`` (a float32 product ``J Jᵀ`` may differ
-    from its transpose in the last place): the systems of :func:`_solve` read it, as a Cholesky
-    factorisation reads one triangle."""
-    symmetric = [list(row) for row in A]
-    for i in range(1, len(A)):
-        A_i = A[i]
-        for j in range(i):
-            symmetric[j][i] = A_i[j]
-    return symmetric
+def _add_unit_solution(
+    A: list[list[float]], i: int, p: float, tol_y: float, weights: list[float]
+) -> bool:
+    r""":func:`_solve` for ``u = e_i`` (with ``tol_y``, the tolerance of ``y``, for this ``u``),
+    written for UPGrad's problems: ``p`` times the solution ``e_i + z`` is added to ``weights``;
+    False (and ``weights`` unusable) where :func:`_solve` would give None.
+
+    The same exchanges as :func:`_solve`, with less interpretation around them: most of these
+    problems end after one or two systems of a few rows. The system is solved for ``-z_F``
+    (``A_FF (-z_F) = q_F``, ``q = A e_i``), and ``y = A (e_i + z)`` is formed on the constrained
+    indices only, where it is checked, as ``y_C = q_C - A_CF (-z_F)``."""
+    q = A[i]
+    m = len(q)
+    F = [j for j in range(m) if q[j] < tol_y]  # infeasible at z = 0, where y = q
+    best, stalled = len(F), 0
+    for _ in range(50 + 10 * m):
+        if not F:
+            weights[i] += p
+            return True
+        pick = _picker(F)
+        minus_z = _subsystem_solve(A, F, pick(q))
+        if minus_z is None:
+            return False
+        C = [j for j in range(m) if j not in F]
+        y_C = [q[j] - sum(map(mul, pick(A[j]), minus_z)) for j in C]
+        if max(minus_z) <= _REL_TOL and (not y_C or min(y_C) >= tol_y):
+            weights[i] += p
+            for j, value in zip(F, minus_z):
+                weights[j] -= p * value
+            return True
+        drop = [j for j, value in zip(F, minus_z) if value > _REL_TOL]
+        infeasible = sorted(drop + [j for j, y_j in zip(C, y_C) if y_j < tol_y])
+        if len(infeasible) < best:
+            best, stalled = len(infeasible), 0
+        else:
+            stalled += 1
+            if stalled > _PATIENCE:
+                infeasible = infeasible[-1:]  # Murty's rule: the largest infeasible index
+        F = sorted(set(F).symmetric_difference(infeasible))
+    return False
 
 
-def _positive_definite_solve(rows: list[list[float]]) -> list[float] | None:
-    """``M^{-1} b`` for the augmented rows ``[M | b]`` of a symmetric ``M`` (the list is
-    modified), by Gaussian elimination without pivoting (on a positive definite ``M`` it is the
-    factorisation ``L D Lᵀ``, as stable as Cholesky's), or None when a pivot is not positive:
-    ``M`` is not numerically positive definite. Whole-row list operations: on at most 8 rows, the
-    interpreter's cost per operation outweighs the arithmetic."""
-    n = len(rows)
-    if n <= 2:  # written out: most systems of a nearly diagonal matrix are this small
-        return _two_solve(rows) if n == 2 else _one_solve(rows[0])
+def _picker(F: list[int]) -> Callable[[list[float]], tuple[float, ...]]:
+    """The entries ``F`` of a list, as a tuple (``itemgetter`` alone gives a number for one
+    index)."""
+    if len(F) > 1:
+        return itemgetter(*F)
+    (f,) = F
+    return lambda row: (row[f],)
+
+
+def _subsystem_solve(A: list[list[float]], F: list[int], b: list[float]) -> list[float] | None:
+    """``x`` with ``A[F, F] x = b``, reading only the lower triangle of ``A[F, F]`` (``F`` is
+    increasing; a float32 product ``J Jᵀ`` may differ from its transpose in the last place), or
+    None when a pivot is not positive: ``A[F, F]`` is not numerically positive definite.
+
+    Symmetric Gaussian elimination (``L D Lᵀ`` without pivoting, as stable as Cholesky's on a
+    positive definite matrix), on the lower triangle only, with scalar loops: on at most 8 rows
+    the interpreter's cost per operation outweighs the arithmetic."""
+    n = len(F)
+    if n <= 4:
+        return _tiny_subsystem_solve(A, F, b)
+    pick = itemgetter(*F)
+    L = [list(pick(A[f])) for f in F]
+    x = list(b)
     for k in range(n):
-        pivot = rows[k]
-        d = pivot[k]
+        d = L[k][k]
         if not d > 0.0:
             return None
+        x_k = x[k]
         for i in range(k + 1, n):
-            row = rows[i]
-            f = row[k] / d
-            if f != 0.0:
-                rows[i] = [a - f * b for a, b in zip(row, pivot)]
-    x = [0.0] * n
-    for k in range(n - 1, -1, -1):
-        row = rows[k]
-        s = row[n]
+            L_i = L[i]
+            factor = L_i[k] / d
+            if factor != 0.0:
+                for j in range(k + 1, i + 1):
+                    L_i[j] -= factor * L[j][k]
+                x[i] -= factor * x_k
+    for k in range(n - 1, -1, -1):  # the reduced matrix is symmetric: its row k is its column k
+        s = x[k]
         for j in range(k + 1, n):
-            s -= row[j] * x[j]
-        x[k] = s / row[k]
+            s -= L[j][k] * x[j]
+        x[k] = s / L[k][k]
     return x
 
 
-def _one_solve(row: list[float]) -> list[float] | None:
-    d, b = row
-    return [b / d] if d > 0.0 else None
+def _tiny_subsystem_solve(A: list[list[float]], F: list[int], b: list[float]) -> list[float] | None:
+    """:func:`_subsystem_solve` of one to four rows, written out (the same operations, with
+    ``a_ij`` the lower triangle of ``A[F, F]``): most systems of a nearly diagonal matrix are
+    this small, and a loop costs more than its arithmetic."""
+    n = len(F)
+    if n == 1:
+        d = A[F[0]][F[0]]
+        return [b[0] / d] if d > 0.0 else None
+    if n == 2:
+        return _solve_2(A, F, b)
+    if n == 3:
+        return _solve_3(A, F, b)
+    return _solve_4(A, F, b)
 
 
-def _two_solve(rows: list[list[float]]) -> list[float] | None:
-    """The elimination of :func:`_positive_definite_solve` for two rows, written out."""
-    (a, c, e), (b, d, f) = rows
-    if not a > 0.0:
+def _solve_2(A: list[list[float]], F: list[int], b: list[float]) -> list[float] | None:
+    f_1, f_2 = F
+    a_11 = A[f_1][f_1]
+    a_21, a_22 = A[f_2][f_1], A[f_2][f_2]
+    b_1, b_2 = b
+    if not a_11 > 0.0:
         return None
-    factor = b / a
-    d -= factor * c
-    if not d > 0.0:
+    l_21 = a_21 / a_11
+    a_22 -= l_21 * a_21
+    b_2 -= l_21 * b_1
+    if not a_22 > 0.0:
         return None
-    x_2 = (f - factor * e) / d
-    return [(e - c * x_2) / a, x_2]
+    x_2 = b_2 / a_22
+    return [(b_1 - a_21 * x_2) / a_11, x_2]
+
+
+def _solve_3(A: list[list[float]], F: list[int], b: list[float]) -> list[float] | None:
+    f_1, f_2, f_3 = F
+    A_2, A_3 = A[f_2], A[f_3]
+    a_11 = A[f_1][f_1]
+    a_21, a_22 = A_2[f_1], A_2[f_2]
+    a_31, a_32, a_33 = A_3[f_1], A_3[f_2], A_3[f_3]
+    b_1, b_2, b_3 = b
+    if not a_11 > 0.0:
+        return None
+    l_21, l_31 = a_21 / a_11, a_31 / a_11
+    a_22 -= l_21 * a_21
+    a_32 -= l_31 * a_21
+    a_33 -= l_31 * a_31
+    b_2 -= l_21 * b_1
+    b_3 -= l_31 * b_1
+    if not a_22 > 0.0:
+        return None
+    l_32 = a_32 / a_22
+    a_33 -= l_32 * a_32
+    b_3 -= l_32 * b_2
+    if not a_33 > 0.0:
+        return None
+    x_3 = b_3 / a_33
+    x_2 = (b_2 - a_32 * x_3) / a_22
+    return [(b_1 - a_21 * x_2 - a_31 * x_3) / a_11, x_2, x_3]
+
+
+def _solve_4(A: list[list[float]], F: list[int], b: list[float]) -> list[float] | None:
+    f_1, f_2, f_3, f_4 = F
+    A_2, A_3, A_4 = A[f_2], A[f_3], A[f_4]
+    a_11 = A[f_1][f_1]
+    a_21, a_22 = A_2[f_1], A_2[f_2]
+    a_31, a_32, a_33 = A_3[f_1], A_3[f_2], A_3[f_3]
+    a_41, a_42, a_43, a_44 = A_4[f_1], A_4[f_2], A_4[f_3], A_4[f_4]
+    b_1, b_2, b_3, b_4 = b
+    if not a_11 > 0.0:
+        return None
+    l_21, l_31, l_41 = a_21 / a_11, a_31 / a_11, a_41 / a_11
+    a_22 -= l_21 * a_21
+    a_32 -= l_31 * a_21
+    a_33 -= l_31 * a_31
+    a_42 -= l_41 * a_21
+    a_43 -= l_41 * a_31
+    a_44 -= l_41 * a_41
+    b_2 -= l_21 * b_1
+    b_3 -= l_31 * b_1
+    b_4 -= l_41 * b_1
+    if not a_22 > 0.0:
+        return None
+    l_32, l_42 = a_32 / a_22, a_42 / a_22
+    a_33 -= l_32 * a_32
+    a_43 -= l_42 * a_32
+    a_44 -= l_42 * a_42
+    b_3 -= l_32 * b_2
+    b_4 -= l_42 * b_2
+    if not a_33 > 0.0:
+        return None
+    l_43 = a_43 / a_33
+    a_44 -= l_43 * a_43
+    b_4 -= l_43 * b_3
+    if not a_44 > 0.0:
+        return None
+    x_4 = b_4 / a_44
+    x_3 = (b_3 - a_43 * x_4) / a_33
+    x_2 = (b_2 - a_32 * x_3 - a_42 * x_4) / a_22
+    return [(b_1 - a_21 * x_2 - a_31 * x_3 - a_41 * x_4) / a_11, x_2, x_3, x_4]
 
 
 def summed_diagonal_solutions(
@@ -257,23 +370,38 @@ def summed_diagonal_solutions(
     info = torch.finfo(dtype)
     if reg_eps < min(16.0 * info.eps, 1e-6) or len(prefs) != m:
         return None
-    g = G.tolist()
+    threshold = max(norm_eps, info.tiny)
     if dtype == torch.float32:
-        rounded: Callable[[list[float]], list[float]] | None = _to_float32
         prefs = _to_float32(prefs)
-        # The float32 trace as the tensor path sums it: with two terms, any order rounds alike.
-        trace = _to_float32([g[0][0] + g[1][1]])[0] if m == 2 else None
-        if trace is None:
-            trace = G.diagonal().sum().item()
+        A = _float32_regularised(G, threshold, reg_eps)
     else:
-        rounded, trace = None, None
-    A = _regularised(g, trace, max(norm_eps, info.tiny), reg_eps, rounded)
+        A = _regularised(G.tolist(), None, threshold, reg_eps, None)
     if A is None or not _all_finite(prefs):
         return None
     weights = _two_summed(A, prefs) if m == 2 else _summed(A, prefs)
     if weights is None:
         return None
-    return torch.tensor(weights, dtype=dtype)
+    # A tensor over a buffer: fewer microseconds than building it from the list.
+    return torch.frombuffer(array("f" if dtype == torch.float32 else "d", weights), dtype=dtype)
+
+
+def _float32_regularised(G: Tensor, threshold: float, reg_eps: float) -> list[list[float]] | None:
+    """:func:`_regularised` of a float32 Gramian, rounded as the tensor path rounds it: the
+    division by the trace is the tensor path's own operation (one operation on the values is
+    cheaper than dividing them one by one), the diagonal shift is rounded here."""
+    m = G.shape[0]
+    if m == 2:  # the trace as the tensor path sums it: with two terms, any order rounds alike
+        g = G.tolist()
+        return _regularised(g, _to_float32([g[0][0] + g[1][1]])[0], threshold, reg_eps, _to_float32)
+    trace = G.diagonal().sum()
+    if not trace.item() >= threshold:  # a small, or not finite, trace
+        return _regularised(G.tolist(), trace.item(), threshold, reg_eps, _to_float32)
+    A = G.div(trace).tolist()
+    (reg_eps,) = _to_float32([reg_eps])
+    diagonal = _to_float32([A[i][i] + reg_eps for i in range(m)])
+    for i, value in enumerate(diagonal):
+        A[i][i] = value
+    return A if _all_finite(map(sum, A)) else None
 
 
 def _two_summed(A: list[list[float]], prefs: list[float]) -> list[float] | None:
@@ -292,18 +420,21 @@ def _two_summed(A: list[list[float]], prefs: list[float]) -> list[float] | None:
 
 
 def _summed(A: list[list[float]], prefs: list[float]) -> list[float] | None:
-    """:func:`summed_diagonal_solutions` by block pivoting, one problem per preference."""
+    """:func:`summed_diagonal_solutions` by block pivoting, one problem per preference: the
+    solution for ``u = p e_i`` with ``p > 0`` is ``p`` times the solution for ``e_i``."""
     m = len(A)
     diagonal_max = max(A[i][i] for i in range(m))
-    symmetric = _lower_symmetric(A)
+    tol_y = -_REL_TOL * diagonal_max
     weights = [0.0] * m
     for i, p in enumerate(prefs):
-        if p == 0.0:
-            continue  # u = 0: the solution is 0
-        u = [0.0] * m
-        u[i] = p
-        v = _solve(A, diagonal_max, u, symmetric, [p * a for a in A[i]])
-        if v is None:
-            return None
-        weights = [w + x for w, x in zip(weights, v)]
+        if p > 0.0:
+            if not _add_unit_solution(A, i, p, tol_y, weights):
+                return None
+        elif p < 0.0:
+            u = [0.0] * m
+            u[i] = p
+            v = _solve(A, diagonal_max, u, [p * a for a in A[i]])
+            if v is None:
+                return None
+            weights = [w + x for w, x in zip(weights, v)]
     return weights
