@@ -712,7 +712,8 @@ def _zero_padded_rows(x: Tensor) -> Tensor:
 
 def _ordered(S: Tensor, size: int) -> Tensor:
     """For each row of ``S`` (``[P, m]``, boolean), ``size`` slots (at least the size of the
-    largest set of ``S``): the indices of the set, then the padding index ``m``, in some order."""
+    largest set of ``S``) holding the indices of the set and, in the other slots, the padding index
+    ``m``, in no particular order (any order gives the same solutions)."""
     m = S.shape[-1]
     keys = torch.where(S, torch.arange(m, device=S.device), m)
     if size > m:
