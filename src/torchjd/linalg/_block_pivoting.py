@@ -165,16 +165,7 @@ class BlockPivotingProjector(NormalizingProjector):
         :return: tensor of shape ``[b, k, m]``, in ``G``'s dtype and on its device, where
             ``out[i]`` equals ``self(U[i], G[i])``.
         """
-        if G.ndim != 3 or G.shape[1] != G.shape[2]:
-            raise ValueError(
-                f"`G` must be a batch of square matrices [b, m, m], got shape {tuple(G.shape)}."
-            )
-        if U.ndim != 3 or U.shape[0] != G.shape[0]:
-            raise ValueError(
-                f"`U` must have shape [b, k, m] with b = {G.shape[0]} (the batch size of `G`), "
-                f"got shape {tuple(U.shape)}."
-            )
-        _check_last_dim(U, G.shape[-1])
+        _check_batch(U, G)
         return self._project(U, G)
 
     def _project(self, U: Tensor, G: Tensor, diagonal: bool = False) -> Tensor:
@@ -265,7 +256,9 @@ def summed_diagonal_projections(
     :meth:`BlockPivotingProjector.solve_batched` (solved with Python numbers) instead."""
     m = G.shape[-1]
     if m > 2 or (_reads_on_host(G.device) and small_dual_cone.fits(prefs.numel(), m)):
-        return projector._project(torch.diag_embed(prefs), G, diagonal=True).sum(dim=-2)
+        U = torch.diag_embed(prefs)
+        _check_batch(U, G)
+        return projector._project(U, G, diagonal=True).sum(dim=-2)
     Gw = G.to(dtype=working_dtype(G.dtype))
     p = prefs.to(dtype=Gw.dtype, device=Gw.device).clamp(min=0.0)
     if m == 1:
@@ -291,6 +284,20 @@ def _ridge(reg_eps: float, eps: float) -> float:
     """What the diagonal of the normalised Gramian receives: ``reg_eps``, raised to
     ``min(16 eps, 1e-6)`` (``eps`` of the normalisation's dtype)."""
     return max(reg_eps, min(16.0 * eps, 1e-6))
+
+
+def _check_batch(U: Tensor, G: Tensor) -> None:
+    """Check the shapes of :meth:`BlockPivotingProjector.solve_batched`'s arguments."""
+    if G.ndim != 3 or G.shape[1] != G.shape[2]:
+        raise ValueError(
+            f"`G` must be a batch of square matrices [b, m, m], got shape {tuple(G.shape)}."
+        )
+    if U.ndim != 3 or U.shape[0] != G.shape[0]:
+        raise ValueError(
+            f"`U` must have shape [b, k, m] with b = {G.shape[0]} (the batch size of `G`), "
+            f"got shape {tuple(U.shape)}."
+        )
+    _check_last_dim(U, G.shape[-1])
 
 
 def _check_last_dim(U: Tensor, m: int) -> None:
