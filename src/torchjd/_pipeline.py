@@ -25,7 +25,7 @@ from torchjd._synchronization import is_marked, mark_synchronized, warn_if_unsyn
 from torchjd._tasks import restricted, validated_present, warn_no_task_present
 from torchjd._validation import check_aggregator, validated_jacobians
 from torchjd.aggregation import Aggregator, WeightedAggregator
-from torchjd.linalg._gramian import sum_of_gramians
+from torchjd.linalg._gramian import matrix_gramian, sum_of_gramians
 
 
 @dataclass(eq=False)
@@ -395,7 +395,7 @@ def _gramian(jacobians: list[Tensor], dtype: torch.dtype) -> Tensor:
     if len(jacobians) == 1:
         matrix = jacobians[0]
         if matrix.ndim == 2 and matrix.dtype == dtype:
-            return torch.mm(matrix, matrix.t())
+            return matrix_gramian(matrix)
     return sum_of_gramians(jacobians, dtype)
 
 

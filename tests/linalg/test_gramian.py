@@ -1,6 +1,14 @@
+import pytest
 import torch
 
-from torchjd.linalg._gramian import compute_gramian, normalize, regularize
+import torchjd.linalg._gramian as gramian_module
+from torchjd.linalg._gramian import (
+    compute_gramian,
+    matrix_gramian,
+    normalize,
+    regularize,
+    sum_of_gramians,
+)
 
 
 def _assert_psd(matrix: torch.Tensor) -> None:
@@ -45,3 +53,32 @@ def test_regularize() -> None:
     out = regularize(torch.zeros(3, 3, dtype=torch.float64), 0.5)
     torch.testing.assert_close(out, 0.5 * torch.eye(3, dtype=torch.float64))
     _assert_psd(regularize(normalize(compute_gramian(torch.randn(4, 3)), 1e-4), 1e-4))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gramian_of_long_rows(m: int, dtype: torch.dtype) -> None:
+    # m = 2 and 3 take the dot products of the rows (at least 2^17 columns), 1 and 4 the product:
+    # all agree with the float64 product, and the dot products give an exactly symmetric matrix.
+    n = gramian_module._DOT_MIN_COLUMNS
+    J = torch.randn(m, n, generator=torch.Generator().manual_seed(m), dtype=torch.float64)
+    expected = J @ J.T
+    G = matrix_gramian(J.to(dtype))
+    assert G.dtype == dtype and G.shape == (m, m)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(G.double(), expected, rtol=tol, atol=tol * n)
+    if 2 <= m <= 3:
+        assert torch.equal(G, G.T)
+    # Blocks of both kinds in one sum: a long block, a short one, a long one.
+    blocks = [J.to(dtype), J[:, :100].to(dtype), J.to(dtype).flip(1)]
+    summed = sum_of_gramians(blocks, dtype)
+    reference = 2 * expected + J[:, :100] @ J[:, :100].T
+    torch.testing.assert_close(summed.double(), reference, rtol=tol, atol=tol * n)
+
+
+def test_gramian_by_dot_products_is_differentiable() -> None:
+    J = torch.randn(2, gramian_module._DOT_MIN_COLUMNS, dtype=torch.float64, requires_grad=True)
+    weights = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    (matrix_gramian(J) * weights).sum().backward()
+    # d/dJ sum_ij W_ij (J Jᵀ)_ij = (W + Wᵀ) J
+    torch.testing.assert_close(J.grad, (weights + weights.T) @ J.detach())

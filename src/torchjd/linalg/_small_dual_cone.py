@@ -148,12 +148,7 @@ def _solve(
         infeasible = [i for i in rows if (z[i] < tol_z if free[i] else y[i] < tol_y)]
         if not infeasible:
             return [u[i] + z[i] for i in rows]
-        if len(infeasible) < best:
-            best, stalled = len(infeasible), 0
-        else:
-            stalled += 1
-            if stalled > _PATIENCE:
-                infeasible = infeasible[-1:]  # Murty's rule: the largest infeasible index
+        infeasible, best, stalled = _exchanged(infeasible, best, stalled)
         for i in infeasible:
             free[i] = not free[i]
         F = [i for i in rows if free[i]]
@@ -166,6 +161,17 @@ def _solve(
             z[i] = value
             y = [a + value * b for a, b in zip(y, A[i])]
     return None
+
+
+def _exchanged(infeasible: list[int], best: int, stalled: int) -> tuple[list[int], int, int]:
+    """The indices to exchange among the ``infeasible`` ones (increasing), with the updated
+    smallest number of infeasible indices ``best`` and number of exchanges ``stalled`` since it
+    was reached: all of them, or only the largest (Murty's rule) once that number has not reached
+    a new minimum for more than ``_PATIENCE`` exchanges."""
+    if len(infeasible) < best:
+        return infeasible, len(infeasible), 0
+    stalled += 1
+    return (infeasible[-1:] if stalled > _PATIENCE else infeasible), best, stalled
 
 
 def _add_unit_solution(
@@ -200,12 +206,7 @@ def _add_unit_solution(
             return True
         drop = [j for j, value in zip(F, minus_z) if value > _REL_TOL]
         infeasible = sorted(drop + [j for j, y_j in zip(C, y_C) if y_j < tol_y])
-        if len(infeasible) < best:
-            best, stalled = len(infeasible), 0
-        else:
-            stalled += 1
-            if stalled > _PATIENCE:
-                infeasible = infeasible[-1:]  # Murty's rule: the largest infeasible index
+        infeasible, best, stalled = _exchanged(infeasible, best, stalled)
         F = sorted(set(F).symmetric_difference(infeasible))
     return False
 
@@ -254,70 +255,31 @@ def _subsystem_solve(A: list[list[float]], F: list[int], b: list[float]) -> list
 
 
 def _tiny_subsystem_solve(A: list[list[float]], F: list[int], b: list[float]) -> list[float] | None:
-    """:func:`_subsystem_solve` of one to four rows, written out (the same operations, with
-    ``a_ij`` the lower triangle of ``A[F, F]``): most systems of a nearly diagonal matrix are
-    this small, and a loop costs more than its arithmetic."""
+    """:func:`_subsystem_solve` of one to four rows, by :func:`_ldl_4` (fewer rows are padded
+    with identity rows, which leave the operations on the others unchanged): most systems of a
+    nearly diagonal matrix are this small, and a loop costs more than its arithmetic."""
     n = len(F)
     if n == 1:
         d = A[F[0]][F[0]]
         return [b[0] / d] if d > 0.0 else None
+    f_1, f_2 = F[0], F[1]
+    A_2 = A[f_2]
+    lower = [A[f_1][f_1], A_2[f_1], A_2[f_2]]
     if n == 2:
-        return _solve_2(A, F, b)
-    if n == 3:
-        return _solve_3(A, F, b)
-    return _solve_4(A, F, b)
+        lower += (0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    else:
+        f_3 = F[2]
+        A_3 = A[f_3]
+        lower += (A_3[f_1], A_3[f_2], A_3[f_3])
+        lower += (0.0, 0.0, 0.0, 1.0) if n == 3 else itemgetter(*F)(A[F[3]])
+    x = _ldl_4(lower, [*b, 0.0, 0.0][:4])
+    return None if x is None else x[:n]
 
 
-def _solve_2(A: list[list[float]], F: list[int], b: list[float]) -> list[float] | None:
-    f_1, f_2 = F
-    a_11 = A[f_1][f_1]
-    a_21, a_22 = A[f_2][f_1], A[f_2][f_2]
-    b_1, b_2 = b
-    if not a_11 > 0.0:
-        return None
-    l_21 = a_21 / a_11
-    a_22 -= l_21 * a_21
-    b_2 -= l_21 * b_1
-    if not a_22 > 0.0:
-        return None
-    x_2 = b_2 / a_22
-    return [(b_1 - a_21 * x_2) / a_11, x_2]
-
-
-def _solve_3(A: list[list[float]], F: list[int], b: list[float]) -> list[float] | None:
-    f_1, f_2, f_3 = F
-    A_2, A_3 = A[f_2], A[f_3]
-    a_11 = A[f_1][f_1]
-    a_21, a_22 = A_2[f_1], A_2[f_2]
-    a_31, a_32, a_33 = A_3[f_1], A_3[f_2], A_3[f_3]
-    b_1, b_2, b_3 = b
-    if not a_11 > 0.0:
-        return None
-    l_21, l_31 = a_21 / a_11, a_31 / a_11
-    a_22 -= l_21 * a_21
-    a_32 -= l_31 * a_21
-    a_33 -= l_31 * a_31
-    b_2 -= l_21 * b_1
-    b_3 -= l_31 * b_1
-    if not a_22 > 0.0:
-        return None
-    l_32 = a_32 / a_22
-    a_33 -= l_32 * a_32
-    b_3 -= l_32 * b_2
-    if not a_33 > 0.0:
-        return None
-    x_3 = b_3 / a_33
-    x_2 = (b_2 - a_32 * x_3) / a_22
-    return [(b_1 - a_21 * x_2 - a_31 * x_3) / a_11, x_2, x_3]
-
-
-def _solve_4(A: list[list[float]], F: list[int], b: list[float]) -> list[float] | None:
-    f_1, f_2, f_3, f_4 = F
-    A_2, A_3, A_4 = A[f_2], A[f_3], A[f_4]
-    a_11 = A[f_1][f_1]
-    a_21, a_22 = A_2[f_1], A_2[f_2]
-    a_31, a_32, a_33 = A_3[f_1], A_3[f_2], A_3[f_3]
-    a_41, a_42, a_43, a_44 = A_4[f_1], A_4[f_2], A_4[f_3], A_4[f_4]
+def _ldl_4(lower: list[float], b: list[float]) -> list[float] | None:
+    """The elimination of :func:`_subsystem_solve` on 4 rows, written out: ``lower`` is the lower
+    triangle of the matrix, row by row."""
+    a_11, a_21, a_22, a_31, a_32, a_33, a_41, a_42, a_43, a_44 = lower
     b_1, b_2, b_3, b_4 = b
     if not a_11 > 0.0:
         return None
@@ -381,8 +343,7 @@ def summed_diagonal_solutions(
     weights = _two_summed(A, prefs) if m == 2 else _summed(A, prefs)
     if weights is None:
         return None
-    # A tensor over a buffer: fewer microseconds than building it from the list.
-    return torch.frombuffer(array("f" if dtype == torch.float32 else "d", weights), dtype=dtype)
+    return torch.tensor(weights, dtype=dtype)
 
 
 def _float32_regularised(G: Tensor, threshold: float, reg_eps: float) -> list[list[float]] | None:
