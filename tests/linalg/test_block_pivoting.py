@@ -337,10 +337,10 @@ def test_fixed_set_systems_match_quadprog(m: int, monkeypatch: pytest.MonkeyPatc
     U = torch.diag(torch.rand(m, generator=generator, dtype=torch.float64) + 0.5)
     A = G / G.trace() + 1e-4 * torch.eye(m, dtype=G.dtype)
     matrices = []
-    original = block_pivoting._solve_gathered
+    original = block_pivoting._solve_ordered
     monkeypatch.setattr(
         block_pivoting,
-        "_solve_gathered",
+        "_solve_ordered",
         lambda M, *args, **kwargs: matrices.append(M) or original(M, *args, **kwargs),
     )
     W = BlockPivotingProjector()(U, G)
@@ -395,6 +395,27 @@ def _iwrm_gramian(m: int, generator: torch.Generator) -> torch.Tensor:
     return J @ J.T
 
 
+def _count_tolist(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that receives one entry per call of ``Tensor.tolist`` (the solver's per-iteration
+    host read)."""
+    reads: list[int] = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or tolist(self))
+    return reads
+
+
+def _record_systems(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A list that receives the padded matrix and the slots of every batch of gathered systems."""
+    systems: list[tuple[torch.Tensor, torch.Tensor]] = []
+    solve_ordered = block_pivoting._solve_ordered
+    monkeypatch.setattr(
+        block_pivoting,
+        "_solve_ordered",
+        lambda M, rhs, order: systems.append((M, order)) or solve_ordered(M, rhs, order),
+    )
+    return systems
+
+
 @pytest.mark.parametrize("m", [64, 128])
 def test_iwrm_gramian_matches_quadprog_with_one_read_per_iteration(
     m: int, monkeypatch: pytest.MonkeyPatch
@@ -402,20 +423,77 @@ def test_iwrm_gramian_matches_quadprog_with_one_read_per_iteration(
     generator = torch.Generator().manual_seed(500 + m)
     G = _iwrm_gramian(m, generator)
     U = torch.diag(torch.full((m,), 1.0 / m, dtype=torch.float64))
-    reads, sizes = [], []
-    read_sizes, solve_free_set = block_pivoting._read_sizes, block_pivoting._solve_free_set
-    monkeypatch.setattr(block_pivoting, "_read_sizes", lambda *a: reads.append(1) or read_sizes(*a))
-    monkeypatch.setattr(
-        block_pivoting, "_solve_free_set", lambda *a: sizes.append(a[-1]) or solve_free_set(*a)
-    )
+    A = G / G.trace() + 1e-4 * torch.eye(m, dtype=G.dtype)
+    reference = QuadprogProjector()(U, G)
+    systems = _record_systems(monkeypatch)
+    reads = _count_tolist(monkeypatch)
     W = BlockPivotingProjector()(U, G)
-    torch.testing.assert_close(W, QuadprogProjector()(U, G), rtol=1e-6, atol=1e-6)
-    _assert_kkt(U, W, G / G.trace() + 1e-4 * torch.eye(m, dtype=G.dtype), tol=1e-9)
-    # Some systems are those of the fixed sets (the smaller ones).
-    assert any(largest_fixed <= largest_free for largest_free, largest_fixed in sizes)
+    torch.testing.assert_close(W, reference, rtol=1e-6, atol=1e-6)
+    _assert_kkt(U, W, A, tol=1e-9)
+    # Some systems are those of the fixed sets, gathered from A^{-1} (the smaller ones).
+    eye = torch.eye(m, dtype=G.dtype)
+    assert any(torch.allclose(M[:m, :m] @ A, eye, atol=1e-8) for M, _ in systems)
     # Starting from the empty free set, every solve is preceded by one read, and one more read
     # finds that all the problems are solved.
-    assert len(reads) == len(sizes) + 1
+    assert len(reads) == len(systems) + 1
+
+
+def test_upgrad_shortcut_equals_the_general_path() -> None:
+    # UPGrad's weights skip the product A diag(p): the same numbers as the sum of the solutions of
+    # solve_batched on diag(p), and as quadprog's.
+    generator = torch.Generator().manual_seed(510)
+    m = 96
+    G = _iwrm_gramian(m, generator)
+    prefs = torch.rand(m, generator=generator, dtype=torch.float64) + 0.1
+    projector = BlockPivotingProjector()
+    weights = block_pivoting.summed_diagonal_projections(projector, prefs[None], G[None])[0]
+    general = projector.solve_batched(torch.diag(prefs)[None], G[None])[0].sum(dim=0)
+    torch.testing.assert_close(weights, general, rtol=1e-12, atol=1e-15)
+    reference = QuadprogProjector()(torch.diag(prefs), G).sum(dim=0)
+    torch.testing.assert_close(weights, reference, rtol=1e-6, atol=1e-7)
+
+
+def test_inverse_route_with_small_free_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rows that mostly agree (a common component): few constraints are free, so after the first
+    # exchange the free sets are the smaller ones and the systems A_FF are gathered from A.
+    generator = torch.Generator().manual_seed(520)
+    m = 48
+    J = torch.randn(m, 60, generator=generator, dtype=torch.float64)
+    J = J + 3.0 * torch.randn(1, 60, generator=generator, dtype=torch.float64)
+    J[:4] *= -1.0  # a few rows conflict with the others
+    G = J @ J.T
+    U = torch.cat([torch.diag(torch.rand(m, generator=generator, dtype=torch.float64))])
+    A = G / G.trace() + 1e-4 * torch.eye(m, dtype=G.dtype)
+    reference = QuadprogProjector()(U, G)
+    systems = _record_systems(monkeypatch)
+    W = BlockPivotingProjector()(U, G)
+    torch.testing.assert_close(W, reference, rtol=1e-6, atol=1e-6)
+    _assert_kkt(U, W, A, tol=1e-9)
+    assert any(torch.allclose(M[:m, :m], A, atol=1e-12) for M, _ in systems)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_inverse_route_when_sets_change_by_several_indices(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Per-sample gradients with less structure than a classifier's (fixed sets of a third of m):
+    # several indices enter and leave the fixed sets at each exchange, and problems leave the
+    # batch at different iterations. Random vectors and UPGrad's rows together.
+    generator = torch.Generator().manual_seed(530 + seed)
+    m = 64
+    J = torch.randn(m, 24, generator=generator, dtype=torch.float64)
+    J = J - 0.7 * J.mean(dim=0, keepdim=True)
+    G = J @ J.T
+    U = _vectors(m, generator)
+    A = G / G.trace() + 1e-4 * torch.eye(m, dtype=G.dtype)
+    reference = QuadprogProjector()(U, G)
+    systems = _record_systems(monkeypatch)
+    W = BlockPivotingProjector()(U, G)
+    torch.testing.assert_close(W, reference, rtol=1e-6, atol=1e-6)
+    _assert_kkt(U, W, A, tol=1e-9)
+    # Several iterations, some of them on fewer problems than the whole batch.
+    assert len(systems) >= 3
+    assert any(order.shape[0] < U.shape[0] for _, order in systems)
 
 
 def test_many_small_gramians_drop_their_solved_problems() -> None:

@@ -84,11 +84,14 @@ class BlockPivotingProjector(NormalizingProjector):
     :math:`v_B = u_B` is :math:`v = H_{:B} \lambda` with :math:`H_{BB} \lambda = u_B`, and then
     :math:`\hat G v` is :math:`\lambda` on :math:`B` and 0 elsewhere, so checking the optimality
     conditions needs no product with :math:`\hat G`. With many conflicting rows (e.g. the
-    per-sample gradients of an IWRM step) the fixed sets are a small fraction of ``m``.
+    per-sample gradients of an IWRM step) the fixed sets are a small fraction of ``m``. For
+    UPGrad's problems (:math:`u = p_i e_i`), :math:`\hat G u` is row :math:`i` of :math:`\hat G`
+    times :math:`p_i`, not a matrix product.
 
     **Synchronisation.** Block pivoting is iterative: each iteration reads on the host, in one
-    transfer, the number of unsolved problems and (for large batches) the sizes of the largest free
-    and fixed sets, which set the size of the next gathered systems. In a batch from which the
+    transfer, the number of unsolved problems and (for large batches) the size of the largest free
+    set, or, through the inverse, the sizes of the largest free and fixed sets, which set the size
+    of the next gathered systems. In a batch from which the
     solved problems leave (``m >= 32``, or many problems), finding the remaining ones
     (``nonzero``) is another synchronisation. The condition bound of the inverse is read once, and
     after the iterations, whether a problem needs the rescue below. Random Gramians take one to
@@ -162,16 +165,12 @@ class BlockPivotingProjector(NormalizingProjector):
         :return: tensor of shape ``[b, k, m]``, in ``G``'s dtype and on its device, where
             ``out[i]`` equals ``self(U[i], G[i])``.
         """
-        if G.ndim != 3 or G.shape[1] != G.shape[2]:
-            raise ValueError(
-                f"`G` must be a batch of square matrices [b, m, m], got shape {tuple(G.shape)}."
-            )
-        if U.ndim != 3 or U.shape[0] != G.shape[0]:
-            raise ValueError(
-                f"`U` must have shape [b, k, m] with b = {G.shape[0]} (the batch size of `G`), "
-                f"got shape {tuple(U.shape)}."
-            )
-        _check_last_dim(U, G.shape[-1])
+        _check_batch(U, G)
+        return self._project(U, G)
+
+    def _project(self, U: Tensor, G: Tensor, diagonal: bool = False) -> Tensor:
+        """:meth:`solve_batched` on checked inputs; ``diagonal`` says that every ``U[i]`` is a
+        diagonal matrix (UPGrad's problems), which saves a matrix product."""
         with torch.no_grad():
             if U.numel() == 0:
                 return torch.zeros(U.shape, dtype=G.dtype, device=G.device)
@@ -181,7 +180,7 @@ class BlockPivotingProjector(NormalizingProjector):
                 if V is not None:
                     return V
             A = self._regularised_gramian(G)
-            V = _solve(A, U.to(dtype=A.dtype, device=A.device))
+            V = _solve(A, U.to(dtype=A.dtype, device=A.device), diagonal)
             return V.to(dtype=G.dtype)
 
     def _regularised_gramian(self, G: Tensor) -> Tensor:
@@ -257,7 +256,9 @@ def summed_diagonal_projections(
     :meth:`BlockPivotingProjector.solve_batched` (solved with Python numbers) instead."""
     m = G.shape[-1]
     if m > 2 or (_reads_on_host(G.device) and small_dual_cone.fits(prefs.numel(), m)):
-        return projector.solve_batched(torch.diag_embed(prefs), G).sum(dim=-2)
+        U = torch.diag_embed(prefs)
+        _check_batch(U, G)
+        return projector._project(U, G, diagonal=True).sum(dim=-2)
     Gw = G.to(dtype=working_dtype(G.dtype))
     p = prefs.to(dtype=Gw.dtype, device=Gw.device).clamp(min=0.0)
     if m == 1:
@@ -285,6 +286,20 @@ def _ridge(reg_eps: float, eps: float) -> float:
     return max(reg_eps, min(16.0 * eps, 1e-6))
 
 
+def _check_batch(U: Tensor, G: Tensor) -> None:
+    """Check the shapes of :meth:`BlockPivotingProjector.solve_batched`'s arguments."""
+    if G.ndim != 3 or G.shape[1] != G.shape[2]:
+        raise ValueError(
+            f"`G` must be a batch of square matrices [b, m, m], got shape {tuple(G.shape)}."
+        )
+    if U.ndim != 3 or U.shape[0] != G.shape[0]:
+        raise ValueError(
+            f"`U` must have shape [b, k, m] with b = {G.shape[0]} (the batch size of `G`), "
+            f"got shape {tuple(U.shape)}."
+        )
+    _check_last_dim(U, G.shape[-1])
+
+
 def _check_last_dim(U: Tensor, m: int) -> None:
     if U.ndim == 0 or U.shape[-1] != m:
         raise ValueError(
@@ -303,10 +318,11 @@ def _solver_dtype(device: torch.device) -> torch.dtype:
     return torch.float64
 
 
-def _solve(A: Tensor, U: Tensor) -> Tensor:
+def _solve(A: Tensor, U: Tensor, diagonal: bool = False) -> Tensor:
     """Solve ``min_v v^T A[i] v`` subject to ``v >= U[i, j]`` for all ``i, j``.
 
-    ``A`` is ``[b, m, m]`` positive definite, ``U`` is ``[b, k, m]``, both in the solver's dtype.
+    ``A`` is ``[b, m, m]`` positive definite, ``U`` is ``[b, k, m]``, both in the solver's dtype
+    (``diagonal``: every ``U[i]`` is diagonal, ``k = m``).
     ``m <= 2`` has a closed form; on an accelerator, ``m <= _ENUMERATE_MAX_M`` is solved by
     enumerating the free sets (no synchronisation); otherwise block principal pivoting.
     """
@@ -328,9 +344,9 @@ def _solve(A: Tensor, U: Tensor) -> Tensor:
             [_enumerate(A_part, U_part) for A_part, U_part in zip(A.split(chunk), U.split(chunk))]
         )
     if chunk >= b:
-        return _solve_problems(A, U.reshape(b * k, m)).reshape(b, k, m)
+        return _solve_problems(A, U.reshape(b * k, m), diagonal).reshape(b, k, m)
     parts = [
-        _solve_problems(A_part, U_part.reshape(-1, m))
+        _solve_problems(A_part, U_part.reshape(-1, m), diagonal)
         for A_part, U_part in zip(A.split(chunk), U.split(chunk))
     ]
     return torch.cat(parts).reshape(b, k, m)
@@ -405,13 +421,14 @@ def _enumerate(A: Tensor, U: Tensor) -> Tensor:
     return (U + z_best).add_(y_sum, alpha=0.0)  # a NaN of A or U stays
 
 
-def _solve_problems(A: Tensor, u: Tensor) -> Tensor:
+def _solve_problems(A: Tensor, u: Tensor, diagonal: bool = False) -> Tensor:
     """Solve ``min_v v^T A[p // g] v s.t. v >= u[p]`` for every row ``p`` of ``u`` (``[P, m]``),
-    where ``A`` is ``[c, m, m]`` and ``g = P / c``, and rescue the problems that failed."""
+    where ``A`` is ``[c, m, m]`` and ``g = P / c``, and rescue the problems that failed
+    (``diagonal``: ``u`` is made of ``c`` diagonal ``m x m`` blocks)."""
     c = A.shape[0]
     if c == 1:
         A = A[0]  # shared by all problems
-    V, suspicious = _block_pivoting(A, u)
+    V, suspicious = _block_pivoting(A, u, diagonal)
     if bool(suspicious.any()):  # host synchronisation: did a problem fail?
         failed = suspicious.nonzero().squeeze(-1)
         # The shared matrix, or the matrices of the failed problems.
@@ -465,10 +482,11 @@ def _is_large(P: int, m: int) -> bool:
     return (m >= _LARGE_M and P > 1) or P * m**3 >= _LARGE_BATCH
 
 
-def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+def _block_pivoting(A: Tensor, u: Tensor, diagonal: bool = False) -> tuple[Tensor, Tensor]:
     """Solve ``min_v v^T A[p // g] v s.t. v >= u_p`` for each row ``u_p`` of ``u`` (``[P, m]``),
     with ``A`` of shape ``[c, m, m]`` and ``g = P / c`` problems per matrix, or ``[m, m]`` shared
-    by all problems.
+    by all problems. ``diagonal`` says that ``u`` is ``diag(p)`` (``P = m``) when ``A`` is shared
+    (UPGrad's problems), so that ``A u`` is ``p_i`` times row ``i`` of ``A``.
 
     Returns the solutions ``[P, m]`` and a boolean ``[P]`` marking the suspicious ones: not
     converged, or whose last factorisation failed (``A_FF`` not numerically positive definite, or
@@ -481,16 +499,6 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     large = _is_large(P, m)
     eye = None if large else torch.eye(m, dtype=u.dtype, device=u.device)
     H = _inverse_if_well_conditioned(A) if large and shared else None
-    # Large batches gather their systems from copies of A and H with a row and a column of zeros
-    # appended (the padding of the gathered systems); A is a view of its copy.
-    A_padded = H_padded = None
-    if large:
-        A_padded = _zero_padded(A)
-        A = A_padded[..., :m, :m]
-        if H is not None:
-            H_padded = _zero_padded(H)
-
-    q = u @ A if shared else _add_product(torch.zeros_like(u), u, A)  # A u
     # z = v - u is infeasible on F below neg_tol_z, y = A v off F below neg_tol_y (the diagonal
     # bounds |A_ij|).
     rel_tol = _REL_TOL if u.dtype == torch.float64 else _REL_TOL_FLOAT32
@@ -500,13 +508,24 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
         neg_tol_y = neg_tol_z * a_scale
     else:
         neg_tol_y = (neg_tol_z.view(A.shape[0], -1) * a_scale).view(P, 1)
+    if H is not None:
+        # UPGrad's diag(p): A u is p_i times row i of A (A symmetric), without a product.
+        q = u.diagonal().unsqueeze(-1) * A if diagonal and m == P else u @ A
+        return _pivot_through_inverse(A, H, u, q, neg_tol_z, neg_tol_y)
 
-    # F: the free set (z_F may be positive, y_F = 0); z = 0 off F. With the inverse, an iteration
-    # costs less than the guess would save: start from the empty free set.
-    if large and H is None:
+    # Large batches gather their systems from a copy of A with a row and a column of zeros
+    # appended (the padding of the gathered systems); A is a view of its copy.
+    A_padded = None
+    if large:
+        A_padded = _zero_padded(A)
+        A = A_padded[..., :m, :m]
+    q = u @ A if shared else _add_product(torch.zeros_like(u), u, A)  # A u
+
+    # F: the free set (z_F may be positive, y_F = 0); z = 0 off F.
+    if large:
         F = _guess_free_set(A, -q)
-        sizes = _read_sizes(F.new_ones(P), F, large)[1:]  # host synchronisation
-        z, y, failed = _solve_free_set(A, q, F, eye, A_padded, H_padded, u, sizes)
+        largest_free = _read_sizes(F.new_ones(P), F, large)[1]  # host synchronisation
+        z, y, failed = _solve_free_set(A, q, F, eye, A_padded, largest_free)
         infeasible = torch.where(F, z < neg_tol_z, y < neg_tol_y)
     else:
         F, z, y, failed = None, None, q, None  # F empty, z = 0
@@ -521,30 +540,13 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     converged = False
 
     for _ in range(50 + 10 * m):
-        # Júdice-Pires: exchange every infeasible index as long as their number reaches new
-        # minima; after _PATIENCE + 1 exchanges without a new minimum, exchange only the largest
-        # infeasible index (Murty's rule, which terminates).
-        exchange = infeasible
-        history.append(infeasible)
-        if len(history) >= _PATIENCE + 2:
-            if not best:
-                counts = torch.stack(history).sum(dim=-1)
-                best = list(counts.cummin(dim=0).values.unbind(0))
-            else:
-                best.append(torch.minimum(best[-1], infeasible.sum(dim=-1)))
-            stalled = best[-1] == best[-_PATIENCE - 2]
-            position = torch.arange(1, m + 1, dtype=torch.int32, device=u.device)
-            largest = (infeasible * position).argmax(dim=-1, keepdim=True)
-            # "& infeasible" leaves the solved problems (no infeasible index) unchanged.
-            single = torch.zeros_like(infeasible).scatter_(-1, largest, True) & infeasible
-            exchange = torch.where(stalled.unsqueeze(-1), single, infeasible)
-            history, best = history[-_PATIENCE - 1 :], best[-_PATIENCE - 1 :]
+        exchange, history, best = _exchange(infeasible, history, best)
         F_next = exchange if F is None else F ^ exchange
 
         # The iteration's one host synchronisation: are we done and, for large batches, how
         # large are the next systems?
         unsolved = infeasible.any(dim=-1)
-        n_unsolved, *sizes = _read_sizes(unsolved, F_next, large)
+        n_unsolved, largest_free = _read_sizes(unsolved, F_next, large)
         if n_unsolved == 0:
             converged = True
             break
@@ -576,7 +578,7 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
             best = [t.index_select(0, keep) for t in best]
 
         F = F_next
-        z, y, failed = _solve_free_set(A, q, F, eye, A_padded, H_padded, u, sizes)
+        z, y, failed = _solve_free_set(A, q, F, eye, A_padded, largest_free)
         infeasible = torch.where(F, z < neg_tol_z, y < neg_tol_y)
 
     if F is None:  # solved without any factorisation: v = u
@@ -591,17 +593,176 @@ def _block_pivoting(A: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     return V, suspicious
 
 
+def _exchange(
+    infeasible: Tensor, history: list[Tensor], best: list[Tensor]
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """The indices to move to the other set, given the infeasible ones (``[P, m]``), and the
+    updated ``history`` (the infeasible indices of the last iterations) and ``best`` (the running
+    minimum of their numbers, counted only from the first iteration that needs them).
+
+    Júdice-Pires: exchange every infeasible index as long as their number reaches new minima; after
+    ``_PATIENCE + 1`` exchanges without a new minimum, exchange only the largest infeasible index
+    (Murty's rule, which terminates)."""
+    history = [*history, infeasible]
+    if len(history) < _PATIENCE + 2:
+        return infeasible, history, best
+    if not best:
+        counts = torch.stack(history).sum(dim=-1)
+        best = list(counts.cummin(dim=0).values.unbind(0))
+    else:
+        best = [*best, torch.minimum(best[-1], infeasible.sum(dim=-1))]
+    stalled = best[-1] == best[-_PATIENCE - 2]
+    m = infeasible.shape[-1]
+    position = torch.arange(1, m + 1, dtype=torch.int32, device=infeasible.device)
+    largest = (infeasible * position).argmax(dim=-1, keepdim=True)
+    # "& infeasible" leaves the solved problems (no infeasible index) unchanged.
+    single = torch.zeros_like(infeasible).scatter_(-1, largest, True) & infeasible
+    exchange = torch.where(stalled.unsqueeze(-1), single, infeasible)
+    return exchange, history[-_PATIENCE - 1 :], best[-_PATIENCE - 1 :]
+
+
+def _pivot_through_inverse(
+    A: Tensor, H: Tensor, u: Tensor, q: Tensor, neg_tol_z: Tensor, neg_tol_y: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`_block_pivoting` for problems sharing ``A`` (``[m, m]``) whose inverse ``H`` is
+    known, from the empty free set, given ``q = A u`` and the tolerances.
+
+    The state is the fixed set ``B`` (the complement of the free set ``F``). Each iteration solves
+    the systems of the smaller sets of the batch: ``H_BB lam = u_B``, after which
+    ``v = H_{:B} lam`` and ``A v`` is ``lam`` on ``B`` and 0 on ``F``; or ``A_FF z_F = -q_F``,
+    after which ``v = u + z`` and ``A v = q + A z``. Either way ``v`` is checked against ``u`` on
+    ``F`` and ``A v`` against 0 on ``B``. Solved problems leave the batch at once; the rows they
+    need (``u``, ``q``, the bounds) are kept in one tensor, so that leaving is a single gather.
+    """
+    P, m = u.shape
+    H_padded = _zero_padded(H)
+    H_tall = H_padded[:, :m].contiguous()  # H with a zero row appended: lam_padded @ H_tall
+    A_padded = A_tall = None  # made when a batch has free sets smaller than its fixed sets
+    # One row per problem: u and q, each with a 0 appended (the right-hand sides of the padding
+    # slots), the lower bound of v on F (u + neg_tol_z), and neg_tol_y.
+    rows = torch.cat([_zero_padded_rows(u), _zero_padded_rows(q), u + neg_tol_z, neg_tol_y], -1)
+    u_padded, q_padded, low, tol_y = rows.split([m + 1, m + 1, m, 1], dim=-1)
+
+    B = torch.ones_like(u, dtype=torch.bool)  # F empty: v = u and A v = q
+    v, y = u, q
+    infeasible = y < tol_y
+    failed = torch.zeros(P, dtype=torch.bool, device=u.device)
+    # The solutions of the problems that left the batch, whether they are suspicious, and the
+    # indices of the problems still in the batch (None: all of them).
+    V = suspicious = active = None
+    history: list[Tensor] = []
+    best: list[Tensor] = []
+    converged = False
+    for _ in range(50 + 10 * m):
+        exchange, history, best = _exchange(infeasible, history, best)
+        B_next = B ^ exchange
+        # The iteration's one host synchronisation: are we done, and how large are the next
+        # systems?
+        unsolved = infeasible.any(dim=-1)
+        smallest_fixed, largest_fixed = B_next.sum(dim=-1).aminmax()
+        n_unsolved, smallest_fixed, largest_fixed = torch.stack(
+            [unsolved.sum(), smallest_fixed, largest_fixed]
+        ).tolist()
+        if n_unsolved == 0:
+            converged = True
+            break
+        if n_unsolved < unsolved.shape[0]:
+            # The solved problems leave the batch (the stored solutions of the others are
+            # overwritten later).
+            solution = _fixed_set_solution(B, u_padded[:, :m], v, y)
+            if active is None:
+                V, suspicious = solution, failed
+            else:
+                V.index_copy_(0, active, solution)
+                suspicious.index_copy_(0, active, failed)
+            keep = unsolved.nonzero().squeeze(-1)
+            active = keep if active is None else active.index_select(0, keep)
+            rows, B_next, infeasible = (t.index_select(0, keep) for t in (rows, B_next, infeasible))
+            u_padded, q_padded, low, tol_y = rows.split([m + 1, m + 1, m, 1], dim=-1)
+            history = [t.index_select(0, keep) for t in history]
+            best = [t.index_select(0, keep) for t in best]
+        B = B_next
+        largest_free = m - smallest_fixed
+        if largest_fixed <= largest_free:
+            lam, failed = _solve_ordered(H_padded, u_padded, _ordered(B, largest_fixed))
+            v = lam @ H_tall
+            y = lam[:, :m]
+        else:
+            if A_padded is None:
+                A_padded = _zero_padded(A)
+                A_tall = A_padded[:, :m].contiguous()
+            minus_z, failed = _solve_ordered(A_padded, q_padded, _ordered(~B, largest_free))
+            v = u_padded[:, :m] - minus_z[:, :m]
+            y = torch.addmm(q_padded[:, :m], minus_z, A_tall, alpha=-1.0)
+        infeasible = torch.where(B, y < tol_y, v < low)
+
+    if not converged:
+        failed = failed | infeasible.any(dim=-1)
+    solution = _fixed_set_solution(B, u_padded[:, :m], v, y)
+    if active is None:
+        return solution, failed
+    V[active] = solution
+    suspicious[active] = failed
+    return V, suspicious
+
+
+def _fixed_set_solution(B: Tensor, u: Tensor, v: Tensor, y: Tensor) -> Tensor:
+    """``v`` with ``u`` on the fixed set ``B`` (where it equals ``u`` up to rounding), made NaN
+    where ``y = A v`` holds a NaN."""
+    return torch.where(B, u, v).add_(y.sum(dim=-1, keepdim=True), alpha=0.0)
+
+
+def _zero_padded_rows(x: Tensor) -> Tensor:
+    """``x`` (``[P, m]``) with a column of zeros appended."""
+    return torch.nn.functional.pad(x, (0, 1))
+
+
+def _ordered(S: Tensor, size: int) -> Tensor:
+    """For each row of ``S`` (``[P, m]``, boolean), ``size`` slots (at least the size of the
+    largest set of ``S``) holding the indices of the set and, in the other slots, the padding index
+    ``m``, in no particular order (any order gives the same solutions)."""
+    m = S.shape[-1]
+    keys = torch.where(S, torch.arange(m, device=S.device), m)
+    if size > m:
+        keys = torch.nn.functional.pad(keys, (0, size - m), value=m)
+    return keys.topk(size, dim=-1, largest=False, sorted=False).values
+
+
+def _solve_ordered(M_padded: Tensor, rhs_padded: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
+    """Solve ``M_SS x_S = rhs_S`` for each row ``p`` of ``order`` (``[P, size]``, from
+    :func:`_ordered`), ``S`` the set of its indices other than the padding index ``m``, where ``M``
+    is ``[m, m]`` (shared) or ``[c, m, m]`` (``P / c`` problems each), given as ``M_padded`` (a zero
+    row and column appended), and ``rhs_padded`` is ``[P, m + 1]`` with zeros in its last column.
+    Return ``x`` (``[P, m + 1]``, 0 off ``S``) and whether each factorisation failed; each system
+    is ``size x size``, its padding slots decoupled with a unit diagonal."""
+    P, size = order.shape
+    n = M_padded.shape[-1]
+    c = 1 if M_padded.ndim == 2 else M_padded.shape[0]
+    if size == 0:
+        return torch.zeros_like(rhs_padded), torch.zeros(P, dtype=torch.bool, device=order.device)
+    # Flat indices into M_padded: int32 when they fit (faster to build and to gather with).
+    index = order.to(torch.int32 if c * n * n < 2**31 else torch.int64)
+    flat_index = (index * n).unsqueeze(-1) + index.unsqueeze(-2)
+    if c > 1:
+        owner = torch.arange(P, device=order.device, dtype=index.dtype) // (P // c)
+        flat_index += (owner * (n * n)).view(P, 1, 1)
+    M_SS = M_padded.flatten().index_select(0, flat_index.flatten()).view(P, size, size)
+    M_SS.diagonal(dim1=-2, dim2=-1).add_(order == n - 1)  # the padding slots: a unit diagonal
+    L, info = torch.linalg.cholesky_ex(M_SS)
+    # Two triangular solves: faster than cholesky_solve on large CPU batches.
+    w = torch.linalg.solve_triangular(L, rhs_padded.gather(-1, order).unsqueeze(-1), upper=False)
+    x_S = torch.linalg.solve_triangular(L.mT, w, upper=True).squeeze(-1)
+    # The padding slots (all sent to index m) hold zeros.
+    return torch.zeros_like(rhs_padded).scatter_(-1, order, x_S), info > 0
+
+
 def _read_sizes(unsolved: Tensor, F: Tensor, large: bool) -> list[int]:
     """Read on the host, in one synchronisation, the number of unsolved problems and, for large
-    batches, the sizes of the largest free set and of the largest fixed set of ``F``."""
+    batches, the size of the largest free set of ``F`` (else 0)."""
     n_unsolved = unsolved.sum()
     if not large:
-        return [int(n_unsolved), 0, 0]
-    n_free = F.sum(dim=-1)
-    n_unsolved_, largest_free, smallest_free = torch.stack(
-        [n_unsolved, n_free.amax(), n_free.amin()]
-    ).tolist()
-    return [n_unsolved_, largest_free, F.shape[-1] - smallest_free]
+        return [int(n_unsolved), 0]
+    return torch.stack([n_unsolved, F.sum(dim=-1).amax()]).tolist()
 
 
 def _solution(u: Tensor, z: Tensor, y: Tensor) -> Tensor:
@@ -652,26 +813,15 @@ def _compact_below(n_active: int, m: int) -> int:
 
 
 def _solve_free_set(
-    A: Tensor,
-    q: Tensor,
-    F: Tensor,
-    eye: Tensor | None,
-    A_padded: Tensor | None,
-    H_padded: Tensor | None,
-    u: Tensor,
-    sizes: list[int],
+    A: Tensor, q: Tensor, F: Tensor, eye: Tensor | None, A_padded: Tensor | None, largest_free: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Solve ``A_FF z_F = -q_F`` with ``z = 0`` off ``F``, for each row of ``F`` at once; return
     ``z``, ``y = q + A z`` and whether each factorisation failed.
 
     For small batches (``eye`` is the identity), ``A_FF`` is padded with the identity to ``m x m``.
     For large ones, the systems are gathered from ``A_padded`` (``A`` with a zero row and column
-    appended) to the size of the largest free set (``sizes`` holds the largest free and fixed
-    sets): gathering costs less than factorising ``m x m`` systems then. With ``H_padded`` (the
-    same for ``H = A^{-1}``, shared ``A``), a batch whose fixed sets are the smaller ones is solved
-    through systems of the fixed sets' size instead: the minimiser of ``v^T A v`` subject to
-    ``v_B = u_B`` (``B`` the complement of ``F``) is ``v = H_{:B} lambda`` with
-    ``H_BB lambda = u_B``, and then ``A v`` is ``lambda`` on ``B`` and 0 on ``F``.
+    appended) to the size ``largest_free`` of the largest free set: gathering costs less than
+    factorising ``m x m`` systems then.
     """
     if A_padded is None:  # a small batch: eye is the identity
         free_pairs = F.unsqueeze(-1) & F.unsqueeze(-2)
@@ -684,13 +834,6 @@ def _solve_free_set(
         L, info = torch.linalg.cholesky_ex(M)
         z = torch.cholesky_solve((q * F).unsqueeze(-1), L).squeeze(-1).neg_()
         return z, _add_product(q, z, A), info > 0
-    largest_free, largest_fixed = sizes
-    if H_padded is not None and largest_fixed <= largest_free:
-        lam, failed = _solve_gathered(H_padded, u, F, largest_fixed, complement=True)
-        m = F.shape[-1]
-        # H is symmetric: the rows of lam @ H are H lam.
-        z = torch.where(F, lam @ H_padded[:m, :m] - u, 0.0)
-        return z, lam, failed
     z, failed = _solve_gathered(A_padded, q, F, largest_free)
     z.neg_()  # A_FF z_F = -q_F
     return z, _add_product(q, z, A), failed
@@ -723,37 +866,7 @@ def _solve_gathered(
     or ``[c, m, m]`` (``P / c`` problems each), given as ``M_padded`` (a zero row and column
     appended); return ``x`` and whether each factorisation failed. Each system is gathered to
     ``size x size`` (``size`` at least the largest set ``S``), padded with the identity."""
-    P, m = rhs.shape
-    c = 1 if M_padded.ndim == 2 else M_padded.shape[0]
-    device = rhs.device
-    if size == 0:
-        return torch.zeros_like(rhs), torch.zeros(P, dtype=torch.bool, device=device)
-    # Slot j of problem p holds the j-th index of its set, or the padding index m after it (the
-    # indices outside the set are all sent to the extra slot `size`, then dropped).
-    indices = torch.arange(m, device=device)
-    n_before = F.cumsum(dim=-1)  # the rank of j in F is n_before[j] - 1, in its complement
-    if complement:  # j - n_before[j]
-        slot = torch.where(F, size, indices - n_before)
-    else:
-        slot = torch.where(F, n_before - 1, size)
-    indices = indices.expand(P, m)
-    order = torch.full((P, size + 1), m, device=device).scatter_(-1, slot, indices)[:, :size]
-    # Flat indices into M_padded: int32 when they fit (much faster to build and to gather with).
-    n = m + 1
-    index_dtype = torch.int32 if c * n * n < 2**31 else torch.int64
-    order_ = order.to(index_dtype)
-    flat_index = order_.unsqueeze(-1) * n + order_.unsqueeze(-2)
-    if c > 1:
-        owner = torch.arange(P, device=device, dtype=index_dtype) // (P // c)
-        flat_index += (owner * (n * n)).view(P, 1, 1)
-    M_SS = M_padded.flatten().index_select(0, flat_index.flatten()).view(P, size, size)
-    padding = order == m
-    M_SS.diagonal(dim1=-2, dim2=-1).add_(padding)  # the zero rows and columns get a unit diagonal
-    rhs_S = rhs.gather(-1, order.clamp(max=m - 1)).masked_fill_(padding, 0.0).unsqueeze(-1)
-    L, info = torch.linalg.cholesky_ex(M_SS)
-    # Two triangular solves: faster than cholesky_solve on large CPU batches.
-    w = torch.linalg.solve_triangular(L, rhs_S, upper=False)
-    x_S = torch.linalg.solve_triangular(L.mT, w, upper=True).squeeze(-1)
-    # The padding slots (all sent to index m) hold zeros.
-    x = torch.zeros(P, n, dtype=rhs.dtype, device=device)
-    return x.scatter_(-1, order, x_S)[:, :m], info > 0
+    m = rhs.shape[-1]
+    order = _ordered(~F if complement else F, size)
+    x, failed = _solve_ordered(M_padded, _zero_padded_rows(rhs), order)
+    return x[:, :m], failed
