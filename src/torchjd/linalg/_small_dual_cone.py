@@ -255,31 +255,70 @@ def _subsystem_solve(A: list[list[float]], F: list[int], b: list[float]) -> list
 
 
 def _tiny_subsystem_solve(A: list[list[float]], F: list[int], b: list[float]) -> list[float] | None:
-    """:func:`_subsystem_solve` of one to four rows, by :func:`_ldl_4` (fewer rows are padded
-    with identity rows, which leave the operations on the others unchanged): most systems of a
-    nearly diagonal matrix are this small, and a loop costs more than its arithmetic."""
+    """:func:`_subsystem_solve` of one to four rows, written out (the same operations, with
+    ``a_ij`` the lower triangle of ``A[F, F]``): most systems of a nearly diagonal matrix are
+    this small, and a loop costs more than its arithmetic."""
     n = len(F)
     if n == 1:
         d = A[F[0]][F[0]]
         return [b[0] / d] if d > 0.0 else None
-    f_1, f_2 = F[0], F[1]
-    A_2 = A[f_2]
-    lower = [A[f_1][f_1], A_2[f_1], A_2[f_2]]
     if n == 2:
-        lower += (0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-    else:
-        f_3 = F[2]
-        A_3 = A[f_3]
-        lower += (A_3[f_1], A_3[f_2], A_3[f_3])
-        lower += (0.0, 0.0, 0.0, 1.0) if n == 3 else itemgetter(*F)(A[F[3]])
-    x = _ldl_4(lower, [*b, 0.0, 0.0][:4])
-    return None if x is None else x[:n]
+        return _solve_2(A, F, b)
+    if n == 3:
+        return _solve_3(A, F, b)
+    return _solve_4(A, F, b)
 
 
-def _ldl_4(lower: list[float], b: list[float]) -> list[float] | None:
-    """The elimination of :func:`_subsystem_solve` on 4 rows, written out: ``lower`` is the lower
-    triangle of the matrix, row by row."""
-    a_11, a_21, a_22, a_31, a_32, a_33, a_41, a_42, a_43, a_44 = lower
+def _solve_2(A: list[list[float]], F: list[int], b: list[float]) -> list[float] | None:
+    f_1, f_2 = F
+    a_11 = A[f_1][f_1]
+    a_21, a_22 = A[f_2][f_1], A[f_2][f_2]
+    b_1, b_2 = b
+    if not a_11 > 0.0:
+        return None
+    l_21 = a_21 / a_11
+    a_22 -= l_21 * a_21
+    b_2 -= l_21 * b_1
+    if not a_22 > 0.0:
+        return None
+    x_2 = b_2 / a_22
+    return [(b_1 - a_21 * x_2) / a_11, x_2]
+
+
+def _solve_3(A: list[list[float]], F: list[int], b: list[float]) -> list[float] | None:
+    f_1, f_2, f_3 = F
+    A_2, A_3 = A[f_2], A[f_3]
+    a_11 = A[f_1][f_1]
+    a_21, a_22 = A_2[f_1], A_2[f_2]
+    a_31, a_32, a_33 = A_3[f_1], A_3[f_2], A_3[f_3]
+    b_1, b_2, b_3 = b
+    if not a_11 > 0.0:
+        return None
+    l_21, l_31 = a_21 / a_11, a_31 / a_11
+    a_22 -= l_21 * a_21
+    a_32 -= l_31 * a_21
+    a_33 -= l_31 * a_31
+    b_2 -= l_21 * b_1
+    b_3 -= l_31 * b_1
+    if not a_22 > 0.0:
+        return None
+    l_32 = a_32 / a_22
+    a_33 -= l_32 * a_32
+    b_3 -= l_32 * b_2
+    if not a_33 > 0.0:
+        return None
+    x_3 = b_3 / a_33
+    x_2 = (b_2 - a_32 * x_3) / a_22
+    return [(b_1 - a_21 * x_2 - a_31 * x_3) / a_11, x_2, x_3]
+
+
+def _solve_4(A: list[list[float]], F: list[int], b: list[float]) -> list[float] | None:
+    f_1, f_2, f_3, f_4 = F
+    A_2, A_3, A_4 = A[f_2], A[f_3], A[f_4]
+    a_11 = A[f_1][f_1]
+    a_21, a_22 = A_2[f_1], A_2[f_2]
+    a_31, a_32, a_33 = A_3[f_1], A_3[f_2], A_3[f_3]
+    a_41, a_42, a_43, a_44 = A_4[f_1], A_4[f_2], A_4[f_3], A_4[f_4]
     b_1, b_2, b_3, b_4 = b
     if not a_11 > 0.0:
         return None
