@@ -82,3 +82,24 @@ def test_gramian_by_dot_products_is_differentiable() -> None:
     (matrix_gramian(J) * weights).sum().backward()
     # d/dJ sum_ij W_ij (J Jᵀ)_ij = (W + Wᵀ) J
     torch.testing.assert_close(J.grad, (weights + weights.T) @ J.detach())
+
+
+@pytest.mark.parametrize(("m", "dtype"), [(4, torch.float32), (8, torch.float64)])
+def test_gramian_by_column_blocks(m: int, dtype: torch.dtype) -> None:
+    # A matrix of at least _BLOCK_MIN_BYTES with 4 to 8 rows is summed over blocks of columns
+    # (the last one shorter): it agrees with the float64 product.
+    n = gramian_module._BLOCK_MIN_BYTES // (m * torch.finfo(dtype).bits // 8) + 1000
+    J = torch.randn(m, n, generator=torch.Generator().manual_seed(m), dtype=dtype)
+    assert gramian_module._by_column_blocks(J)
+    expected = J.double() @ J.double().T
+    G = matrix_gramian(J)
+    assert G.dtype == dtype and G.shape == (m, m)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(G.double(), expected, rtol=tol, atol=tol * n)
+    summed = sum_of_gramians([J[:, :10], J], dtype)
+    torch.testing.assert_close(
+        summed.double(),
+        expected + J[:, :10].double() @ J[:, :10].double().T,
+        rtol=tol,
+        atol=tol * n,
+    )
