@@ -453,6 +453,19 @@ def test_upgrad_shortcut_equals_the_general_path() -> None:
     torch.testing.assert_close(weights, reference, rtol=1e-6, atol=1e-7)
 
 
+def _projected_like_quadprog(
+    U: torch.Tensor, G: torch.Tensor, A: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> list:
+    """Project with the default projector, check it against quadprog and the optimality
+    conditions of ``A``, and return the systems it gathered."""
+    reference = QuadprogProjector()(U, G)
+    systems = _record_systems(monkeypatch)
+    W = BlockPivotingProjector()(U, G)
+    torch.testing.assert_close(W, reference, rtol=1e-6, atol=1e-6)
+    _assert_kkt(U, W, A, tol=1e-9)
+    return systems
+
+
 def test_inverse_route_with_small_free_sets(monkeypatch: pytest.MonkeyPatch) -> None:
     # Rows that mostly agree (a common component): few constraints are free, so after the first
     # exchange the free sets are the smaller ones and the systems A_FF are gathered from A.
@@ -462,13 +475,9 @@ def test_inverse_route_with_small_free_sets(monkeypatch: pytest.MonkeyPatch) -> 
     J = J + 3.0 * torch.randn(1, 60, generator=generator, dtype=torch.float64)
     J[:4] *= -1.0  # a few rows conflict with the others
     G = J @ J.T
-    U = torch.cat([torch.diag(torch.rand(m, generator=generator, dtype=torch.float64))])
+    U = torch.diag(torch.rand(m, generator=generator, dtype=torch.float64))
     A = G / G.trace() + 1e-4 * torch.eye(m, dtype=G.dtype)
-    reference = QuadprogProjector()(U, G)
-    systems = _record_systems(monkeypatch)
-    W = BlockPivotingProjector()(U, G)
-    torch.testing.assert_close(W, reference, rtol=1e-6, atol=1e-6)
-    _assert_kkt(U, W, A, tol=1e-9)
+    systems = _projected_like_quadprog(U, G, A, monkeypatch)
     assert any(torch.allclose(M[:m, :m], A, atol=1e-12) for M, _ in systems)
 
 
@@ -486,11 +495,7 @@ def test_inverse_route_when_sets_change_by_several_indices(
     G = J @ J.T
     U = _vectors(m, generator)
     A = G / G.trace() + 1e-4 * torch.eye(m, dtype=G.dtype)
-    reference = QuadprogProjector()(U, G)
-    systems = _record_systems(monkeypatch)
-    W = BlockPivotingProjector()(U, G)
-    torch.testing.assert_close(W, reference, rtol=1e-6, atol=1e-6)
-    _assert_kkt(U, W, A, tol=1e-9)
+    systems = _projected_like_quadprog(U, G, A, monkeypatch)
     # Several iterations, some of them on fewer problems than the whole batch.
     assert len(systems) >= 3
     assert any(order.shape[0] < U.shape[0] for _, order in systems)
