@@ -178,3 +178,17 @@ def test_written_out_systems_match_the_loop_bit_for_bit(n: int) -> None:
             expected = small_dual_cone._looped_solve(A, F, b)
             assert expected is not None
             assert small_dual_cone._subsystem_solve(A, F, b) == expected
+
+
+@pytest.mark.parametrize("n", range(1, 5))
+def test_written_out_residuals_match_the_sum_bit_for_bit(n: int) -> None:
+    # y_C decides the exchanges: the written-out residuals must give the values of the sum.
+    generator = torch.Generator().manual_seed(1100 + n)
+    A = torch.randn(8, 8, generator=generator, dtype=torch.float64).tolist()
+    for _ in range(20):
+        F = sorted(torch.randperm(8, generator=generator)[:n].tolist())
+        C = [j for j in range(8) if j not in F]
+        q = torch.randn(8, generator=generator, dtype=torch.float64).tolist()
+        x = torch.randn(n, generator=generator, dtype=torch.float64).tolist()
+        expected = small_dual_cone._residuals(A, q, F, C, x)
+        assert small_dual_cone._RESIDUALS[n](A, q, F, C, x) == expected

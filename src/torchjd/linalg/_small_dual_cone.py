@@ -214,7 +214,7 @@ def _add_unit_solution(
         minus_z = _SOLVERS[len(F)](A, F, pick(q))
         if minus_z is None:
             return False
-        y_C = [q[j] - sum(map(mul, pick(A[j]), minus_z)) for j in C]
+        y_C = _RESIDUALS[len(F)](A, q, F, C, minus_z)
         if max(minus_z) <= _REL_TOL and (not y_C or min(y_C) >= tol_y):
             weights[i] += p
             for j, value in zip(F, minus_z):
@@ -225,6 +225,52 @@ def _add_unit_solution(
         every, best, stalled = _exchanges_all(infeasible.bit_count(), best, stalled)
         free ^= infeasible if every else 1 << (infeasible.bit_length() - 1)  # Murty: the largest
     return False
+
+
+def _residuals(
+    A: list[list[float]], q: list[float], F: list[int], C: list[int], x: list[float]
+) -> list[float]:
+    """``q_C - A_CF x``, each product ``A_jF x`` summed in the order of ``F``, reading the rows
+    ``C`` of ``A``. :func:`_residuals_1` to :func:`_residuals_4` give the same values for one to
+    four indices ``F``, written out: the sum's calls cost more than its few terms."""
+    pick = _picker(F)
+    return [q[j] - sum(map(mul, pick(A[j]), x)) for j in C]
+
+
+def _residuals_1(
+    A: list[list[float]], q: list[float], F: list[int], C: list[int], x: list[float]
+) -> list[float]:
+    (f_1,), (x_1,) = F, x
+    return [q[j] - A[j][f_1] * x_1 for j in C]
+
+
+def _residuals_2(
+    A: list[list[float]], q: list[float], F: list[int], C: list[int], x: list[float]
+) -> list[float]:
+    (f_1, f_2), (x_1, x_2) = F, x
+    return [q[j] - (A_j[f_1] * x_1 + A_j[f_2] * x_2) for j in C for A_j in (A[j],)]
+
+
+def _residuals_3(
+    A: list[list[float]], q: list[float], F: list[int], C: list[int], x: list[float]
+) -> list[float]:
+    (f_1, f_2, f_3), (x_1, x_2, x_3) = F, x
+    return [q[j] - (A_j[f_1] * x_1 + A_j[f_2] * x_2 + A_j[f_3] * x_3) for j in C for A_j in (A[j],)]
+
+
+def _residuals_4(
+    A: list[list[float]], q: list[float], F: list[int], C: list[int], x: list[float]
+) -> list[float]:
+    (f_1, f_2, f_3, f_4), (x_1, x_2, x_3, x_4) = F, x
+    return [
+        q[j] - (A_j[f_1] * x_1 + A_j[f_2] * x_2 + A_j[f_3] * x_3 + A_j[f_4] * x_4)
+        for j in C
+        for A_j in (A[j],)
+    ]
+
+
+# The residuals of each number of free indices (index 0 unused).
+_RESIDUALS = (None, _residuals_1, _residuals_2, _residuals_3, _residuals_4) + (_residuals,) * 4
 
 
 @cache
