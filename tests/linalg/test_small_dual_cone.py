@@ -159,3 +159,36 @@ def test_summed_diagonal_solutions_with_negative_preferences(dtype: torch.dtype)
     assert weights is not None and weights.dtype == dtype
     expected = QuadprogProjector()(torch.diag(prefs), G).sum(dim=0)
     torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", range(2, 7))
+def test_written_out_systems_match_the_loop_bit_for_bit(n: int) -> None:
+    # The written-out solvers do the loop's operations in its order: the same float64 values, on
+    # nearly singular matrices too (where a different order would show in the last places).
+    generator = torch.Generator().manual_seed(1000 + n)
+    for scale in (1.0, 1e-6):
+        B = torch.randn(8, 3, generator=generator, dtype=torch.float64)
+        S = B @ B.T + scale * torch.eye(8, dtype=torch.float64)
+        A = (
+            torch.tril(S) + torch.triu(torch.randn(8, 8, generator=generator), diagonal=1)
+        ).tolist()
+        for _ in range(20):
+            F = sorted(torch.randperm(8, generator=generator)[:n].tolist())
+            b = torch.randn(n, generator=generator, dtype=torch.float64).tolist()
+            expected = small_dual_cone._looped_solve(A, F, b)
+            assert expected is not None
+            assert small_dual_cone._subsystem_solve(A, F, b) == expected
+
+
+@pytest.mark.parametrize("n", range(1, 5))
+def test_written_out_residuals_match_the_sum_bit_for_bit(n: int) -> None:
+    # y_C decides the exchanges: the written-out residuals must give the values of the sum.
+    generator = torch.Generator().manual_seed(1100 + n)
+    A = torch.randn(8, 8, generator=generator, dtype=torch.float64).tolist()
+    for _ in range(20):
+        F = sorted(torch.randperm(8, generator=generator)[:n].tolist())
+        C = [j for j in range(8) if j not in F]
+        q = torch.randn(8, generator=generator, dtype=torch.float64).tolist()
+        x = torch.randn(n, generator=generator, dtype=torch.float64).tolist()
+        expected = small_dual_cone._residuals(A, q, F, C, x)
+        assert small_dual_cone._RESIDUALS[n](A, q, F, C, x) == expected

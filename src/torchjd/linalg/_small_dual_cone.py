@@ -18,6 +18,7 @@ warnings).
 import math
 from array import array
 from collections.abc import Callable, Iterable
+from functools import cache
 from operator import itemgetter, mul
 
 import torch
@@ -166,58 +167,129 @@ def _solve(
 def _exchanged(infeasible: list[int], best: int, stalled: int) -> tuple[list[int], int, int]:
     """The indices to exchange among the ``infeasible`` ones (increasing), with the updated
     smallest number of infeasible indices ``best`` and number of exchanges ``stalled`` since it
-    was reached: all of them, or only the largest (Murty's rule) once that number has not reached
-    a new minimum for more than ``_PATIENCE`` exchanges."""
-    if len(infeasible) < best:
-        return infeasible, len(infeasible), 0
+    was reached (see :func:`_exchanges_all`)."""
+    every, best, stalled = _exchanges_all(len(infeasible), best, stalled)
+    return (infeasible if every else infeasible[-1:]), best, stalled
+
+
+def _exchanges_all(n_infeasible: int, best: int, stalled: int) -> tuple[bool, int, int]:
+    """Whether all ``n_infeasible`` infeasible indices are exchanged, or only the largest
+    (Murty's rule, once their number has not reached a new minimum ``best`` for more than
+    ``_PATIENCE`` exchanges), with the updated ``best`` and number of exchanges ``stalled``
+    since it was reached."""
+    if n_infeasible < best:
+        return True, n_infeasible, 0
     stalled += 1
-    return (infeasible[-1:] if stalled > _PATIENCE else infeasible), best, stalled
+    return stalled <= _PATIENCE, best, stalled
 
 
 def _add_unit_solution(
-    A: list[list[float]], i: int, p: float, tol_y: float, weights: list[float]
+    A: list[list[float]],
+    i: int,
+    p: float,
+    tol_y: float,
+    weights: list[float],
+    subsets: list[tuple[list[int], list[int], Callable[[list[float]], list[float]]]],
 ) -> bool:
     r""":func:`_solve` for ``u = e_i`` (with ``tol_y``, the tolerance of ``y``, for this ``u``),
     written for UPGrad's problems: ``p`` times the solution ``e_i + z`` is added to ``weights``;
-    False (and ``weights`` unusable) where :func:`_solve` would give None.
+    False (and ``weights`` unusable) where :func:`_solve` would give None. ``subsets`` is
+    :func:`_subsets` of ``len(A)``.
 
     The same exchanges as :func:`_solve`, with less interpretation around them: most of these
-    problems end after one or two systems of a few rows. The system is solved for ``-z_F``
-    (``A_FF (-z_F) = q_F``, ``q = A e_i``), and ``y = A (e_i + z)`` is formed on the constrained
-    indices only, where it is checked, as ``y_C = q_C - A_CF (-z_F)``."""
+    problems end after one or two systems of a few rows. The free indices are a bit mask, whose
+    indices, complement and entry getter are looked up (building them cost a fifth of the time).
+    The system is solved for ``-z_F`` (``A_FF (-z_F) = q_F``, ``q = A e_i``), and
+    ``y = A (e_i + z)`` is formed on the constrained indices only, where it is checked, as
+    ``y_C = q_C - A_CF (-z_F)``."""
     q = A[i]
     m = len(q)
-    F = [j for j in range(m) if q[j] < tol_y]  # infeasible at z = 0, where y = q
-    best, stalled = len(F), 0
+    free = sum([1 << j for j in range(m) if q[j] < tol_y])  # infeasible at z = 0, where y = q
+    best, stalled = free.bit_count(), 0
     for _ in range(50 + 10 * m):
-        if not F:
+        if not free:
             weights[i] += p
             return True
-        pick = _picker(F)
-        minus_z = _subsystem_solve(A, F, pick(q))
+        F, C, pick = subsets[free]
+        minus_z = _SOLVERS[len(F)](A, F, pick(q))
         if minus_z is None:
             return False
-        C = [j for j in range(m) if j not in F]
-        y_C = [q[j] - sum(map(mul, pick(A[j]), minus_z)) for j in C]
+        y_C = _RESIDUALS[len(F)](A, q, F, C, minus_z)
         if max(minus_z) <= _REL_TOL and (not y_C or min(y_C) >= tol_y):
             weights[i] += p
             for j, value in zip(F, minus_z):
                 weights[j] -= p * value
             return True
-        drop = [j for j, value in zip(F, minus_z) if value > _REL_TOL]
-        infeasible = sorted(drop + [j for j, y_j in zip(C, y_C) if y_j < tol_y])
-        infeasible, best, stalled = _exchanged(infeasible, best, stalled)
-        F = sorted(set(F).symmetric_difference(infeasible))
+        infeasible = sum([1 << j for j, value in zip(F, minus_z) if value > _REL_TOL])
+        infeasible += sum([1 << j for j, y_j in zip(C, y_C) if y_j < tol_y])
+        every, best, stalled = _exchanges_all(infeasible.bit_count(), best, stalled)
+        free ^= infeasible if every else 1 << (infeasible.bit_length() - 1)  # Murty: the largest
     return False
 
 
-def _picker(F: list[int]) -> Callable[[list[float]], tuple[float, ...]]:
-    """The entries ``F`` of a list, as a tuple (``itemgetter`` alone gives a number for one
-    index)."""
+def _residuals(
+    A: list[list[float]], q: list[float], F: list[int], C: list[int], x: list[float]
+) -> list[float]:
+    """``q_C - A_CF x``, each product ``A_jF x`` summed in the order of ``F``, reading the rows
+    ``C`` of ``A``. :func:`_residuals_1` to :func:`_residuals_4` give the same values for one to
+    four indices ``F``, written out: the sum's calls cost more than its few terms."""
+    pick = _picker(F)
+    return [q[j] - sum(map(mul, pick(A[j]), x)) for j in C]
+
+
+def _residuals_1(
+    A: list[list[float]], q: list[float], F: list[int], C: list[int], x: list[float]
+) -> list[float]:
+    (f_1,), (x_1,) = F, x
+    return [q[j] - A[j][f_1] * x_1 for j in C]
+
+
+def _residuals_2(
+    A: list[list[float]], q: list[float], F: list[int], C: list[int], x: list[float]
+) -> list[float]:
+    (f_1, f_2), (x_1, x_2) = F, x
+    return [q[j] - (A_j[f_1] * x_1 + A_j[f_2] * x_2) for j in C for A_j in (A[j],)]
+
+
+def _residuals_3(
+    A: list[list[float]], q: list[float], F: list[int], C: list[int], x: list[float]
+) -> list[float]:
+    (f_1, f_2, f_3), (x_1, x_2, x_3) = F, x
+    return [q[j] - (A_j[f_1] * x_1 + A_j[f_2] * x_2 + A_j[f_3] * x_3) for j in C for A_j in (A[j],)]
+
+
+def _residuals_4(
+    A: list[list[float]], q: list[float], F: list[int], C: list[int], x: list[float]
+) -> list[float]:
+    (f_1, f_2, f_3, f_4), (x_1, x_2, x_3, x_4) = F, x
+    return [
+        q[j] - (A_j[f_1] * x_1 + A_j[f_2] * x_2 + A_j[f_3] * x_3 + A_j[f_4] * x_4)
+        for j in C
+        for A_j in (A[j],)
+    ]
+
+
+# The residuals of each number of free indices (index 0 unused).
+_RESIDUALS = (None, _residuals_1, _residuals_2, _residuals_3, _residuals_4) + (_residuals,) * 4
+
+
+@cache
+def _subsets(m: int) -> list[tuple[list[int], list[int], Callable[[list[float]], list[float]]]]:
+    """For each subset of ``range(m)`` by its bit mask: its indices ``F`` (increasing), the
+    others, and a getter of the entries ``F`` of a list (None for the empty set)."""
+    table = []
+    for mask in range(1 << m):
+        F = [j for j in range(m) if mask >> j & 1]
+        table.append((F, [j for j in range(m) if not mask >> j & 1], _picker(F)))
+    return table
+
+
+def _picker(F: list[int]) -> Callable[[list[float]], list[float]] | None:
+    """The entries ``F`` of a list, as a sequence (``itemgetter`` alone gives a number for one
+    index), or None for no index."""
     if len(F) > 1:
         return itemgetter(*F)
-    (f,) = F
-    return lambda row: (row[f],)
+    return itemgetter(slice(F[0], F[0] + 1)) if F else None
 
 
 def _subsystem_solve(A: list[list[float]], F: list[int], b: list[float]) -> list[float] | None:
@@ -226,11 +298,15 @@ def _subsystem_solve(A: list[list[float]], F: list[int], b: list[float]) -> list
     None when a pivot is not positive: ``A[F, F]`` is not numerically positive definite.
 
     Symmetric Gaussian elimination (``L D Lᵀ`` without pivoting, as stable as Cholesky's on a
-    positive definite matrix), on the lower triangle only, with scalar loops: on at most 8 rows
-    the interpreter's cost per operation outweighs the arithmetic."""
+    positive definite matrix), on the lower triangle only, with scalar operations: on at most 8
+    rows the interpreter's cost per operation outweighs the arithmetic."""
+    return _SOLVERS[len(F)](A, F, b)
+
+
+def _looped_solve(A: list[list[float]], F: list[int], b: list[float]) -> list[float] | None:
+    """:func:`_subsystem_solve` by loops, for the systems of seven or eight rows (rare: at most one
+    constrained index)."""
     n = len(F)
-    if n <= 4:
-        return _tiny_subsystem_solve(A, F, b)
     pick = itemgetter(*F)
     L = [list(pick(A[f])) for f in F]
     x = list(b)
@@ -254,19 +330,13 @@ def _subsystem_solve(A: list[list[float]], F: list[int], b: list[float]) -> list
     return x
 
 
-def _tiny_subsystem_solve(A: list[list[float]], F: list[int], b: list[float]) -> list[float] | None:
-    """:func:`_subsystem_solve` of one to four rows, written out (the same operations, with
-    ``a_ij`` the lower triangle of ``A[F, F]``): most systems of a nearly diagonal matrix are
-    this small, and a loop costs more than its arithmetic."""
-    n = len(F)
-    if n == 1:
-        d = A[F[0]][F[0]]
-        return [b[0] / d] if d > 0.0 else None
-    if n == 2:
-        return _solve_2(A, F, b)
-    if n == 3:
-        return _solve_3(A, F, b)
-    return _solve_4(A, F, b)
+def _solve_1(A: list[list[float]], F: list[int], b: list[float]) -> list[float] | None:
+    """:func:`_subsystem_solve` of one row. Systems of one to six rows are written out (the same
+    operations as the loop of :func:`_looped_solve`, with ``a_ij`` the lower triangle of
+    ``A[F, F]``): most systems of a nearly diagonal matrix are this small, and a loop costs several
+    times its arithmetic."""
+    d = A[F[0]][F[0]]
+    return [b[0] / d] if d > 0.0 else None
 
 
 def _solve_2(A: list[list[float]], F: list[int], b: list[float]) -> list[float] | None:
@@ -353,6 +423,138 @@ def _solve_4(A: list[list[float]], F: list[int], b: list[float]) -> list[float] 
     return [(b_1 - a_21 * x_2 - a_31 * x_3 - a_41 * x_4) / a_11, x_2, x_3, x_4]
 
 
+def _solve_5(A: list[list[float]], F: list[int], b: list[float]) -> list[float] | None:
+    f_1, f_2, f_3, f_4, f_5 = F
+    A_2, A_3, A_4, A_5 = A[f_2], A[f_3], A[f_4], A[f_5]
+    a_11 = A[f_1][f_1]
+    a_21, a_22 = A_2[f_1], A_2[f_2]
+    a_31, a_32, a_33 = A_3[f_1], A_3[f_2], A_3[f_3]
+    a_41, a_42, a_43, a_44 = A_4[f_1], A_4[f_2], A_4[f_3], A_4[f_4]
+    a_51, a_52, a_53, a_54, a_55 = A_5[f_1], A_5[f_2], A_5[f_3], A_5[f_4], A_5[f_5]
+    b_1, b_2, b_3, b_4, b_5 = b
+    if not a_11 > 0.0:
+        return None
+    l_21, l_31, l_41, l_51 = a_21 / a_11, a_31 / a_11, a_41 / a_11, a_51 / a_11
+    a_22 = a_22 - l_21 * a_21
+    a_32, a_33 = a_32 - l_31 * a_21, a_33 - l_31 * a_31
+    a_42, a_43, a_44 = a_42 - l_41 * a_21, a_43 - l_41 * a_31, a_44 - l_41 * a_41
+    a_52, a_53, a_54, a_55 = (
+        a_52 - l_51 * a_21,
+        a_53 - l_51 * a_31,
+        a_54 - l_51 * a_41,
+        a_55 - l_51 * a_51,
+    )
+    b_2, b_3, b_4, b_5 = b_2 - l_21 * b_1, b_3 - l_31 * b_1, b_4 - l_41 * b_1, b_5 - l_51 * b_1
+    if not a_22 > 0.0:
+        return None
+    l_32, l_42, l_52 = a_32 / a_22, a_42 / a_22, a_52 / a_22
+    a_33 = a_33 - l_32 * a_32
+    a_43, a_44 = a_43 - l_42 * a_32, a_44 - l_42 * a_42
+    a_53, a_54, a_55 = a_53 - l_52 * a_32, a_54 - l_52 * a_42, a_55 - l_52 * a_52
+    b_3, b_4, b_5 = b_3 - l_32 * b_2, b_4 - l_42 * b_2, b_5 - l_52 * b_2
+    if not a_33 > 0.0:
+        return None
+    l_43, l_53 = a_43 / a_33, a_53 / a_33
+    a_44 = a_44 - l_43 * a_43
+    a_54, a_55 = a_54 - l_53 * a_43, a_55 - l_53 * a_53
+    b_4, b_5 = b_4 - l_43 * b_3, b_5 - l_53 * b_3
+    if not a_44 > 0.0:
+        return None
+    l_54 = a_54 / a_44
+    a_55 = a_55 - l_54 * a_54
+    b_5 = b_5 - l_54 * b_4
+    if not a_55 > 0.0:
+        return None
+    x_5 = b_5 / a_55
+    x_4 = (b_4 - a_54 * x_5) / a_44
+    x_3 = (b_3 - a_43 * x_4 - a_53 * x_5) / a_33
+    x_2 = (b_2 - a_32 * x_3 - a_42 * x_4 - a_52 * x_5) / a_22
+    x_1 = (b_1 - a_21 * x_2 - a_31 * x_3 - a_41 * x_4 - a_51 * x_5) / a_11
+    return [x_1, x_2, x_3, x_4, x_5]
+
+
+def _solve_6(A: list[list[float]], F: list[int], b: list[float]) -> list[float] | None:
+    f_1, f_2, f_3, f_4, f_5, f_6 = F
+    A_2, A_3, A_4, A_5, A_6 = A[f_2], A[f_3], A[f_4], A[f_5], A[f_6]
+    a_11 = A[f_1][f_1]
+    a_21, a_22 = A_2[f_1], A_2[f_2]
+    a_31, a_32, a_33 = A_3[f_1], A_3[f_2], A_3[f_3]
+    a_41, a_42, a_43, a_44 = A_4[f_1], A_4[f_2], A_4[f_3], A_4[f_4]
+    a_51, a_52, a_53, a_54, a_55 = A_5[f_1], A_5[f_2], A_5[f_3], A_5[f_4], A_5[f_5]
+    a_61, a_62, a_63, a_64, a_65, a_66 = A_6[f_1], A_6[f_2], A_6[f_3], A_6[f_4], A_6[f_5], A_6[f_6]
+    b_1, b_2, b_3, b_4, b_5, b_6 = b
+    if not a_11 > 0.0:
+        return None
+    l_21, l_31, l_41, l_51, l_61 = a_21 / a_11, a_31 / a_11, a_41 / a_11, a_51 / a_11, a_61 / a_11
+    a_22 = a_22 - l_21 * a_21
+    a_32, a_33 = a_32 - l_31 * a_21, a_33 - l_31 * a_31
+    a_42, a_43, a_44 = a_42 - l_41 * a_21, a_43 - l_41 * a_31, a_44 - l_41 * a_41
+    a_52, a_53, a_54, a_55 = (
+        a_52 - l_51 * a_21,
+        a_53 - l_51 * a_31,
+        a_54 - l_51 * a_41,
+        a_55 - l_51 * a_51,
+    )
+    a_62, a_63, a_64, a_65, a_66 = (
+        a_62 - l_61 * a_21,
+        a_63 - l_61 * a_31,
+        a_64 - l_61 * a_41,
+        a_65 - l_61 * a_51,
+        a_66 - l_61 * a_61,
+    )
+    b_2, b_3, b_4, b_5, b_6 = (
+        b_2 - l_21 * b_1,
+        b_3 - l_31 * b_1,
+        b_4 - l_41 * b_1,
+        b_5 - l_51 * b_1,
+        b_6 - l_61 * b_1,
+    )
+    if not a_22 > 0.0:
+        return None
+    l_32, l_42, l_52, l_62 = a_32 / a_22, a_42 / a_22, a_52 / a_22, a_62 / a_22
+    a_33 = a_33 - l_32 * a_32
+    a_43, a_44 = a_43 - l_42 * a_32, a_44 - l_42 * a_42
+    a_53, a_54, a_55 = a_53 - l_52 * a_32, a_54 - l_52 * a_42, a_55 - l_52 * a_52
+    a_63, a_64, a_65, a_66 = (
+        a_63 - l_62 * a_32,
+        a_64 - l_62 * a_42,
+        a_65 - l_62 * a_52,
+        a_66 - l_62 * a_62,
+    )
+    b_3, b_4, b_5, b_6 = b_3 - l_32 * b_2, b_4 - l_42 * b_2, b_5 - l_52 * b_2, b_6 - l_62 * b_2
+    if not a_33 > 0.0:
+        return None
+    l_43, l_53, l_63 = a_43 / a_33, a_53 / a_33, a_63 / a_33
+    a_44 = a_44 - l_43 * a_43
+    a_54, a_55 = a_54 - l_53 * a_43, a_55 - l_53 * a_53
+    a_64, a_65, a_66 = a_64 - l_63 * a_43, a_65 - l_63 * a_53, a_66 - l_63 * a_63
+    b_4, b_5, b_6 = b_4 - l_43 * b_3, b_5 - l_53 * b_3, b_6 - l_63 * b_3
+    if not a_44 > 0.0:
+        return None
+    l_54, l_64 = a_54 / a_44, a_64 / a_44
+    a_55 = a_55 - l_54 * a_54
+    a_65, a_66 = a_65 - l_64 * a_54, a_66 - l_64 * a_64
+    b_5, b_6 = b_5 - l_54 * b_4, b_6 - l_64 * b_4
+    if not a_55 > 0.0:
+        return None
+    l_65 = a_65 / a_55
+    a_66 = a_66 - l_65 * a_65
+    b_6 = b_6 - l_65 * b_5
+    if not a_66 > 0.0:
+        return None
+    x_6 = b_6 / a_66
+    x_5 = (b_5 - a_65 * x_6) / a_55
+    x_4 = (b_4 - a_54 * x_5 - a_64 * x_6) / a_44
+    x_3 = (b_3 - a_43 * x_4 - a_53 * x_5 - a_63 * x_6) / a_33
+    x_2 = (b_2 - a_32 * x_3 - a_42 * x_4 - a_52 * x_5 - a_62 * x_6) / a_22
+    x_1 = (b_1 - a_21 * x_2 - a_31 * x_3 - a_41 * x_4 - a_51 * x_5 - a_61 * x_6) / a_11
+    return [x_1, x_2, x_3, x_4, x_5, x_6]
+
+
+# The solver of each size of system (index 0 unused).
+_SOLVERS = (None, _solve_1, _solve_2, _solve_3, _solve_4, _solve_5, _solve_6) + (_looped_solve,) * 2
+
+
 def summed_diagonal_solutions(
     G: Tensor, prefs: list[float], norm_eps: float, reg_eps: float
 ) -> Tensor | None:
@@ -426,9 +628,10 @@ def _summed(A: list[list[float]], prefs: list[float]) -> list[float] | None:
     diagonal_max = max(A[i][i] for i in range(m))
     tol_y = -_REL_TOL * diagonal_max
     weights = [0.0] * m
+    subsets = _subsets(m)
     for i, p in enumerate(prefs):
         if p > 0.0:
-            if not _add_unit_solution(A, i, p, tol_y, weights):
+            if not _add_unit_solution(A, i, p, tol_y, weights, subsets):
                 return None
         elif p < 0.0:
             u = [0.0] * m
