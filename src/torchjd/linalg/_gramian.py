@@ -6,16 +6,13 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-# A Gramian of at most this many rows of at least this many entries each, on the CPU, is formed
-# by dot products of the rows: there, one matrix product of a few long rows runs well below the
-# memory's speed (at m = 2, n = 1e6, the three dot products take about 0.6 of its time).
-_DOT_MAX_ROWS = 3
-_DOT_MIN_COLUMNS = 1 << 17
-# A Gramian of 4 to 8 rows whose matrix takes at least this many bytes, on the CPU, is summed over
+# A Gramian of 3 to 8 rows whose matrix takes at least this many bytes, on the CPU, is summed over
 # blocks of _BLOCK_COLUMNS columns: each block is read once from memory and reused from the
-# cache, where one product of the whole matrix reads it twice (at m = 8, n = 1e6, in float32, the
-# blocks take about 0.6 of the product's time; from 12 rows, the product is as fast).
-_BLOCK_MIN_ROWS, _BLOCK_MAX_ROWS = 4, 8
+# cache, where one product of the whole matrix reads it twice (in float32 at n = 1e6, the blocks
+# take about 0.5-0.75 of the product's time at m = 8 and 0.8 at m = 3; from 12 rows, the product
+# is as fast). Two rows keep the product: blocks are slower there on some CPUs, and dot products
+# of the rows, faster on some, take twice its time on others.
+_BLOCK_MIN_ROWS, _BLOCK_MAX_ROWS = 3, 8
 _BLOCK_MIN_BYTES = 16 << 20
 _BLOCK_COLUMNS = 1 << 15
 
@@ -30,14 +27,8 @@ def compute_gramian(t: Tensor) -> Tensor:
 
 
 def matrix_gramian(matrix: Tensor) -> Tensor:
-    """``matrix @ matrix.T`` of a 2-D ``matrix``; a few long rows on the CPU by dot products or
-    by blocks of columns."""
-    if _by_dot_products(matrix):
-        rows = matrix.unbind(0)
-        m = len(rows)
-        dots = {(i, j): torch.dot(rows[i], rows[j]) for i in range(m) for j in range(i, m)}
-        entries = [dots[min(i, j), max(i, j)] for i in range(m) for j in range(m)]
-        return torch.stack(entries).view(m, m)
+    """``matrix @ matrix.T`` of a 2-D ``matrix``; a few long rows on the CPU by blocks of
+    columns."""
     if _by_column_blocks(matrix):
         blocks = matrix.split(_BLOCK_COLUMNS, dim=1)
         gramian = blocks[0] @ blocks[0].T
@@ -58,17 +49,6 @@ def _by_column_blocks(matrix: Tensor) -> bool:
     )
 
 
-def _by_dot_products(matrix: Tensor) -> bool:
-    m, n = matrix.shape
-    return (
-        2 <= m <= _DOT_MAX_ROWS
-        and n >= _DOT_MIN_COLUMNS
-        and matrix.device.type == "cpu"
-        and matrix.dtype in (torch.float32, torch.float64)
-        and matrix.is_contiguous()
-    )
-
-
 def _as_matrix(t: Tensor) -> Tensor:
     """``t`` viewed as ``[t.shape[0], -1]`` (also with zero rows, where ``-1`` is ambiguous)."""
     return t.flatten(start_dim=1) if t.ndim > 1 else t.unsqueeze(1)
@@ -83,7 +63,7 @@ def sum_of_gramians(blocks: Iterable[Tensor], dtype: torch.dtype) -> Tensor:
         matrix = _as_matrix(block).to(dtype=dtype)
         if gramian is None:
             gramian = matrix_gramian(matrix)
-        elif _by_dot_products(matrix) or _by_column_blocks(matrix):
+        elif _by_column_blocks(matrix):
             gramian.add_(matrix_gramian(matrix))
         else:
             gramian.addmm_(matrix, matrix.T)
