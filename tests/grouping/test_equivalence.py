@@ -110,8 +110,11 @@ def test_the_declarations_cover_the_known_batched_aggregators() -> None:
 def test_batched_aggregators_match_the_loop_in_float32(make: type, n_tasks: int) -> None:
     # At most 4 tasks, so that every tensor (4 entries or more) has a non-singular Gramian: on a
     # singular one, IMTL-G and Aligned-MTL turn float32 rounding into large changes (a pseudo-
-    # inverse keeps or drops a singular value at the threshold), in the loop as well.
-    _compare(make, "per_tensor", n_tasks, dtype=torch.float32)
+    # inverse keeps or drops a singular value at the threshold), in the loop as well. One step:
+    # the spec's float32 tolerance is for one call, and over several training steps the two runs'
+    # float32 roundings (batched and single products round differently on some CPUs) drift apart
+    # on IMTL-G and Aligned-MTL; the float64 tests compare several steps and the states.
+    _compare(make, "per_tensor", n_tasks, dtype=torch.float32, steps=1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

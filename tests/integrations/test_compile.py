@@ -8,6 +8,7 @@ pass and works either way. Compiling is slow on small machines: the models are t
 """
 
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -109,11 +110,22 @@ def test_autojac_on_an_inductor_trunk_with_donated_buffers(
         _run_without_ci(request)
         return
     trunk, heads = _model()
+    expected = _eager_jacobian(trunk, heads)
     compiled = _compiled(trunk)
     losses, features = _losses(compiled, heads)
-    with pytest.raises(RuntimeError, match=r"donated_buffer = False.*autogram\.Engine") as info:
-        mtl_backward(losses, features=features, parallel_chunk_size=chunk)
-    assert "donated buffers" in str(info.value.__cause__)  # torch's own error, kept as the cause
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the batched attempt's fallback warning, if any
+            mtl_backward(losses, features=features, parallel_chunk_size=chunk)
+    except RuntimeError as error:
+        # The compiled backward donated its buffers: the error says what to do instead.
+        assert re.search(r"donated_buffer = False.*autogram\.Engine", str(error))
+        assert "donated buffers" in str(error.__cause__)  # torch's own error, kept as the cause
+        return
+    # Whether inductor donates the buffers of a given graph depends on the torch build and the
+    # machine; where it kept them, the Jacobians must be right.
+    jacobian = torch.cat([p.jac.flatten(1) for p in trunk.parameters()], dim=1)
+    assert torch.allclose(jacobian, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.usefixtures("fresh_dynamo")

@@ -330,7 +330,7 @@ class MGDA(GramianWeightedAggregator):
 
     >>> import torch
     >>> from torchjd.aggregation import MGDA
-    >>> MGDA()(torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]]))
+    >>> MGDA()(torch.tensor([[-1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]))
     tensor([0., 1., 1.])
     """
 
