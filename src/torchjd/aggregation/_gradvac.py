@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import cache
 
 import torch
 from torch import Tensor
 
+from torchjd._permutations import permuted, randperm_rows
 from torchjd._precision import working_dtype
 from torchjd._stateful import Stateful
 from torchjd.aggregation._bases import Forwarded, GramianWeightedAggregator, NoGrad, Weighting
@@ -27,14 +29,13 @@ def _draw_orders(n_problems: int, m: int) -> Tensor:
     global CPU generator (TorchJD's order of draws, so a seed gives the same numbers), which orders
     the other tasks ``[0, ..., i - 1, i + 1, ..., m - 1]``: entry ``k`` is task ``k + (k >= i)``.
     """
-    permutations = [torch.randperm(m - 1) for _ in range(n_problems * m)]
+    permutations = randperm_rows(n_problems * m, max(m - 1, 0))
     if m <= 1 or n_problems == 0:
         return torch.zeros(n_problems, m, max(m - 1, 0), dtype=torch.long)
     if m == 2:  # one partner each: task 0 visits 1, task 1 visits 0
         return _TWO_TASK_ORDERS.expand(n_problems, 2, 1)
-    stacked = torch.stack(permutations)
     tasks = torch.arange(m).repeat(n_problems)[:, None]
-    return (stacked + (stacked >= tasks)).view(n_problems, m, m - 1)
+    return (permutations + (permutations >= tasks)).view(n_problems, m, m - 1)
 
 
 _TWO_TASK_ORDERS = torch.tensor([[[1], [0]]])
@@ -205,6 +206,12 @@ def _two_tasks(
     return omega.flip(-1).add_(1.0), new_phi_hat
 
 
+@cache
+def _other_tasks(m: int) -> list[list[int]]:
+    """For each task ``i``, the other tasks ``[0, ..., i - 1, i + 1, ..., m - 1]``."""
+    return [[k + (k >= i) for k in range(m - 1)] for i in range(m)]
+
+
 def _on_host(gramian: Tensor, phi_hat: Tensor, beta: float, eps: float) -> tuple[Tensor, Tensor]:
     """:func:`_gradvac_weights` of one small Gramian on the CPU, with Python numbers (in double
     precision), drawing the visiting orders as :func:`_draw_orders` does: reading a CPU tensor
@@ -214,9 +221,7 @@ def _on_host(gramian: Tensor, phi_hat: Tensor, beta: float, eps: float) -> tuple
     m = gramian.shape[0]
     # The draws of _draw_orders; torch.randperm(1) leaves the generator as it is: two tasks need
     # none.
-    orders = [[1], [0]]
-    if m > 2:
-        orders = [[k + (k >= i) for k in torch.randperm(m - 1).tolist()] for i in range(m)]
+    orders = permuted(_other_tasks(m)) if m > 2 else [[1], [0]]
     g = gramian.tolist()
     targets = phi_hat.tolist()
     if not math.isfinite(sum(sum(row) for row in g)):  # NaN weights, targets left as they were

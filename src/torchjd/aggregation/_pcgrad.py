@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from torchjd._permutations import randperm_lists, randperm_rows
 from torchjd.aggregation._bases import GramianWeightedAggregator, NoGrad, Weighting
 from torchjd.linalg._matrix import PSDMatrix
 
@@ -19,12 +20,11 @@ def _draw_orders(n_problems: int, m: int) -> Tensor:
     CPU generator (TorchJD's order of draws, so a seed gives TorchJD's numbers); task ``i`` then
     visits the other tasks in that order, skipping itself.
     """
-    permutations = [torch.randperm(m) for _ in range(n_problems * m)]
+    stacked = randperm_rows(n_problems * m, m)  # [n_problems * m, m]
     if m <= 1 or n_problems == 0:
         return torch.zeros(n_problems, m, max(m - 1, 0), dtype=torch.long)
     if m == 2:  # one partner each: task 0 visits 1, task 1 visits 0
         return _TWO_TASK_ORDERS.expand(n_problems, 2, 1)
-    stacked = torch.stack(permutations)  # [n_problems * m, m]
     tasks = torch.arange(m).repeat(n_problems)[:, None]
     position = (stacked == tasks).int().argmax(dim=1, keepdim=True)  # column of i in its draw
     steps = torch.arange(m - 1)[None, :]
@@ -129,7 +129,8 @@ def _on_host(gramian: Tensor) -> Tensor | None:
     g = gramian.tolist()
     if not math.isfinite(sum(sum(row) for row in g)):
         return None
-    orders = _draw_orders(1, m)[0].tolist()
+    # The draws of _draw_orders: task i visits the others in the order of its permutation.
+    orders = [[k for k in p if k != i] for i, p in enumerate(randperm_lists(m, m))]
     weights = [1.0] * m
     for i in range(m):
         products = g[i]  # g_i^PC . g_k for every k
