@@ -296,9 +296,10 @@ class GradVacWeighting(NoGrad, LazyStateMixin, Weighting[PSDMatrix], Stateful):
     fresh one.
 
     Randomness: for ``i = 0, ..., m - 1``, one ``torch.randperm(m - 1)`` on the global CPU
-    generator, whatever the input's device (the order of TorchJD, so a seed gives the same numbers);
-    the drawn indices are moved to the input's device once per call and the computation stays
-    there, without host synchronisation. With at most 8 tasks on the CPU (where reading values
+    generator, whatever the input's device (the order of TorchJD, so a seed gives the same numbers;
+    all of a call's draws are replayed from one random call, with the same values); the drawn
+    indices are moved to the input's device once per call and the computation stays there, without
+    host synchronisation. With at most 8 tasks on the CPU (where reading values
     synchronises with nothing), a call is computed with Python numbers in double precision
     instead, with the same draws: its ``m (m - 1)`` steps are cheaper as scalar operations than as
     tensor ones. Not differentiable: runs under :func:`torch.no_grad`.

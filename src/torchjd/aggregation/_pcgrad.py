@@ -153,9 +153,10 @@ class PCGradWeighting(NoGrad, Weighting[PSDMatrix]):
     coefficients of :math:`\sum_i g_i^{PC}` on the original gradients.
 
     Randomness: for ``i = 0, ..., m - 1``, one ``torch.randperm(m)`` on the global CPU generator,
-    whatever the input's device (the order of TorchJD, so a seed gives the same numbers); the drawn
-    indices are moved to the input's device once per call and the computation stays there, in the
-    input's dtype, without host synchronisation. A zero row (:math:`\|g_j\|^2 = 0`) is never
+    whatever the input's device (the order of TorchJD, so a seed gives the same numbers; all of a
+    call's draws are replayed from one random call, with the same values); the drawn indices are
+    moved to the input's device once per call and the computation stays there, in the input's
+    dtype, without host synchronisation. A zero row (:math:`\|g_j\|^2 = 0`) is never
     projected on. Not differentiable: runs under :func:`torch.no_grad`.
     """
 
