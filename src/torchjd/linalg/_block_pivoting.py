@@ -742,16 +742,18 @@ def _solve_ordered(M_padded: Tensor, rhs_padded: Tensor, order: Tensor) -> tuple
         return torch.zeros_like(rhs_padded), torch.zeros(P, dtype=torch.bool, device=order.device)
     # Flat indices into M_padded: int32 when they fit (faster to build and to gather with).
     index = order.to(torch.int32 if c * n * n < 2**31 else torch.int64)
-    flat_index = (index * n).unsqueeze(-1) + index.unsqueeze(-2)
+    # The column term first: the sum is then written in order (faster on the CPU).
+    flat_index = index.unsqueeze(-2) + (index * n).unsqueeze(-1)
     if c > 1:
         owner = torch.arange(P, device=order.device, dtype=index.dtype) // (P // c)
         flat_index += (owner * (n * n)).view(P, 1, 1)
     M_SS = M_padded.flatten().index_select(0, flat_index.flatten()).view(P, size, size)
     M_SS.diagonal(dim1=-2, dim2=-1).add_(order == n - 1)  # the padding slots: a unit diagonal
-    L, info = torch.linalg.cholesky_ex(M_SS)
+    # M_SS = R^T R: the upper factor is faster to compute than the lower one on the CPU (LAPACK).
+    R, info = torch.linalg.cholesky_ex(M_SS, upper=True)
     # Two triangular solves: faster than cholesky_solve on large CPU batches.
-    w = torch.linalg.solve_triangular(L, rhs_padded.gather(-1, order).unsqueeze(-1), upper=False)
-    x_S = torch.linalg.solve_triangular(L.mT, w, upper=True).squeeze(-1)
+    w = torch.linalg.solve_triangular(R.mT, rhs_padded.gather(-1, order).unsqueeze(-1), upper=False)
+    x_S = torch.linalg.solve_triangular(R, w, upper=True).squeeze(-1)
     # The padding slots (all sent to index m) hold zeros.
     return torch.zeros_like(rhs_padded).scatter_(-1, order, x_S), info > 0
 
