@@ -757,10 +757,25 @@ def _solve_ordered(M_padded: Tensor, rhs_padded: Tensor, order: Tensor) -> tuple
     Return ``x`` (``[P, m + 1]``, 0 off ``S``) and whether each factorisation failed; each system
     is ``size x size``, its padding slots decoupled with a unit diagonal."""
     P, size = order.shape
-    n = M_padded.shape[-1]
-    c = 1 if M_padded.ndim == 2 else M_padded.shape[0]
     if size == 0:
         return torch.zeros_like(rhs_padded), torch.zeros(P, dtype=torch.bool, device=order.device)
+    # M_SS = R^T R: the upper factor is faster to compute than the lower one on the CPU (LAPACK).
+    # M_SS is freed as soon as it is factorised (the peak memory of large batches).
+    R, info = torch.linalg.cholesky_ex(_gathered_systems(M_padded, order), upper=True)
+    # Two triangular solves: faster than cholesky_solve on large CPU batches.
+    w = torch.linalg.solve_triangular(R.mT, rhs_padded.gather(-1, order).unsqueeze(-1), upper=False)
+    x_S = torch.linalg.solve_triangular(R, w, upper=True).squeeze(-1)
+    # The padding slots (all sent to index m) hold zeros.
+    return torch.zeros_like(rhs_padded).scatter_(-1, order, x_S), info > 0
+
+
+def _gathered_systems(M_padded: Tensor, order: Tensor) -> Tensor:
+    """The ``[P, size, size]`` systems of :func:`_solve_ordered`: ``M_SS`` for the slots of each
+    row of ``order``, with a unit diagonal in its padding slots (index ``n - 1`` of ``M_padded``,
+    whose row and column are zeros)."""
+    P, size = order.shape
+    n = M_padded.shape[-1]
+    c = 1 if M_padded.ndim == 2 else M_padded.shape[0]
     # Flat indices into M_padded: int32 when they fit (faster to build and to gather with).
     index = order.to(torch.int32 if c * n * n < 2**31 else torch.int64)
     # The column term first: the sum is then written in order (faster on the CPU).
@@ -769,14 +784,8 @@ def _solve_ordered(M_padded: Tensor, rhs_padded: Tensor, order: Tensor) -> tuple
         owner = torch.arange(P, device=order.device, dtype=index.dtype) // (P // c)
         flat_index += (owner * (n * n)).view(P, 1, 1)
     M_SS = M_padded.flatten().index_select(0, flat_index.flatten()).view(P, size, size)
-    M_SS.diagonal(dim1=-2, dim2=-1).add_(order == n - 1)  # the padding slots: a unit diagonal
-    # M_SS = R^T R: the upper factor is faster to compute than the lower one on the CPU (LAPACK).
-    R, info = torch.linalg.cholesky_ex(M_SS, upper=True)
-    # Two triangular solves: faster than cholesky_solve on large CPU batches.
-    w = torch.linalg.solve_triangular(R.mT, rhs_padded.gather(-1, order).unsqueeze(-1), upper=False)
-    x_S = torch.linalg.solve_triangular(R, w, upper=True).squeeze(-1)
-    # The padding slots (all sent to index m) hold zeros.
-    return torch.zeros_like(rhs_padded).scatter_(-1, order, x_S), info > 0
+    M_SS.diagonal(dim1=-2, dim2=-1).add_(order == n - 1)
+    return M_SS
 
 
 def _read_sizes(unsolved: Tensor, F: Tensor, large: bool) -> list[int]:
