@@ -702,8 +702,7 @@ def _pivot_through_inverse(
             if A_padded is None:
                 A_padded = _zero_padded(A)
             q_padded = _zero_padded_rows(q if active is None else q.index_select(0, active))
-            order = _ordered(~B, largest_free)
-            minus_z, failed = _solve_ordered(A_padded, q_padded, order)
+            minus_z, failed = _solve_ordered(A_padded, q_padded, _ordered(~B, largest_free))
             v = u_padded[:, :m] - minus_z[:, :m]
             y = torch.addmm(q_padded[:, :m], minus_z, A_padded[:, :m], alpha=-1.0)
             infeasible = torch.where(B, y < tol_y, v < low)
@@ -740,13 +739,18 @@ def _ordered(S: Tensor, size: int) -> Tensor:
     largest set of ``S``) holding the indices of the set and, in the other slots, the padding index
     ``m``, in no particular order (any order gives the same solutions)."""
     m = S.shape[-1]
-    flags = S.view(torch.uint8)
+    if S.device.type == "cpu":
+        # The largest flags are the set's (1), then any others (0), which become padding slots:
+        # on the CPU, topk of the bytes is faster than topk of integer keys.
+        flags = S.view(torch.uint8)
+        if size > m:
+            flags = torch.nn.functional.pad(flags, (0, size - m))
+        in_set, index = flags.topk(size, dim=-1, sorted=False)
+        return index.masked_fill_(in_set == 0, m)
+    keys = torch.where(S, torch.arange(m, device=S.device), m)
     if size > m:
-        flags = torch.nn.functional.pad(flags, (0, size - m))
-    # The largest flags are the set's (1), then any others (0), which become padding slots: on
-    # the CPU, topk of the bytes is faster than topk of integer keys.
-    in_set, index = flags.topk(size, dim=-1, sorted=False)
-    return index.masked_fill_(in_set == 0, m)
+        keys = torch.nn.functional.pad(keys, (0, size - m), value=m)
+    return keys.topk(size, dim=-1, largest=False, sorted=False).values
 
 
 def _solve_ordered(M_padded: Tensor, rhs_padded: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
