@@ -739,14 +739,6 @@ def _ordered(S: Tensor, size: int) -> Tensor:
     largest set of ``S``) holding the indices of the set and, in the other slots, the padding index
     ``m``, in no particular order (any order gives the same solutions)."""
     m = S.shape[-1]
-    if S.device.type == "cpu":
-        # The largest flags are the set's (1), then any others (0), which become padding slots:
-        # on the CPU, topk of the bytes is faster than topk of integer keys.
-        flags = S.view(torch.uint8)
-        if size > m:
-            flags = torch.nn.functional.pad(flags, (0, size - m))
-        in_set, index = flags.topk(size, dim=-1, sorted=False)
-        return index.masked_fill_(in_set == 0, m)
     keys = torch.where(S, torch.arange(m, device=S.device), m)
     if size > m:
         keys = torch.nn.functional.pad(keys, (0, size - m), value=m)
