@@ -13,6 +13,8 @@ Cases (the 12-block MLP of ``bench_grouping.py``, 76 tensors, ``.jac`` filled at
 - ``GroupedAggregator`` per tensor, UPGrad and GradVac, m = 8;
 - one call on one small tensor (the fixed cost of a call), UPGrad, m = 2, and with a weighting
   that costs one indexing (the application's own fixed cost, without the weighting's).
+- ``UPGradWeighting`` on the ``m = 128`` per-sample Gramians of 4 batches of the IWRM MLP and
+  CNN of ``bench_autogram.py`` (the instance-wise risk minimisation solve).
 
 Usage: ``python benchmarks/compare_commits.py OLD NEW [--rounds 5] [--repeats 15]``
 (e.g. ``HEAD~3 HEAD``; ``WORKTREE`` for the working tree as it is).
@@ -106,7 +108,21 @@ def _cases() -> dict[str, object]:
     cases["grouped per tensor GradVac m=8"] = grouped(GradVac, 8)
     cases["one small call UPGrad m=2"] = one_small_call
     cases["one small call, trivial weighting, m=2"] = one_small_call_trivial
+    for model in ("mlp", "cnn"):
+        cases[f"UPGradWeighting on 4 IWRM {model.upper()} Gramians, m=128"] = _iwrm_solves(model)
     return cases
+
+
+def _iwrm_solves(model: str) -> object:
+    """``UPGradWeighting`` on the per-sample Gramians of 4 batches of 128 (the IWRM models of
+    ``bench_autogram.py``, computed by the autogram ``Engine``)."""
+    from bench_autogram import _data, _gramians
+
+    from torchjd.aggregation import UPGradWeighting
+
+    gramians = _gramians(*_data(model, 128, 4))
+    weighting = UPGradWeighting()
+    return lambda: [weighting(gramian) for gramian in gramians]
 
 
 def measure(repeats: int) -> dict[str, float]:
