@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Sequence
 from functools import cache
 
@@ -221,39 +222,79 @@ def _on_host(gramian: Tensor, phi_hat: Tensor, beta: float, eps: float) -> tuple
     m = gramian.shape[0]
     # The draws of _draw_orders; torch.randperm(1) leaves the generator as it is: two tasks need
     # none.
-    orders = permuted(_other_tasks(m)) if m > 2 else [[1], [0]]
+    orders = permuted(_other_tasks(m)) if m > 2 else _TWO_TASK_LISTS
     g = gramian.tolist()
-    targets = phi_hat.tolist()
-    if not math.isfinite(sum(sum(row) for row in g)):  # NaN weights, targets left as they were
+    if not math.isfinite(sum(map(sum, g))):  # NaN weights, targets left as they were
         return torch.full((m,), math.nan, dtype=gramian.dtype), phi_hat
-    # sqrt of the positive part, written out: this loop is the whole cost of a call.
-    norms = [math.sqrt(x) if x > 0.0 else 0.0 for x in (g[j][j] for j in range(m))]
-    weights = [1.0] * m
-    new_targets = [row[:] for row in targets]
-    for i in range(m):
-        products = g[i]  # g_i^PC . g_k for every k
-        squared_norm = g[i][i]  # ||g_i^PC||^2
-        a = math.sqrt(squared_norm) if squared_norm > 0.0 else 0.0
-        for j in orders[i]:
-            b, target = norms[j], targets[i][j]
+    targets = phi_hat.tolist()  # updated in place: each pair (i, j) is read once, then written
+    weights = _pair_steps(g, targets, orders, beta, eps)
+    return _host_tensor(weights, gramian.dtype, (m,)), _host_tensor(
+        [x for row in targets for x in row], phi_hat.dtype, (m, m)
+    )
+
+
+def _pair_steps(
+    g: list[list[float]],
+    targets: list[list[float]],
+    orders: list[list[int]],
+    beta: float,
+    eps: float,
+) -> list[float]:
+    """The weights of the ``m (m - 1)`` steps of :func:`_on_host`; ``targets[i][j]`` becomes the
+    new target of each visited pair. This loop is the whole cost of a call: names are local and
+    ``sqrt`` of a positive part is written out."""
+    sqrt = math.sqrt
+    keep = 1.0 - beta
+    norms = [sqrt(row[j]) if row[j] > 0.0 else 0.0 for j, row in enumerate(g)]
+    weights = [1.0] * len(g)
+    for i, order in enumerate(orders):
+        row = g[i]  # g_i . g_k for every k
+        # The corrections (omega, g_j . g_k for every k) so far: g_i^PC . g_k is row[k] plus their
+        # terms, in order (the sums a list of all the products would hold, without computing the
+        # entries that are never read again).
+        corrections: list[tuple[float, list[float]]] = []
+        squared_norm = row[i]  # ||g_i^PC||^2
+        a = sqrt(squared_norm) if squared_norm > 0.0 else 0.0
+        row_targets = targets[i]
+        for j in order:
+            inner = row[j]  # g_i^PC . g_j
+            for earlier_omega, earlier_partner in corrections:
+                inner += earlier_omega * earlier_partner[j]
+            b = norms[j]
+            target = row_targets[j]
             phi_denominator = a * b + eps
-            phi = products[j] / phi_denominator if phi_denominator > 0.0 else 0.0
+            phi = inner / phi_denominator if phi_denominator > 0.0 else 0.0
             if phi < target:
                 target_cosine_gap = 1.0 - target * target
-                target_sine = math.sqrt(target_cosine_gap) if target_cosine_gap > 0.0 else 0.0
+                target_sine = sqrt(target_cosine_gap) if target_cosine_gap > 0.0 else 0.0
                 omega_denominator = b * target_sine + eps
                 if omega_denominator > 0.0:
                     cosine_gap = 1.0 - phi * phi
-                    sine = math.sqrt(cosine_gap) if cosine_gap > 0.0 else 0.0
+                    sine = sqrt(cosine_gap) if cosine_gap > 0.0 else 0.0
                     omega = a * (target * sine - phi * target_sine) / omega_denominator
                     weights[j] += omega
+                    partner = g[j]
                     # ||g + omega g_j||^2 = ||g||^2 + 2 omega (g . g_j + omega ||g_j||^2 / 2)
-                    squared_norm += 2.0 * omega * (products[j] + 0.5 * omega * g[j][j])
-                    a = math.sqrt(squared_norm) if squared_norm > 0.0 else 0.0
-                    products = [p + omega * x for p, x in zip(products, g[j])]
-            new_targets[i][j] = target * (1.0 - beta) + beta * phi
-    weights_tensor = torch.tensor(weights, dtype=gramian.dtype)
-    return weights_tensor, torch.tensor(new_targets, dtype=phi_hat.dtype)
+                    squared_norm += 2.0 * omega * (inner + 0.5 * omega * partner[j])
+                    a = sqrt(squared_norm) if squared_norm > 0.0 else 0.0
+                    corrections.append((omega, partner))
+            row_targets[j] = target * keep + beta * phi
+    return weights
+
+
+_TWO_TASK_LISTS = [[1], [0]]
+# The array type codes of the dtypes that _host_tensor builds through a buffer.
+_ARRAY_CODES = {torch.float32: "f", torch.float64: "d"}
+
+
+def _host_tensor(values: list[float], dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+    """``torch.tensor(values, dtype=dtype).view(shape)``, the same values: ``array`` rounds a
+    Python float to float32 as ``torch.tensor`` does, and a tensor over its buffer costs less than
+    ``torch.tensor`` reading the list (a good part of a call's cost)."""
+    code = _ARRAY_CODES.get(dtype)
+    if code is None:
+        return torch.tensor(values, dtype=dtype).view(shape)
+    return torch.frombuffer(array(code, values), dtype=dtype).view(shape)
 
 
 def _check_beta(beta: float) -> float:
