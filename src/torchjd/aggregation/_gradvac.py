@@ -228,9 +228,8 @@ def _on_host(gramian: Tensor, phi_hat: Tensor, beta: float, eps: float) -> tuple
         return torch.full((m,), math.nan, dtype=gramian.dtype), phi_hat
     targets = phi_hat.tolist()  # updated in place: each pair (i, j) is read once, then written
     weights = _pair_steps(g, targets, orders, beta, eps)
-    return _host_tensor(weights, gramian.dtype, (m,)), _host_tensor(
-        [x for row in targets for x in row], phi_hat.dtype, (m, m)
-    )
+    new_phi_hat = _host_vector([x for row in targets for x in row], phi_hat.dtype).view(m, m)
+    return _host_vector(weights, gramian.dtype), new_phi_hat
 
 
 def _pair_steps(
@@ -283,18 +282,18 @@ def _pair_steps(
 
 
 _TWO_TASK_LISTS = [[1], [0]]
-# The array type codes of the dtypes that _host_tensor builds through a buffer.
+# The array type codes of the dtypes that _host_vector builds through a buffer.
 _ARRAY_CODES = {torch.float32: "f", torch.float64: "d"}
 
 
-def _host_tensor(values: list[float], dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
-    """``torch.tensor(values, dtype=dtype).view(shape)``, the same values: ``array`` rounds a
-    Python float to float32 as ``torch.tensor`` does, and a tensor over its buffer costs less than
+def _host_vector(values: list[float], dtype: torch.dtype) -> Tensor:
+    """``torch.tensor(values, dtype=dtype)``, the same values: ``array`` rounds a Python float to
+    float32 as ``torch.tensor`` does, and a tensor over its buffer costs less than
     ``torch.tensor`` reading the list (a good part of a call's cost)."""
     code = _ARRAY_CODES.get(dtype)
     if code is None:
-        return torch.tensor(values, dtype=dtype).view(shape)
-    return torch.frombuffer(array(code, values), dtype=dtype).view(shape)
+        return torch.tensor(values, dtype=dtype)
+    return torch.frombuffer(array(code, values), dtype=dtype)
 
 
 def _check_beta(beta: float) -> float:
@@ -388,7 +387,7 @@ class GradVacWeighting(NoGrad, LazyStateMixin, Weighting[PSDMatrix], Stateful):
     def forward(self, stat: Tensor, /) -> Tensor:
         m, dtype = stat.shape[0], stat.dtype
         phi_hat = self._targets_for(m, dtype, stat.device)
-        if 2 <= m <= _HOST_MAX_M and stat.device.type == "cpu":
+        if 2 <= m <= _HOST_MAX_M and stat.is_cpu:
             weights, self.phi_hat = _on_host(stat, phi_hat, self.beta, self.eps)
             return weights
         compute = working_dtype(dtype)
@@ -433,7 +432,8 @@ class GradVacWeighting(NoGrad, LazyStateMixin, Weighting[PSDMatrix], Stateful):
 
     def _targets_for(self, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """The stored targets, re-created as zeros if ``m`` or the dtype changed, on ``device``."""
-        phi_hat = self.phi_hat
+        # From the buffer table: nn.Module.__getattr__ costs about a microsecond a call.
+        phi_hat = self._buffers["phi_hat"]
         if phi_hat.ndim != 2 or phi_hat.shape[0] != m or phi_hat.dtype != dtype:
             if phi_hat.ndim == 2:
                 old = f"{phi_hat.shape[0]} objectives in {phi_hat.dtype}"
