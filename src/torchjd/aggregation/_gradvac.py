@@ -222,7 +222,7 @@ def _on_host(gramian: Tensor, phi_hat: Tensor, beta: float, eps: float) -> tuple
     m = gramian.shape[0]
     # The draws of _draw_orders; torch.randperm(1) leaves the generator as it is: two tasks need
     # none.
-    orders = permuted(_other_tasks(m)) if m > 2 else _TWO_TASK_LISTS
+    orders = permuted(_other_tasks(m)) if m > 2 else _TWO_TASK_ORDER_LISTS
     g = gramian.tolist()
     if not math.isfinite(sum(map(sum, g))):  # NaN weights, targets left as they were
         return torch.full((m,), math.nan, dtype=gramian.dtype), phi_hat
@@ -235,7 +235,7 @@ def _on_host(gramian: Tensor, phi_hat: Tensor, beta: float, eps: float) -> tuple
 def _pair_steps(
     g: list[list[float]],
     targets: list[list[float]],
-    orders: list[list[int]],
+    orders: Sequence[Sequence[int]],
     beta: float,
     eps: float,
 ) -> list[float]:
@@ -248,9 +248,9 @@ def _pair_steps(
     weights = [1.0] * len(g)
     for i, order in enumerate(orders):
         row = g[i]  # g_i . g_k for every k
-        # The corrections (omega, g_j . g_k for every k) so far: g_i^PC . g_k is row[k] plus their
-        # terms, in order (the sums a list of all the products would hold, without computing the
-        # entries that are never read again).
+        # The corrections so far, (omega, g_j . g_k for every k): g_i^PC . g_k is row[k] plus
+        # their terms, added in order (the very sums that updating all the products after each
+        # correction would make, without the entries that are never read again).
         corrections: list[tuple[float, list[float]]] = []
         squared_norm = row[i]  # ||g_i^PC||^2
         a = sqrt(squared_norm) if squared_norm > 0.0 else 0.0
@@ -281,7 +281,8 @@ def _pair_steps(
     return weights
 
 
-_TWO_TASK_LISTS = [[1], [0]]
+# Two tasks: one partner each, no draw.
+_TWO_TASK_ORDER_LISTS = ((1,), (0,))
 # The array type codes of the dtypes that _host_vector builds through a buffer.
 _ARRAY_CODES = {torch.float32: "f", torch.float64: "d"}
 
