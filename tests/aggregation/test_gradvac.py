@@ -521,3 +521,27 @@ def test_host_vector_rounds_as_torch_tensor(dtype: torch.dtype) -> None:
     assert actual.dtype == dtype and actual.shape == expected.shape
     assert actual.untyped_storage().nbytes() == expected.untyped_storage().nbytes()
     assert torch.equal(actual.view(torch.uint8), expected.view(torch.uint8))
+
+
+def test_the_stored_targets_go_through_a_global_buffer_registration_hook() -> None:
+    # The targets are put in the buffer table directly only when no such hook must see them.
+    seen: list[tuple[str, Tensor]] = []
+
+    def hook(module: torch.nn.Module, name: str, tensor: Tensor) -> Tensor:
+        seen.append((name, tensor))
+        return tensor * 2.0
+
+    gramian = _random_gramian(4, 7, torch.float32)
+    plain, hooked = GradVacWeighting(), GradVacWeighting()
+    torch.manual_seed(0)
+    plain(gramian)
+    handle = torch.nn.modules.module.register_module_buffer_registration_hook(hook)
+    try:
+        torch.manual_seed(0)
+        hooked(gramian)
+    finally:
+        handle.remove()
+    assert [name for name, _ in seen] == ["phi_hat"]
+    assert torch.equal(seen[0][1], plain.phi_hat)
+    assert torch.equal(hooked.phi_hat, 2.0 * plain.phi_hat)
+    assert list(hooked.state_dict()) == list(plain.state_dict())

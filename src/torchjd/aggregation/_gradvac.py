@@ -389,7 +389,8 @@ class GradVacWeighting(NoGrad, LazyStateMixin, Weighting[PSDMatrix], Stateful):
         m, dtype = stat.shape[0], stat.dtype
         phi_hat = self._targets_for(m, dtype, stat.device)
         if 2 <= m <= _HOST_MAX_M and stat.is_cpu:
-            weights, self.phi_hat = _on_host(stat, phi_hat, self.beta, self.eps)
+            weights, new_phi_hat = _on_host(stat, phi_hat, self.beta, self.eps)
+            self._store_buffer("phi_hat", new_phi_hat)
             return weights
         compute = working_dtype(dtype)
         weights, new_phi_hat = _gradvac_weights(
