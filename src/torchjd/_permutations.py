@@ -57,10 +57,10 @@ def permuted(sequences: Sequence[Sequence[int]]) -> list[list[int]]:
 
 
 @cache
-def _plan(n: int) -> tuple[int, list[tuple[int, int]]]:
+def _plan(n: int) -> tuple[int, tuple[tuple[int, int], ...]]:
     """The modulus of :func:`_draws` and the swaps ``(s, n - s)`` of ``randperm(n)``, made once
     (a call of :func:`permuted` is a few microseconds)."""
-    return math.lcm(*range(2, n + 1)), [(s, n - s) for s in range(n - 1)]
+    return math.lcm(*range(2, n + 1)), tuple((s, n - s) for s in range(n - 1))
 
 
 def randperm_rows(count: int, n: int) -> Tensor:
