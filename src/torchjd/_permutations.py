@@ -16,6 +16,7 @@ against ``torch.randperm`` on a private generator; if it does not, ``torch.randp
 
 import math
 from collections.abc import Sequence
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -41,17 +42,25 @@ def permuted(sequences: Sequence[Sequence[int]]) -> list[list[int]]:
         return [list(seq) for seq in sequences]  # randperm(n <= 1) draws nothing
     if n > _MAX_N or not _check_replay():
         return [[seq[k] for k in torch.randperm(n).tolist()] for seq in sequences]
+    steps = _plan(n)[1]
     draws = iter(_draws(count, n, None).tolist())
-    steps = [(s, n - s) for s in range(n - 1)]
     result = []
     for seq in sequences:
         # Swapping the entries of seq is swapping the entries of range(n), then reading seq there.
         permutation = list(seq)
-        for s, k in steps:
-            t = s + next(draws) % k
+        # zip stops at the end of steps, before taking a draw of the next sequence.
+        for (s, k), r in zip(steps, draws):
+            t = s + r % k
             permutation[s], permutation[t] = permutation[t], permutation[s]
         result.append(permutation)
     return result
+
+
+@cache
+def _plan(n: int) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """The modulus of :func:`_draws` and the swaps ``(s, n - s)`` of ``randperm(n)``, made once
+    (a call of :func:`permuted` is a few microseconds)."""
+    return math.lcm(*range(2, n + 1)), tuple((s, n - s) for s in range(n - 1))
 
 
 def randperm_rows(count: int, n: int) -> Tensor:
@@ -74,7 +83,7 @@ def randperm_rows(count: int, n: int) -> Tensor:
 def _draws(count: int, n: int, generator: torch.Generator | None) -> Tensor:
     """The ``count * (n - 1)`` generator outputs of ``count`` successive ``randperm(n)``, each
     reduced modulo a multiple of ``2, ..., n``."""
-    modulus = math.lcm(*range(2, n + 1))
+    modulus = _plan(n)[0]
     return torch.empty(count * (n - 1), dtype=torch.int64).random_(0, modulus, generator=generator)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Sequence
 from functools import cache
 
@@ -221,39 +222,79 @@ def _on_host(gramian: Tensor, phi_hat: Tensor, beta: float, eps: float) -> tuple
     m = gramian.shape[0]
     # The draws of _draw_orders; torch.randperm(1) leaves the generator as it is: two tasks need
     # none.
-    orders = permuted(_other_tasks(m)) if m > 2 else [[1], [0]]
+    orders = permuted(_other_tasks(m)) if m > 2 else _TWO_TASK_ORDER_LISTS
     g = gramian.tolist()
-    targets = phi_hat.tolist()
-    if not math.isfinite(sum(sum(row) for row in g)):  # NaN weights, targets left as they were
+    if not math.isfinite(sum(map(sum, g))):  # NaN weights, targets left as they were
         return torch.full((m,), math.nan, dtype=gramian.dtype), phi_hat
-    # sqrt of the positive part, written out: this loop is the whole cost of a call.
-    norms = [math.sqrt(x) if x > 0.0 else 0.0 for x in (g[j][j] for j in range(m))]
-    weights = [1.0] * m
-    new_targets = [row[:] for row in targets]
-    for i in range(m):
-        products = g[i]  # g_i^PC . g_k for every k
-        squared_norm = g[i][i]  # ||g_i^PC||^2
-        a = math.sqrt(squared_norm) if squared_norm > 0.0 else 0.0
-        for j in orders[i]:
-            b, target = norms[j], targets[i][j]
+    targets = phi_hat.tolist()  # updated in place: each pair (i, j) is read once, then written
+    weights = _pair_steps(g, targets, orders, beta, eps)
+    new_phi_hat = _host_vector([x for row in targets for x in row], phi_hat.dtype).view(m, m)
+    return _host_vector(weights, gramian.dtype), new_phi_hat
+
+
+def _pair_steps(
+    g: list[list[float]],
+    targets: list[list[float]],
+    orders: Sequence[Sequence[int]],
+    beta: float,
+    eps: float,
+) -> list[float]:
+    """The weights of the ``m (m - 1)`` steps of :func:`_on_host`; ``targets[i][j]`` becomes the
+    new target of each visited pair. This loop is the whole cost of a call: names are local and
+    ``sqrt`` of a positive part is written out."""
+    sqrt = math.sqrt
+    keep = 1.0 - beta
+    norms = [sqrt(row[j]) if row[j] > 0.0 else 0.0 for j, row in enumerate(g)]
+    weights = [1.0] * len(g)
+    for i, order in enumerate(orders):
+        row = g[i]  # g_i . g_k for every k
+        # The corrections so far, (omega, g_j . g_k for every k): g_i^PC . g_k is row[k] plus
+        # their terms, added in order (the very sums that updating all the products after each
+        # correction would make, without the entries that are never read again).
+        corrections: list[tuple[float, list[float]]] = []
+        squared_norm = row[i]  # ||g_i^PC||^2
+        a = sqrt(squared_norm) if squared_norm > 0.0 else 0.0
+        row_targets = targets[i]
+        for j in order:
+            inner = row[j]  # g_i^PC . g_j
+            for earlier_omega, earlier_partner in corrections:
+                inner += earlier_omega * earlier_partner[j]
+            b = norms[j]
+            target = row_targets[j]
             phi_denominator = a * b + eps
-            phi = products[j] / phi_denominator if phi_denominator > 0.0 else 0.0
+            phi = inner / phi_denominator if phi_denominator > 0.0 else 0.0
             if phi < target:
                 target_cosine_gap = 1.0 - target * target
-                target_sine = math.sqrt(target_cosine_gap) if target_cosine_gap > 0.0 else 0.0
+                target_sine = sqrt(target_cosine_gap) if target_cosine_gap > 0.0 else 0.0
                 omega_denominator = b * target_sine + eps
                 if omega_denominator > 0.0:
                     cosine_gap = 1.0 - phi * phi
-                    sine = math.sqrt(cosine_gap) if cosine_gap > 0.0 else 0.0
+                    sine = sqrt(cosine_gap) if cosine_gap > 0.0 else 0.0
                     omega = a * (target * sine - phi * target_sine) / omega_denominator
                     weights[j] += omega
+                    partner = g[j]
                     # ||g + omega g_j||^2 = ||g||^2 + 2 omega (g . g_j + omega ||g_j||^2 / 2)
-                    squared_norm += 2.0 * omega * (products[j] + 0.5 * omega * g[j][j])
-                    a = math.sqrt(squared_norm) if squared_norm > 0.0 else 0.0
-                    products = [p + omega * x for p, x in zip(products, g[j])]
-            new_targets[i][j] = target * (1.0 - beta) + beta * phi
-    weights_tensor = torch.tensor(weights, dtype=gramian.dtype)
-    return weights_tensor, torch.tensor(new_targets, dtype=phi_hat.dtype)
+                    squared_norm += 2.0 * omega * (inner + 0.5 * omega * partner[j])
+                    a = sqrt(squared_norm) if squared_norm > 0.0 else 0.0
+                    corrections.append((omega, partner))
+            row_targets[j] = target * keep + beta * phi
+    return weights
+
+
+# Two tasks: one partner each, no draw.
+_TWO_TASK_ORDER_LISTS = ((1,), (0,))
+# The array type codes of the dtypes that _host_vector builds through a buffer.
+_ARRAY_CODES = {torch.float32: "f", torch.float64: "d"}
+
+
+def _host_vector(values: list[float], dtype: torch.dtype) -> Tensor:
+    """``torch.tensor(values, dtype=dtype)``, the same values: ``array`` rounds a Python float to
+    float32 as ``torch.tensor`` does, and a tensor over its buffer costs less than
+    ``torch.tensor`` reading the list (a good part of a call's cost)."""
+    code = _ARRAY_CODES.get(dtype)
+    if code is None:
+        return torch.tensor(values, dtype=dtype)
+    return torch.frombuffer(array(code, values), dtype=dtype)
 
 
 def _check_beta(beta: float) -> float:
@@ -347,8 +388,9 @@ class GradVacWeighting(NoGrad, LazyStateMixin, Weighting[PSDMatrix], Stateful):
     def forward(self, stat: Tensor, /) -> Tensor:
         m, dtype = stat.shape[0], stat.dtype
         phi_hat = self._targets_for(m, dtype, stat.device)
-        if 2 <= m <= _HOST_MAX_M and stat.device.type == "cpu":
-            weights, self.phi_hat = _on_host(stat, phi_hat, self.beta, self.eps)
+        if 2 <= m <= _HOST_MAX_M and stat.is_cpu:
+            weights, new_phi_hat = _on_host(stat, phi_hat, self.beta, self.eps)
+            self._store_buffer("phi_hat", new_phi_hat)
             return weights
         compute = working_dtype(dtype)
         weights, new_phi_hat = _gradvac_weights(
@@ -392,7 +434,8 @@ class GradVacWeighting(NoGrad, LazyStateMixin, Weighting[PSDMatrix], Stateful):
 
     def _targets_for(self, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """The stored targets, re-created as zeros if ``m`` or the dtype changed, on ``device``."""
-        phi_hat = self.phi_hat
+        # From the buffer table: nn.Module.__getattr__ costs about a microsecond a call.
+        phi_hat = self._buffers["phi_hat"]
         if phi_hat.ndim != 2 or phi_hat.shape[0] != m or phi_hat.dtype != dtype:
             if phi_hat.ndim == 2:
                 old = f"{phi_hat.shape[0]} objectives in {phi_hat.dtype}"

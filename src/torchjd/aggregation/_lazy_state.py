@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 
 class LazyStateMixin(nn.Module):
@@ -37,6 +38,23 @@ class LazyStateMixin(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def _store_buffer(self, name: str, value: Tensor) -> None:
+        """``setattr(self, name, value)`` for the registered buffer ``name``. Unless a global
+        buffer registration hook must see it, or the class overrides ``__setattr__`` or
+        ``register_buffer``, the tensor is put in the buffer table directly: that is all the
+        assignment does then, and going through ``nn.Module.__setattr__`` and ``register_buffer``
+        is a good part of a small call's cost."""
+        cls = type(self)
+        if (
+            _module._global_buffer_registration_hooks
+            or name not in self._buffers
+            or cls.__setattr__ is not nn.Module.__setattr__
+            or cls.register_buffer is not nn.Module.register_buffer
+        ):
+            setattr(self, name, value)
+        else:
+            self._buffers[name] = value
 
     def get_extra_state(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._extra_state_names}
