@@ -1,6 +1,8 @@
 """The host solver of small dual-cone problems against quadprog, and its hand-offs to the tensor
 path of BlockPivotingProjector."""
 
+import math
+
 import pytest
 import torch
 
@@ -180,7 +182,7 @@ def test_written_out_systems_match_the_loop_bit_for_bit(n: int) -> None:
             assert small_dual_cone._subsystem_solve(A, F, b) == expected
 
 
-@pytest.mark.parametrize("n", range(1, 5))
+@pytest.mark.parametrize("n", range(1, 7))
 def test_written_out_residuals_match_the_sum_bit_for_bit(n: int) -> None:
     # y_C decides the exchanges: the written-out residuals must give the values of the sum.
     generator = torch.Generator().manual_seed(1100 + n)
@@ -192,3 +194,32 @@ def test_written_out_residuals_match_the_sum_bit_for_bit(n: int) -> None:
         x = torch.randn(n, generator=generator, dtype=torch.float64).tolist()
         expected = small_dual_cone._residuals(A, q, F, C, x)
         assert small_dual_cone._RESIDUALS[n](A, q, F, C, x) == expected
+
+
+def test_masks_match_their_definitions() -> None:
+    # The masks decide the exchanges: compare the loops with the comprehensions they replace,
+    # with values on both sides of the tolerances.
+    generator = torch.Generator().manual_seed(1200)
+    tol = -1e-12
+    for _ in range(200):
+        values = (torch.randn(8, generator=generator, dtype=torch.float64) * 1e-12).tolist()
+        # Exactly on a tolerance, and NaN: never below nor above.
+        for value in (math.nan, tol, small_dual_cone._REL_TOL):
+            values[int(torch.randint(0, 8, (1,), generator=generator))] = value
+        assert small_dual_cone._mask_below(values, tol) == sum(
+            [1 << j for j in range(8) if values[j] < tol]
+        )
+        F = sorted(torch.randperm(8, generator=generator)[:4].tolist())
+        C = [j for j in range(8) if j not in F]
+        minus_z, y_C = values[:4], values[4:]
+        expected = sum([1 << j for j, v in zip(F, minus_z) if v > small_dual_cone._REL_TOL])
+        expected += sum([1 << j for j, y in zip(C, y_C) if y < tol])
+        assert small_dual_cone._infeasible_mask(F, minus_z, C, y_C, tol) == expected
+
+
+def test_subsets_hold_the_solver_and_residuals_of_their_size() -> None:
+    for mask, (F, C, _, solve, residuals) in enumerate(small_dual_cone._subsets(8)):
+        assert [j for j in range(8) if mask >> j & 1] == F
+        assert [j for j in range(8) if not mask >> j & 1] == C
+        assert solve is small_dual_cone._SOLVERS[len(F)]
+        assert residuals is small_dual_cone._RESIDUALS[len(F)]
