@@ -223,3 +223,19 @@ def test_subsets_hold_the_solver_and_residuals_of_their_size() -> None:
         assert [j for j in range(8) if not mask >> j & 1] == C
         assert solve is small_dual_cone._SOLVERS[len(F)]
         assert residuals is small_dual_cone._RESIDUALS[len(F)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_written_matches_torch_tensor_bit_for_bit(dtype: torch.dtype) -> None:
+    # The results are rounded to float32 by the array: as torch.tensor rounds them.
+    generator = torch.Generator().manual_seed(1300)
+    special = [math.nan, math.inf, -math.inf, 1e39, -1e39, 1e-40, -1e-46, 5e-324, 0.0, -0.0]
+    for _ in range(50):
+        scales = torch.logspace(-45, 38, 30, dtype=torch.float64)
+        values = (torch.randn(30, generator=generator, dtype=torch.float64) * scales).tolist()
+        for chunk in (values, special, values[:1]):
+            expected = torch.tensor(chunk, dtype=dtype)
+            result = small_dual_cone._written(chunk, dtype)
+            bits = torch.int32 if dtype == torch.float32 else torch.int64
+            assert result.dtype == dtype and result.shape == expected.shape
+            assert torch.equal(result.view(bits), expected.view(bits))

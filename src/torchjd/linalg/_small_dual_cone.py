@@ -36,6 +36,9 @@ _Subset = tuple[
     | None,
 ]
 
+# The array type of each dtype of the results.
+_TYPECODES = {torch.float32: "f", torch.float64: "d"}
+
 # Problems up to this size, and batches of up to this many problems, are solved here.
 MAX_M = 8
 MAX_PROBLEMS = 16
@@ -678,7 +681,14 @@ def summed_diagonal_solutions(
     weights = _two_summed(A, prefs) if m == 2 else _summed(A, prefs)
     if weights is None:
         return None
-    return torch.tensor(weights, dtype=dtype)
+    return _written(weights, dtype)
+
+
+def _written(values: list[float], dtype: torch.dtype) -> Tensor:
+    """``torch.tensor(values, dtype=dtype)`` for a float32 or float64 ``dtype`` and at least one
+    value, by way of an array of that type (the same rounding to float32), whose buffer the tensor
+    takes over: a third of the time of converting the list element by element."""
+    return torch.frombuffer(array(_TYPECODES[dtype], values), dtype=dtype)
 
 
 def _float32_regularised(G: Tensor, threshold: float, reg_eps: float) -> list[list[float]] | None:
