@@ -19,7 +19,7 @@ import math
 from array import array
 from collections.abc import Callable, Iterable
 from functools import cache
-from operator import itemgetter, mul
+from operator import getitem, itemgetter, mul
 
 import torch
 from torch import Tensor
@@ -218,7 +218,13 @@ def _add_unit_solution(
     ``y_C = q_C - A_CF (-z_F)``."""
     q = A[i]
     m = len(q)
-    free = _mask_below(q, tol_y)  # infeasible at z = 0, where y = q
+    # The indices infeasible at z = 0, where y = q; a loop, cheaper than a comprehension on Python
+    # 3.11 (which gives a comprehension its own frame).
+    free, bit = 0, 1
+    for value in q:
+        if value < tol_y:
+            free |= bit
+        bit <<= 1
     best, stalled = free.bit_count(), 0
     for _ in range(50 + 10 * m):
         if not free:
@@ -235,27 +241,24 @@ def _add_unit_solution(
                 weights[j] -= p * value
             return True
         infeasible = _infeasible_mask(F, minus_z, C, y_C, tol_y)
-        every, best, stalled = _exchanges_all(infeasible.bit_count(), best, stalled)
-        free ^= infeasible if every else 1 << (infeasible.bit_length() - 1)  # Murty: the largest
+        # _exchanges_all, written out (the call and its tuple cost more than its few operations).
+        n_infeasible = infeasible.bit_count()
+        if n_infeasible < best:
+            best, stalled = n_infeasible, 0
+        else:
+            stalled += 1
+            if stalled > _PATIENCE:  # Murty: only the largest
+                infeasible = 1 << (infeasible.bit_length() - 1)
+        free ^= infeasible
     return False
-
-
-def _mask_below(values: list[float], bound: float) -> int:
-    """The bit mask of the indices of ``values`` below ``bound``. A loop, as in the functions
-    below: on Python 3.11 a comprehension's own frame costs more than its few items."""
-    mask, bit = 0, 1
-    for value in values:
-        if value < bound:
-            mask |= bit
-        bit <<= 1
-    return mask
 
 
 def _infeasible_mask(
     F: list[int], minus_z: list[float], C: list[int], y_C: list[float], tol_y: float
 ) -> int:
     """The bit mask of the infeasible indices: the free ones with ``-z_j > _REL_TOL`` and the
-    constrained ones with ``y_j < tol_y``."""
+    constrained ones with ``y_j < tol_y``. Loops, as in :func:`_add_unit_solution`: on Python 3.11
+    a comprehension's own frame costs more than its few items."""
     mask = 0
     for j, value in zip(F, minus_z):
         if value > _REL_TOL:
@@ -729,7 +732,7 @@ def _summed(A: list[list[float]], prefs: list[float]) -> list[float] | None:
     """:func:`summed_diagonal_solutions` by block pivoting, one problem per preference: the
     solution for ``u = p e_i`` with ``p > 0`` is ``p`` times the solution for ``e_i``."""
     m = len(A)
-    diagonal_max = max(A[i][i] for i in range(m))
+    diagonal_max = max(map(getitem, A, range(m)))
     tol_y = -_REL_TOL * diagonal_max
     weights = [0.0] * m
     subsets = _subsets(m)
