@@ -268,3 +268,20 @@ def test_unit_solutions_make_the_exchanges_of_solve(
                     continue
                 assert weights == expected
     assert n_skipped < 10
+
+
+def test_float32_normalisation_is_the_tensor_paths_bit_for_bit() -> None:
+    # A badly conditioned problem is sensitive to one unit in the last place of an entry. (Traces
+    # above the threshold: the tensor path's zero matrix below it keeps the signs of the zeros.)
+    generator = torch.Generator().manual_seed(1500)
+    for m in range(3, 9):
+        for scale in (0.1, 1.0, 1e3):
+            for reg_eps in (1e-4, 3e-5):
+                J = torch.randn(m, 7, generator=generator) * scale
+                G = J @ J.T
+                A = small_dual_cone._float32_regularised(G, 1e-4, reg_eps)
+                projector = BlockPivotingProjector(norm_eps=1e-4, reg_eps=reg_eps)
+                # float32 values, in the float64 of the solver (and of A's Python floats).
+                expected = projector._regularised_gramian(G[None])[0]
+                assert expected.dtype == torch.float64
+                assert torch.tensor(A, dtype=torch.float64).tolist() == expected.tolist()

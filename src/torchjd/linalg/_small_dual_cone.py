@@ -18,7 +18,7 @@ warnings).
 import math
 from array import array
 from collections.abc import Callable, Iterable
-from functools import cache
+from functools import cache, lru_cache
 from operator import getitem, itemgetter, mul
 
 import torch
@@ -706,11 +706,20 @@ def _float32_regularised(G: Tensor, threshold: float, reg_eps: float) -> list[li
     if not trace.item() >= threshold:  # a small, or not finite, trace
         return _regularised(G.tolist(), trace.item(), threshold, reg_eps, _to_float32)
     A = G.div(trace).tolist()
-    (reg_eps,) = _to_float32([reg_eps])
-    diagonal = _to_float32([A[i][i] + reg_eps for i in range(m)])
-    for i, value in enumerate(diagonal):
+    reg_eps = _float32(reg_eps)
+    diagonal = []
+    for i, row in enumerate(A):  # a loop: cheaper than a comprehension on Python 3.11
+        diagonal.append(row[i] + reg_eps)
+    for i, value in enumerate(_to_float32(diagonal)):
         A[i][i] = value
     return A if _all_finite(map(sum, A)) else None
+
+
+@lru_cache(maxsize=16)
+def _float32(value: float) -> float:
+    """The float32 value nearest to ``value``, remembered: the same ``reg_eps`` on every call
+    (bounded: NaN keys never match)."""
+    return _to_float32([value])[0]
 
 
 def _two_summed(A: list[list[float]], prefs: list[float]) -> list[float] | None:
