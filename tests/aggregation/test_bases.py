@@ -11,6 +11,7 @@ from torchjd.aggregation import (
     WeightedAggregator,
     Weighting,
 )
+from torchjd.aggregation._bases import NoGrad
 from torchjd.linalg import Matrix, PSDMatrix
 
 from ._matrices import J_A
@@ -101,3 +102,27 @@ def test_user_weightings_are_subscriptable() -> None:
 
     torch.testing.assert_close(WeightedAggregator(Uniform())(J_A), torch.ones(3))
     assert issubclass(Matrix, torch.Tensor) and issubclass(PSDMatrix, Matrix)
+
+
+class _GradModeWeighting(NoGrad, Weighting[PSDMatrix]):
+    """Records the grad mode of its forward; raises on a Gramian of one row."""
+
+    def forward(self, stat: Tensor, /) -> Tensor:
+        self.grad_enabled = torch.is_grad_enabled()
+        if stat.shape[0] == 1:
+            raise ValueError("one row")
+        return torch.ones(stat.shape[0])
+
+
+@pytest.mark.parametrize("outer", [True, False])
+def test_no_grad_call_restores_the_grad_mode(outer: bool) -> None:
+    # NoGrad sets the grad mode itself: disabled inside, the caller's mode after, even on error.
+    weighting = _GradModeWeighting()
+    with torch.set_grad_enabled(outer):
+        weighting(torch.eye(2))
+        assert not weighting.grad_enabled
+        assert torch.is_grad_enabled() == outer
+        with pytest.raises(ValueError, match="one row"):
+            weighting(torch.eye(1))
+        assert not weighting.grad_enabled
+        assert torch.is_grad_enabled() == outer

@@ -1,6 +1,8 @@
 """The host solver of small dual-cone problems against quadprog, and its hand-offs to the tensor
 path of BlockPivotingProjector."""
 
+import math
+
 import pytest
 import torch
 
@@ -180,7 +182,7 @@ def test_written_out_systems_match_the_loop_bit_for_bit(n: int) -> None:
             assert small_dual_cone._subsystem_solve(A, F, b) == expected
 
 
-@pytest.mark.parametrize("n", range(1, 5))
+@pytest.mark.parametrize("n", range(1, 7))
 def test_written_out_residuals_match_the_sum_bit_for_bit(n: int) -> None:
     # y_C decides the exchanges: the written-out residuals must give the values of the sum.
     generator = torch.Generator().manual_seed(1100 + n)
@@ -192,3 +194,94 @@ def test_written_out_residuals_match_the_sum_bit_for_bit(n: int) -> None:
         x = torch.randn(n, generator=generator, dtype=torch.float64).tolist()
         expected = small_dual_cone._residuals(A, q, F, C, x)
         assert small_dual_cone._RESIDUALS[n](A, q, F, C, x) == expected
+
+
+def test_infeasible_mask_matches_its_definition() -> None:
+    # The mask decides the exchanges: compare the loops with the comprehensions they replace,
+    # with values on both sides of the tolerances.
+    generator = torch.Generator().manual_seed(1200)
+    tol = -1e-12
+    for _ in range(200):
+        values = (torch.randn(8, generator=generator, dtype=torch.float64) * 1e-12).tolist()
+        # Exactly on a tolerance, and NaN: never below nor above.
+        for value in (math.nan, tol, small_dual_cone._REL_TOL):
+            values[int(torch.randint(0, 8, (1,), generator=generator))] = value
+        F = sorted(torch.randperm(8, generator=generator)[:4].tolist())
+        C = [j for j in range(8) if j not in F]
+        minus_z, y_C = values[:4], values[4:]
+        expected = sum([1 << j for j, v in zip(F, minus_z) if v > small_dual_cone._REL_TOL])
+        expected += sum([1 << j for j, y in zip(C, y_C) if y < tol])
+        assert small_dual_cone._infeasible_mask(F, minus_z, C, y_C, tol) == expected
+
+
+def test_subsets_hold_the_solver_and_residuals_of_their_size() -> None:
+    for mask, (F, C, _, solve, residuals) in enumerate(small_dual_cone._subsets(8)):
+        assert [j for j in range(8) if mask >> j & 1] == F
+        assert [j for j in range(8) if not mask >> j & 1] == C
+        assert solve is small_dual_cone._SOLVERS[len(F)]
+        assert residuals is small_dual_cone._RESIDUALS[len(F)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_written_matches_torch_tensor_bit_for_bit(dtype: torch.dtype) -> None:
+    # The results are rounded to float32 by the array: as torch.tensor rounds them.
+    generator = torch.Generator().manual_seed(1300)
+    special = [math.nan, math.inf, -math.inf, 1e39, -1e39, 1e-40, -1e-46, 5e-324, 0.0, -0.0]
+    for _ in range(50):
+        scales = torch.logspace(-45, 38, 30, dtype=torch.float64)
+        values = (torch.randn(30, generator=generator, dtype=torch.float64) * scales).tolist()
+        for chunk in (values, special, values[:1]):
+            expected = torch.tensor(chunk, dtype=dtype)
+            result = small_dual_cone._written(chunk, dtype)
+            bits = torch.int32 if dtype == torch.float32 else torch.int64
+            assert result.dtype == dtype and result.shape == expected.shape
+            assert torch.equal(result.view(bits), expected.view(bits))
+
+
+@pytest.mark.parametrize("patience", [0, 1, 3])
+def test_unit_solutions_make_the_exchanges_of_solve(
+    patience: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # _add_unit_solution is _solve for u = e_i with less interpretation: on symmetric matrices
+    # (where both read the same entries), the same exchanges give the same solution, bit for bit.
+    monkeypatch.setattr(small_dual_cone, "_PATIENCE", patience)
+    generator = torch.Generator().manual_seed(1400 + patience)
+    n_skipped = 0
+    for m in (3, 5, 8):
+        subsets = small_dual_cone._subsets(m)
+        for _ in range(40):
+            J = torch.randn(m, 4, generator=generator, dtype=torch.float64)  # conflicting rows
+            G = J @ J.T
+            G = (G + G.T) / 2.0
+            A = (G / G.trace() + 1e-4 * torch.eye(m, dtype=torch.float64)).tolist()
+            diagonal_max = max(A[i][i] for i in range(m))
+            for i in range(m):
+                weights = [0.0] * m
+                tol_y = -small_dual_cone._REL_TOL * diagonal_max
+                assert small_dual_cone._add_unit_solution(A, i, 1.0, tol_y, weights, subsets)
+                u = [0.0] * m
+                u[i] = 1.0
+                try:
+                    expected = small_dual_cone._solve(A, diagonal_max, u)
+                except TypeError:  # an exchange emptied the free set, where _solve has no solver
+                    n_skipped += 1
+                    continue
+                assert weights == expected
+    assert n_skipped < 10
+
+
+def test_float32_normalisation_is_the_tensor_paths_bit_for_bit() -> None:
+    # A badly conditioned problem is sensitive to one unit in the last place of an entry. (Traces
+    # above the threshold: the tensor path's zero matrix below it keeps the signs of the zeros.)
+    generator = torch.Generator().manual_seed(1500)
+    for m in range(3, 9):
+        for scale in (0.1, 1.0, 1e3):
+            for reg_eps in (1e-4, 3e-5):
+                J = torch.randn(m, 7, generator=generator) * scale
+                G = J @ J.T
+                A = small_dual_cone._float32_regularised(G, 1e-4, reg_eps)
+                projector = BlockPivotingProjector(norm_eps=1e-4, reg_eps=reg_eps)
+                # float32 values, in the float64 of the solver (and of A's Python floats).
+                expected = projector._regularised_gramian(G[None])[0]
+                assert expected.dtype == torch.float64
+                assert torch.tensor(A, dtype=torch.float64).tolist() == expected.tolist()

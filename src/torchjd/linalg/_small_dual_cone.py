@@ -18,13 +18,26 @@ warnings).
 import math
 from array import array
 from collections.abc import Callable, Iterable
-from functools import cache
-from operator import itemgetter, mul
+from functools import cache, lru_cache
+from operator import getitem, itemgetter, mul
 
 import torch
 from torch import Tensor
 
 from torchjd._precision import working_dtype
+
+# A subset of the indices, as :func:`_subsets` describes it.
+_Subset = tuple[
+    list[int],
+    list[int],
+    Callable[[list[float]], list[float]] | None,
+    Callable[[list[list[float]], list[int], list[float]], list[float] | None] | None,
+    Callable[[list[list[float]], list[float], list[int], list[int], list[float]], list[float]]
+    | None,
+]
+
+# The array type of each dtype of the results.
+_TYPECODES = {torch.float32: "f", torch.float64: "d"}
 
 # Problems up to this size, and batches of up to this many problems, are solved here.
 MAX_M = 8
@@ -189,7 +202,7 @@ def _add_unit_solution(
     p: float,
     tol_y: float,
     weights: list[float],
-    subsets: list[tuple[list[int], list[int], Callable[[list[float]], list[float]]]],
+    subsets: list[_Subset],
 ) -> bool:
     r""":func:`_solve` for ``u = e_i`` (with ``tol_y``, the tolerance of ``y``, for this ``u``),
     written for UPGrad's problems: ``p`` times the solution ``e_i + z`` is added to ``weights``;
@@ -198,41 +211,71 @@ def _add_unit_solution(
 
     The same exchanges as :func:`_solve`, with less interpretation around them: most of these
     problems end after one or two systems of a few rows. The free indices are a bit mask, whose
-    indices, complement and entry getter are looked up (building them cost a fifth of the time).
+    indices, complement, entry getter, solver and residuals are looked up (building them cost a
+    fifth of the time).
     The system is solved for ``-z_F`` (``A_FF (-z_F) = q_F``, ``q = A e_i``), and
     ``y = A (e_i + z)`` is formed on the constrained indices only, where it is checked, as
     ``y_C = q_C - A_CF (-z_F)``."""
     q = A[i]
     m = len(q)
-    free = sum([1 << j for j in range(m) if q[j] < tol_y])  # infeasible at z = 0, where y = q
+    # The indices infeasible at z = 0, where y = q; a loop, cheaper than a comprehension on Python
+    # 3.11 (which gives a comprehension its own frame).
+    free, bit = 0, 1
+    for value in q:
+        if value < tol_y:
+            free |= bit
+        bit <<= 1
     best, stalled = free.bit_count(), 0
     for _ in range(50 + 10 * m):
         if not free:
             weights[i] += p
             return True
-        F, C, pick = subsets[free]
-        minus_z = _SOLVERS[len(F)](A, F, pick(q))
+        F, C, pick, solve, residuals = subsets[free]
+        minus_z = solve(A, F, pick(q))
         if minus_z is None:
             return False
-        y_C = _RESIDUALS[len(F)](A, q, F, C, minus_z)
+        y_C = residuals(A, q, F, C, minus_z)
         if max(minus_z) <= _REL_TOL and (not y_C or min(y_C) >= tol_y):
             weights[i] += p
             for j, value in zip(F, minus_z):
                 weights[j] -= p * value
             return True
-        infeasible = sum([1 << j for j, value in zip(F, minus_z) if value > _REL_TOL])
-        infeasible += sum([1 << j for j, y_j in zip(C, y_C) if y_j < tol_y])
-        every, best, stalled = _exchanges_all(infeasible.bit_count(), best, stalled)
-        free ^= infeasible if every else 1 << (infeasible.bit_length() - 1)  # Murty: the largest
+        infeasible = _infeasible_mask(F, minus_z, C, y_C, tol_y)
+        # _exchanges_all, written out (the call and its tuple cost more than its few operations).
+        n_infeasible = infeasible.bit_count()
+        if n_infeasible < best:
+            best, stalled = n_infeasible, 0
+        else:
+            stalled += 1
+            if stalled > _PATIENCE:  # Murty: only the largest
+                infeasible = 1 << (infeasible.bit_length() - 1)
+        free ^= infeasible
     return False
+
+
+def _infeasible_mask(
+    F: list[int], minus_z: list[float], C: list[int], y_C: list[float], tol_y: float
+) -> int:
+    """The bit mask of the infeasible indices: the free ones with ``-z_j > _REL_TOL`` and the
+    constrained ones with ``y_j < tol_y``. Loops, as in :func:`_add_unit_solution`: on Python 3.11
+    a comprehension's own frame costs more than its few items."""
+    mask = 0
+    for j, value in zip(F, minus_z):
+        if value > _REL_TOL:
+            mask |= 1 << j
+    for j, y_j in zip(C, y_C):
+        if y_j < tol_y:
+            mask |= 1 << j
+    return mask
 
 
 def _residuals(
     A: list[list[float]], q: list[float], F: list[int], C: list[int], x: list[float]
 ) -> list[float]:
     """``q_C - A_CF x``, each product ``A_jF x`` summed in the order of ``F``, reading the rows
-    ``C`` of ``A``. :func:`_residuals_1` to :func:`_residuals_4` give the same values for one to
-    four indices ``F``, written out: the sum's calls cost more than its few terms."""
+    ``C`` of ``A``. :func:`_residuals_1` to :func:`_residuals_6` give the same values for one to
+    six indices ``F``, written out (the sum's calls cost more than its few terms), with loops
+    (cheaper than comprehensions on Python 3.11)."""
     pick = _picker(F)
     return [q[j] - sum(map(mul, pick(A[j]), x)) for j in C]
 
@@ -241,46 +284,103 @@ def _residuals_1(
     A: list[list[float]], q: list[float], F: list[int], C: list[int], x: list[float]
 ) -> list[float]:
     (f_1,), (x_1,) = F, x
-    return [q[j] - A[j][f_1] * x_1 for j in C]
+    y_C = []
+    for j in C:
+        A_j = A[j]
+        y_C.append(q[j] - (A_j[f_1] * x_1))
+    return y_C
 
 
 def _residuals_2(
     A: list[list[float]], q: list[float], F: list[int], C: list[int], x: list[float]
 ) -> list[float]:
     (f_1, f_2), (x_1, x_2) = F, x
-    return [q[j] - (A_j[f_1] * x_1 + A_j[f_2] * x_2) for j in C for A_j in (A[j],)]
+    y_C = []
+    for j in C:
+        A_j = A[j]
+        y_C.append(q[j] - (A_j[f_1] * x_1 + A_j[f_2] * x_2))
+    return y_C
 
 
 def _residuals_3(
     A: list[list[float]], q: list[float], F: list[int], C: list[int], x: list[float]
 ) -> list[float]:
     (f_1, f_2, f_3), (x_1, x_2, x_3) = F, x
-    return [q[j] - (A_j[f_1] * x_1 + A_j[f_2] * x_2 + A_j[f_3] * x_3) for j in C for A_j in (A[j],)]
+    y_C = []
+    for j in C:
+        A_j = A[j]
+        y_C.append(q[j] - (A_j[f_1] * x_1 + A_j[f_2] * x_2 + A_j[f_3] * x_3))
+    return y_C
 
 
 def _residuals_4(
     A: list[list[float]], q: list[float], F: list[int], C: list[int], x: list[float]
 ) -> list[float]:
     (f_1, f_2, f_3, f_4), (x_1, x_2, x_3, x_4) = F, x
-    return [
-        q[j] - (A_j[f_1] * x_1 + A_j[f_2] * x_2 + A_j[f_3] * x_3 + A_j[f_4] * x_4)
-        for j in C
-        for A_j in (A[j],)
-    ]
+    y_C = []
+    for j in C:
+        A_j = A[j]
+        y_C.append(q[j] - (A_j[f_1] * x_1 + A_j[f_2] * x_2 + A_j[f_3] * x_3 + A_j[f_4] * x_4))
+    return y_C
+
+
+def _residuals_5(
+    A: list[list[float]], q: list[float], F: list[int], C: list[int], x: list[float]
+) -> list[float]:
+    (f_1, f_2, f_3, f_4, f_5), (x_1, x_2, x_3, x_4, x_5) = F, x
+    y_C = []
+    for j in C:
+        A_j = A[j]
+        y_C.append(
+            q[j]
+            - (A_j[f_1] * x_1 + A_j[f_2] * x_2 + A_j[f_3] * x_3 + A_j[f_4] * x_4 + A_j[f_5] * x_5)
+        )
+    return y_C
+
+
+def _residuals_6(
+    A: list[list[float]], q: list[float], F: list[int], C: list[int], x: list[float]
+) -> list[float]:
+    (f_1, f_2, f_3, f_4, f_5, f_6), (x_1, x_2, x_3, x_4, x_5, x_6) = F, x
+    y_C = []
+    for j in C:
+        A_j = A[j]
+        y_C.append(
+            q[j]
+            - (
+                A_j[f_1] * x_1
+                + A_j[f_2] * x_2
+                + A_j[f_3] * x_3
+                + A_j[f_4] * x_4
+                + A_j[f_5] * x_5
+                + A_j[f_6] * x_6
+            )
+        )
+    return y_C
 
 
 # The residuals of each number of free indices (index 0 unused).
-_RESIDUALS = (None, _residuals_1, _residuals_2, _residuals_3, _residuals_4) + (_residuals,) * 4
+_RESIDUALS = (
+    None,
+    _residuals_1,
+    _residuals_2,
+    _residuals_3,
+    _residuals_4,
+    _residuals_5,
+    _residuals_6,
+) + (_residuals,) * 2
 
 
 @cache
-def _subsets(m: int) -> list[tuple[list[int], list[int], Callable[[list[float]], list[float]]]]:
+def _subsets(m: int) -> list[_Subset]:
     """For each subset of ``range(m)`` by its bit mask: its indices ``F`` (increasing), the
-    others, and a getter of the entries ``F`` of a list (None for the empty set)."""
+    others, a getter of the entries ``F`` of a list, and the solver and residuals of its size
+    (:data:`_SOLVERS`, :data:`_RESIDUALS`; all three None for the empty set)."""
     table = []
     for mask in range(1 << m):
         F = [j for j in range(m) if mask >> j & 1]
-        table.append((F, [j for j in range(m) if not mask >> j & 1], _picker(F)))
+        others = [j for j in range(m) if not mask >> j & 1]
+        table.append((F, others, _picker(F), _SOLVERS[len(F)], _RESIDUALS[len(F)]))
     return table
 
 
@@ -584,7 +684,14 @@ def summed_diagonal_solutions(
     weights = _two_summed(A, prefs) if m == 2 else _summed(A, prefs)
     if weights is None:
         return None
-    return torch.tensor(weights, dtype=dtype)
+    return _written(weights, dtype)
+
+
+def _written(values: list[float], dtype: torch.dtype) -> Tensor:
+    """``torch.tensor(values, dtype=dtype)`` for a float32 or float64 ``dtype`` and at least one
+    value, by way of an array of that type (the same rounding to float32), whose buffer the tensor
+    takes over: a third of the time of converting the list element by element."""
+    return torch.frombuffer(array(_TYPECODES[dtype], values), dtype=dtype)
 
 
 def _float32_regularised(G: Tensor, threshold: float, reg_eps: float) -> list[list[float]] | None:
@@ -599,11 +706,20 @@ def _float32_regularised(G: Tensor, threshold: float, reg_eps: float) -> list[li
     if not trace.item() >= threshold:  # a small, or not finite, trace
         return _regularised(G.tolist(), trace.item(), threshold, reg_eps, _to_float32)
     A = G.div(trace).tolist()
-    (reg_eps,) = _to_float32([reg_eps])
-    diagonal = _to_float32([A[i][i] + reg_eps for i in range(m)])
-    for i, value in enumerate(diagonal):
+    reg_eps = _float32(reg_eps)
+    diagonal = []
+    for i, row in enumerate(A):  # a loop: cheaper than a comprehension on Python 3.11
+        diagonal.append(row[i] + reg_eps)
+    for i, value in enumerate(_to_float32(diagonal)):
         A[i][i] = value
     return A if _all_finite(map(sum, A)) else None
+
+
+@lru_cache(maxsize=16)
+def _float32(value: float) -> float:
+    """The float32 value nearest to ``value``, remembered: the same ``reg_eps`` on every call
+    (bounded: NaN keys never match)."""
+    return _to_float32([value])[0]
 
 
 def _two_summed(A: list[list[float]], prefs: list[float]) -> list[float] | None:
@@ -625,7 +741,7 @@ def _summed(A: list[list[float]], prefs: list[float]) -> list[float] | None:
     """:func:`summed_diagonal_solutions` by block pivoting, one problem per preference: the
     solution for ``u = p e_i`` with ``p > 0`` is ``p`` times the solution for ``e_i``."""
     m = len(A)
-    diagonal_max = max(A[i][i] for i in range(m))
+    diagonal_max = max(map(getitem, A, range(m)))
     tol_y = -_REL_TOL * diagonal_max
     weights = [0.0] * m
     subsets = _subsets(m)
