@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from torchjd import Stateful
 from torchjd._precision import working_dtype
 from torchjd.aggregation import GradVac, GradVacWeighting, PCGrad
-from torchjd.aggregation._gradvac import _draw_orders, _gradvac_weights, _host_vector
+from torchjd.aggregation._gradvac import _draw_orders, _gradvac_weights
 
 from ._matrices import J_A, J_B, J_C, ONE, ZERO, ZR
 
@@ -503,24 +503,6 @@ def test_single_calls_on_the_cpu_equal_the_grouped_path(m: int, eps: float) -> N
         assert torch.isnan(actual[1]).all() == (call == 2)
         for w_grouped, w_looped in zip(grouped, looped):
             assert_close(w_grouped.phi_hat, w_looped.phi_hat, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_host_vector_rounds_as_torch_tensor(dtype: torch.dtype) -> None:
-    # The host path's outputs go through an array buffer (float32, float64) or torch.tensor
-    # (other dtypes): the same bits as torch.tensor, overflow, subnormals and NaN included.
-    tiny = 2.0**-149
-    values = [1e300, -1e300, 3.4028235e38 * 1.0000001, 0.5 * tiny, 1.5 * tiny, -0.7 * tiny]
-    values += [math.nan, -math.nan, math.inf, -0.0, 0.1, 1 / 3, -2.5e-10, 123456.789]
-    values += torch.randn(
-        200, generator=torch.Generator().manual_seed(0), dtype=torch.float64
-    ).tolist()
-    values += [x * 1e-40 for x in values[-20:]]
-    actual = _host_vector(values, dtype)
-    expected = torch.tensor(values, dtype=dtype)
-    assert actual.dtype == dtype and actual.shape == expected.shape
-    assert actual.untyped_storage().nbytes() == expected.untyped_storage().nbytes()
-    assert torch.equal(actual.view(torch.uint8), expected.view(torch.uint8))
 
 
 def test_the_stored_targets_go_through_a_global_buffer_registration_hook() -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from array import array
 from collections.abc import Sequence
 from functools import cache
 
 import torch
 from torch import Tensor
 
+from torchjd._host_values import host_tensor
 from torchjd._permutations import permuted, randperm_rows
 from torchjd._precision import working_dtype
 from torchjd._stateful import Stateful
@@ -228,8 +228,8 @@ def _on_host(gramian: Tensor, phi_hat: Tensor, beta: float, eps: float) -> tuple
         return torch.full((m,), math.nan, dtype=gramian.dtype), phi_hat
     targets = phi_hat.tolist()  # updated in place: each pair (i, j) is read once, then written
     weights = _pair_steps(g, targets, orders, beta, eps)
-    new_phi_hat = _host_vector([x for row in targets for x in row], phi_hat.dtype).view(m, m)
-    return _host_vector(weights, gramian.dtype), new_phi_hat
+    new_phi_hat = host_tensor([x for row in targets for x in row], phi_hat.dtype).view(m, m)
+    return host_tensor(weights, gramian.dtype), new_phi_hat
 
 
 def _pair_steps(
@@ -283,18 +283,6 @@ def _pair_steps(
 
 # Two tasks: one partner each, no draw.
 _TWO_TASK_ORDER_LISTS = ((1,), (0,))
-# The array type codes of the dtypes that _host_vector builds through a buffer.
-_ARRAY_CODES = {torch.float32: "f", torch.float64: "d"}
-
-
-def _host_vector(values: list[float], dtype: torch.dtype) -> Tensor:
-    """``torch.tensor(values, dtype=dtype)``, the same values: ``array`` rounds a Python float to
-    float32 as ``torch.tensor`` does, and a tensor over its buffer costs less than
-    ``torch.tensor`` reading the list (a good part of a call's cost)."""
-    code = _ARRAY_CODES.get(dtype)
-    if code is None:
-        return torch.tensor(values, dtype=dtype)
-    return torch.frombuffer(array(code, values), dtype=dtype)
 
 
 def _check_beta(beta: float) -> float:

@@ -24,6 +24,7 @@ from operator import getitem, itemgetter, mul
 import torch
 from torch import Tensor
 
+from torchjd._host_values import host_tensor
 from torchjd._precision import working_dtype
 
 # A subset of the indices, as :func:`_subsets` describes it.
@@ -35,9 +36,6 @@ _Subset = tuple[
     Callable[[list[list[float]], list[float], list[int], list[int], list[float]], list[float]]
     | None,
 ]
-
-# The array type of each dtype of the results.
-_TYPECODES = {torch.float32: "f", torch.float64: "d"}
 
 # Problems up to this size, and batches of up to this many problems, are solved here.
 MAX_M = 8
@@ -225,22 +223,26 @@ def _add_unit_solution(
         if value < tol_y:
             free |= bit
         bit <<= 1
+    if not free:  # y = q is feasible: the solution is e_i
+        weights[i] += p
+        return True
+    infeasible_at_zero = free
     best, stalled = free.bit_count(), 0
     for _ in range(50 + 10 * m):
-        if not free:
-            weights[i] += p
-            return True
-        F, C, pick, solve, residuals = subsets[free]
-        minus_z = solve(A, F, pick(q))
-        if minus_z is None:
-            return False
-        y_C = residuals(A, q, F, C, minus_z)
-        if max(minus_z) <= _REL_TOL and (not y_C or min(y_C) >= tol_y):
-            weights[i] += p
-            for j, value in zip(F, minus_z):
-                weights[j] -= p * value
-            return True
-        infeasible = _infeasible_mask(F, minus_z, C, y_C, tol_y)
+        if free:
+            F, C, pick, solve, residuals = subsets[free]
+            minus_z = solve(A, F, pick(q))
+            if minus_z is None:
+                return False
+            y_C = residuals(A, q, F, C, minus_z)
+            if max(minus_z) <= _REL_TOL and (not y_C or min(y_C) >= tol_y):
+                weights[i] += p
+                for j, value in zip(F, minus_z):
+                    weights[j] -= p * value
+                return True
+            infeasible = _infeasible_mask(F, minus_z, C, y_C, tol_y)
+        else:  # exchanges emptied the free set: back at z = 0, infeasible as at the start
+            infeasible = infeasible_at_zero
         # _exchanges_all, written out (the call and its tuple cost more than its few operations).
         n_infeasible = infeasible.bit_count()
         if n_infeasible < best:
@@ -399,8 +401,9 @@ def _subsystem_solve(A: list[list[float]], F: list[int], b: list[float]) -> list
 
     Symmetric Gaussian elimination (``L D Lᵀ`` without pivoting, as stable as Cholesky's on a
     positive definite matrix), on the lower triangle only, with scalar operations: on at most 8
-    rows the interpreter's cost per operation outweighs the arithmetic."""
-    return _SOLVERS[len(F)](A, F, b)
+    rows the interpreter's cost per operation outweighs the arithmetic. No row (exchanges can
+    empty the free set): no unknown."""
+    return _SOLVERS[len(F)](A, F, b) if F else []
 
 
 def _looped_solve(A: list[list[float]], F: list[int], b: list[float]) -> list[float] | None:
@@ -684,14 +687,7 @@ def summed_diagonal_solutions(
     weights = _two_summed(A, prefs) if m == 2 else _summed(A, prefs)
     if weights is None:
         return None
-    return _written(weights, dtype)
-
-
-def _written(values: list[float], dtype: torch.dtype) -> Tensor:
-    """``torch.tensor(values, dtype=dtype)`` for a float32 or float64 ``dtype`` and at least one
-    value, by way of an array of that type (the same rounding to float32), whose buffer the tensor
-    takes over: a third of the time of converting the list element by element."""
-    return torch.frombuffer(array(_TYPECODES[dtype], values), dtype=dtype)
+    return host_tensor(weights, dtype)
 
 
 def _float32_regularised(G: Tensor, threshold: float, reg_eps: float) -> list[list[float]] | None:
