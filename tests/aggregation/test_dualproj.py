@@ -199,3 +199,18 @@ def test_non_finite_gramian_gives_non_finite_weights(bad: float, m: int) -> None
     G = torch.eye(m)
     G[0, 0] = bad
     assert not DualProjWeighting()(G).isfinite().all()
+
+
+@pytest.mark.parametrize(("m", "rank"), [(4, 3), (5, 3), (5, 4), (8, 5)])
+def test_non_conflicting_on_many_small_gramians(m: int, rank: int) -> None:
+    # Thousands of small problems, on the CPU where they are solved with Python numbers:
+    # rank-deficient Gramians give the longest exchanges (some go through an empty free set).
+    generator = torch.Generator().manual_seed(200 * m + rank)
+    J = torch.randn(1500, m, rank, generator=generator, dtype=torch.float64)
+    G = J @ J.mT
+    weighting = DualProjWeighting()
+    weights = torch.stack([weighting(G_k) for G_k in G])
+    trace = G.diagonal(dim1=1, dim2=2).sum(dim=-1, keepdim=True)
+    largest = weights.abs().amax(dim=-1, keepdim=True)
+    allowed = (1e-4 * weights.abs() + 1e-9 * largest) * trace
+    assert ((G @ weights[..., None])[..., 0] >= -allowed).all()

@@ -357,3 +357,22 @@ def test_a_hook_on_the_mean_preferences_runs() -> None:
     aggregator(J)
     assert len(calls) == 1
     torch.testing.assert_close(calls[0], torch.full((3,), 1.0 / 3.0))
+
+
+@pytest.mark.parametrize(("m", "rank"), [(4, 3), (5, 3), (5, 4), (8, 5)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_non_conflicting_on_many_small_gramians(m: int, rank: int, dtype: torch.dtype) -> None:
+    # Thousands of small problems, on the CPU where they are solved with Python numbers:
+    # rank-deficient Gramians give the longest exchanges (some go through an empty free set).
+    # The bound of test_non_conflicting, with the float32 rounding of the normalisation.
+    generator = torch.Generator().manual_seed(100 * m + rank)
+    J = torch.randn(1500, m, rank, generator=generator, dtype=torch.float64)
+    G = (J @ J.mT).to(dtype)
+    weighting = UPGradWeighting()
+    weights = torch.stack([weighting(G_k) for G_k in G]).double()
+    G = G.double()
+    trace = G.diagonal(dim1=1, dim2=2).sum(dim=-1, keepdim=True)
+    rounding = 1e-9 if dtype == torch.float64 else 1e-5
+    largest = weights.abs().amax(dim=-1, keepdim=True)
+    allowed = (1e-4 * weights.abs() + rounding * largest) * trace
+    assert ((G @ weights[..., None])[..., 0] >= -allowed).all()
