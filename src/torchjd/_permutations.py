@@ -67,7 +67,9 @@ def randperm_rows(count: int, n: int) -> Tensor:
     """``torch.stack([torch.randperm(n) for _ in range(count)])`` (shape ``[count, n]``, int64)
     on the global CPU generator, with the same values and the same state of the generator
     afterwards: the swaps are replayed on all rows at once."""
-    if n <= 1 or count == 0 or n > _MAX_N or not _check_replay():
+    if n <= 1:  # randperm(0) and randperm(1) draw nothing (GradVac's two tasks, in every group)
+        return torch.arange(n).repeat(count, 1)
+    if count == 0 or n > _MAX_N or not _check_replay():
         rows = [torch.randperm(n) for _ in range(count)]
         return torch.stack(rows) if rows else torch.zeros(0, n, dtype=torch.long)
     draws = _draws(count, n, None).view(count, n - 1)

@@ -417,7 +417,8 @@ class GradVacWeighting(NoGrad, LazyStateMixin, Weighting[PSDMatrix], Stateful):
             _shared_or_stacked([float(w.eps) for w in weightings]),
         )
         for weighting, state in zip(weightings, new_states.to(dtype)):
-            weighting.phi_hat = state.clone()
+            # A copy each: a view would make every instance's state_dict hold the whole batch.
+            weighting._store_buffer("phi_hat", state.clone())
         return weights.to(dtype)
 
     def _targets_for(self, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
