@@ -199,8 +199,7 @@ def _single_problem_on_host(gramian: Tensor, alpha: Tensor, epsilon: float, n_it
     for _ in range(n_iters):
         products = gramian @ alpha
         a_tensor, t_tensor = products.min(dim=0)
-        t, a = int(t_tensor), float(a_tensor)
-        b = float(alpha @ products)
+        t, a, b = int(t_tensor), float(a_tensor), float(alpha @ products)
         c = diagonal[t]
         if c <= a:
             gamma = 1.0
