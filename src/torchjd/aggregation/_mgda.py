@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
+from array import array
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -183,11 +184,18 @@ def _tracked(tensor: Tensor) -> bool:
 def _single_problem_on_host(gramian: Tensor, alpha: Tensor, epsilon: float, n_iters: int) -> Tensor:
     """:func:`_single_problem` on the CPU when no gradient is tracked: the scalars of each step
     (``t``, ``a``, ``b``, ``c``, ``gamma``) are Python numbers (reading a CPU tensor synchronises
-    with nothing), which leaves two matrix-vector products and an update as tensor work."""
+    with nothing), which leaves two matrix-vector products and an update as tensor work.
+
+    The steps are :func:`_step`'s operations in the same order, each rounded to the Gramian's dtype
+    (float32 included): Frank–Wolfe's vertex choices and stopping test turn a last-place difference
+    of ``gamma`` into a different iterate (e.g. ``1 - gamma`` of 0 or 3e-8 next to a row of norm
+    1e6), so anything else departs from the tensor path far beyond its tolerance."""
     shape = alpha.shape
     gramian = gramian.reshape(gramian.shape[-1], -1)
     alpha = alpha.reshape(-1).clone()
     diagonal = gramian.diagonal().tolist()
+    rounded = _rounding(gramian.dtype)
+    epsilon = rounded(epsilon)  # the comparison with the tensor's gamma is made in its dtype
     for _ in range(n_iters):
         products = gramian @ alpha
         a_tensor, t_tensor = products.min(dim=0)
@@ -198,12 +206,20 @@ def _single_problem_on_host(gramian: Tensor, alpha: Tensor, epsilon: float, n_it
         elif b <= a:
             gamma = 0.0
         else:
-            gamma = (b - a) / (b + c - 2 * a)
-        alpha.mul_(1.0 - gamma)
+            gap = rounded(b - a)
+            gamma = rounded(gap / rounded(gap + rounded(c - a)))
+        alpha.mul_(rounded(1.0 - gamma))
         alpha[t] += gamma
         if gamma < epsilon or gamma != gamma:  # NaN: a NaN Gramian gives NaN weights
             break
     return alpha.view(shape)
+
+
+def _rounding(dtype: torch.dtype) -> Callable[[float], float]:
+    """Rounds a Python float to ``dtype`` (float32 or float64), as a tensor operation would."""
+    if dtype == torch.float64:
+        return float
+    return lambda value: array("f", (value,))[0]
 
 
 def _check_epsilon(epsilon: float) -> float:
