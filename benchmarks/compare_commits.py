@@ -9,7 +9,8 @@ Cases (the 12-block MLP of ``bench_grouping.py``, 76 tensors, ``.jac`` filled at
 
 - ``jac_to_grad`` on the whole trunk with Mean, UPGrad, GradVac and ConFIG (row count, Gramian,
   Gramian with state, matrix), m = 2 and 8;
-- the documented loop ``jac_to_grad(group, aggregator)`` per layer and per tensor, UPGrad, m = 2;
+- the documented loop ``jac_to_grad(group, aggregator)`` per layer and per tensor, UPGrad, m = 2,
+  and per tensor, UPGrad and GradVac, m = 8;
 - ``GroupedAggregator`` per tensor, UPGrad and GradVac, m = 8;
 - one call on one small tensor (the fixed cost of a call), UPGrad, m = 2, and with a weighting
   that costs one indexing (the application's own fixed cost, without the weighting's).
@@ -67,8 +68,8 @@ def _cases() -> dict[str, object]:
         aggregator = make()
         return lambda: (fill(m), jac_to_grad(params, aggregator, retain_jac=True))
 
-    def loop(groups: list, m: int) -> object:
-        aggregators = [UPGrad() for _ in groups]
+    def loop(groups: list, m: int, make: type = UPGrad) -> object:
+        aggregators = [make() for _ in groups]
         return lambda: (
             fill(m),
             [jac_to_grad(g, a, retain_jac=True) for g, a in zip(groups, aggregators)],
@@ -104,6 +105,8 @@ def _cases() -> dict[str, object]:
     cases["whole ConFIG m=8"] = whole(ConFIG, 8)
     cases["loop per layer UPGrad m=2"] = loop(per_layer(trunk), 2)
     cases["loop per tensor UPGrad m=2"] = loop(per_tensor(trunk), 2)
+    cases["loop per tensor UPGrad m=8"] = loop(per_tensor(trunk), 8)
+    cases["loop per tensor GradVac m=8"] = loop(per_tensor(trunk), 8, GradVac)
     cases["grouped per tensor UPGrad m=8"] = grouped(UPGrad, 8)
     cases["grouped per tensor GradVac m=8"] = grouped(GradVac, 8)
     cases["one small call UPGrad m=2"] = one_small_call
