@@ -2,12 +2,19 @@
 problems on the CPU, where reading a tensor synchronises with nothing)."""
 
 from array import array
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
 # The array type of each dtype built through a buffer.
 _TYPECODES = {torch.float32: "f", torch.float64: "d"}
+
+
+def float32_values(values: Iterable[float]) -> list[float]:
+    """The float32 values nearest to ``values`` (inf beyond its range), as Python floats: what a
+    float32 tensor operation rounds its results to."""
+    return array("f", values).tolist()
 
 
 def host_tensor(values: list[float], dtype: torch.dtype) -> Tensor:

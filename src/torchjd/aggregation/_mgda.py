@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import operator
-from array import array
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from torchjd._host_values import float32_values
 from torchjd._precision import promoted
 from torchjd.aggregation._bases import Forwarded, GramianWeightedAggregator, Weighting
 from torchjd.linalg._matrix import PSDMatrix
@@ -219,7 +219,7 @@ def _rounding(dtype: torch.dtype) -> Callable[[float], float]:
     """Rounds a Python float to ``dtype`` (float32 or float64), as a tensor operation would."""
     if dtype == torch.float64:
         return float
-    return lambda value: array("f", (value,))[0]
+    return lambda value: float32_values((value,))[0]
 
 
 def _check_epsilon(epsilon: float) -> float:

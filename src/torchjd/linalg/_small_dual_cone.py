@@ -16,7 +16,6 @@ warnings).
 """
 
 import math
-from array import array
 from collections.abc import Callable, Iterable
 from functools import cache, lru_cache
 from operator import getitem, itemgetter, mul
@@ -24,7 +23,7 @@ from operator import getitem, itemgetter, mul
 import torch
 from torch import Tensor
 
-from torchjd._host_values import host_tensor
+from torchjd._host_values import float32_values, host_tensor
 from torchjd._precision import working_dtype
 
 # A subset of the indices, as :func:`_subsets` describes it.
@@ -69,7 +68,7 @@ def solve_on_host(G: Tensor, U: Tensor, norm_eps: float, reg_eps: float) -> Tens
     values = G.to(dtype)
     if dtype == torch.float32:
         traces = values.diagonal(dim1=-2, dim2=-1).sum(dim=-1).tolist()
-        rounded = _to_float32
+        rounded = float32_values
     else:
         traces, rounded = [None] * G.shape[0], None
     solutions = []
@@ -84,11 +83,6 @@ def solve_on_host(G: Tensor, U: Tensor, norm_eps: float, reg_eps: float) -> Tens
                 return None
             solutions.append(v)
     return torch.tensor(solutions, dtype=G.dtype).view(U.shape)
-
-
-def _to_float32(values: list[float]) -> list[float]:
-    """The float32 values nearest to ``values`` (inf beyond its range)."""
-    return array("f", values).tolist()
 
 
 def _regularised(
@@ -678,7 +672,7 @@ def summed_diagonal_solutions(
         return None
     threshold = max(norm_eps, info.tiny)
     if dtype == torch.float32:
-        prefs = _to_float32(prefs)
+        prefs = float32_values(prefs)
         A = _float32_regularised(G, threshold, reg_eps)
     else:
         A = _regularised(G.tolist(), None, threshold, reg_eps, None)
@@ -697,16 +691,18 @@ def _float32_regularised(G: Tensor, threshold: float, reg_eps: float) -> list[li
     m = G.shape[0]
     if m == 2:  # the trace as the tensor path sums it: with two terms, any order rounds alike
         g = G.tolist()
-        return _regularised(g, _to_float32([g[0][0] + g[1][1]])[0], threshold, reg_eps, _to_float32)
+        return _regularised(
+            g, float32_values([g[0][0] + g[1][1]])[0], threshold, reg_eps, float32_values
+        )
     trace = G.diagonal().sum()
     if not trace.item() >= threshold:  # a small, or not finite, trace
-        return _regularised(G.tolist(), trace.item(), threshold, reg_eps, _to_float32)
+        return _regularised(G.tolist(), trace.item(), threshold, reg_eps, float32_values)
     A = G.div(trace).tolist()
     reg_eps = _float32(reg_eps)
     diagonal = []
     for i, row in enumerate(A):  # a loop: cheaper than a comprehension on Python 3.11
         diagonal.append(row[i] + reg_eps)
-    for i, value in enumerate(_to_float32(diagonal)):
+    for i, value in enumerate(float32_values(diagonal)):
         A[i][i] = value
     return A if _all_finite(map(sum, A)) else None
 
@@ -715,7 +711,7 @@ def _float32_regularised(G: Tensor, threshold: float, reg_eps: float) -> list[li
 def _float32(value: float) -> float:
     """The float32 value nearest to ``value``, remembered: the same ``reg_eps`` on every call
     (bounded: NaN keys never match)."""
-    return _to_float32([value])[0]
+    return float32_values([value])[0]
 
 
 def _two_summed(A: list[list[float]], prefs: list[float]) -> list[float] | None:
